@@ -1,0 +1,518 @@
+"""The builtin functions of alg: signatures, argument binding, and type rules.
+
+Every builtin is declared once, in this module, by its alg signature (a `def` header
+parsed by alg's own parser) and a Python function that receives the bound arguments.
+For checkpoint operations the function only *checks* and builds a graph node: it
+computes the result's tensor table from its arguments' headers and reports any
+mismatch with the position of the argument at fault. The arithmetic of tensors lives in
+`lower.py` and `ops/`; nothing here reads a weight.
+
+The operations written in alg itself (lerp, liti, ema, task_vector, ...) are in
+stdlib/prelude.alg over these primitives.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import ast
+from .errors import AlgError, AlgIOError, AlgShapeError, AlgTypeError, did_you_mean
+from .graph import Node
+from .source import Span
+from .types import DTYPE_ALIASES, CheckpointType, Function, TensorSpec, parse_size, type_name
+from .values import Closure, Model, Namespace, Sink
+
+if TYPE_CHECKING:
+    from .check import Checker
+
+# ---- types --------------------------------------------------------------------------
+
+TYPE_NAMES = ("Any", "Scalar", "String", "Bool", "None", "Checkpoint", "Function", "List", "Module")
+
+
+def check_type_expr(t: ast.TypeExpr) -> None:
+    if t.name == "|":
+        for a in t.args:
+            check_type_expr(a)
+        return
+    if t.name not in TYPE_NAMES:
+        raise AlgTypeError(f"unknown type '{t.name}'{did_you_mean(t.name, TYPE_NAMES)}", t.span)
+    if t.args and t.name != "List":
+        raise AlgTypeError(f"type '{t.name}' takes no parameters", t.span)
+    if len(t.args) > 1:
+        raise AlgTypeError("List takes one element type", t.span)
+    for a in t.args:
+        check_type_expr(a)
+
+
+def conforms(value: Any, t: ast.TypeExpr) -> bool:
+    name = t.name
+    if name == "|":
+        return any(conforms(value, a) for a in t.args)
+    if name == "Any":
+        return True
+    if name == "Scalar":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if name == "String":
+        return isinstance(value, str)
+    if name == "Bool":
+        return isinstance(value, bool)
+    if name == "None":
+        return value is None
+    if name == "Checkpoint":
+        return isinstance(value, Model)
+    if name == "Function":
+        return isinstance(value, Function)
+    if name == "Module":
+        return isinstance(value, Namespace)
+    if name == "List":
+        return isinstance(value, tuple) and (not t.args or all(conforms(v, t.args[0]) for v in value))
+    return False
+
+
+def literal_value(node: ast.Node) -> Any:
+    """The value of a literal expression (builtin defaults, --set values)."""
+    if isinstance(node, ast.Num | ast.Str | ast.Bool):
+        return node.value
+    if isinstance(node, ast.NoneLit):
+        return None
+    if isinstance(node, ast.UnaryOp) and node.op == "-" and isinstance(node.operand, ast.Num):
+        return -node.operand.value
+    if isinstance(node, ast.List):
+        return tuple(literal_value(x) for x in node.items)
+    raise AlgTypeError("expected a literal (number, string, true/false, none or a list)", node.span)
+
+
+# ---- calls --------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """What a builtin sees of its call site."""
+
+    checker: Checker
+    span: Span  # the whole call
+    spans: dict[str, Span]  # argument name -> span of the argument expression
+    name: str
+
+    def at(self, param: str) -> Span:
+        return self.spans.get(param, self.span)
+
+    def error(self, cls: type[AlgError], message: str, param: str | None = None) -> AlgError:
+        return cls(message, self.at(param) if param else self.span)
+
+
+@dataclass(eq=False)
+class Builtin(Function):
+    name: str
+    params: tuple[ast.Param, ...]
+    impl: Callable[..., Any]
+    doc: str
+    defaults: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"<builtin {self.signature()}>"
+
+    def signature(self) -> str:
+        parts = []
+        for p in self.params:
+            s = p.name + (f": {p.type}" if p.type else "")
+            if p.name in self.defaults:
+                s += f" = {_show_default(self.defaults[p.name])}"
+            parts.append(s)
+        return f"{self.name}({', '.join(parts)})"
+
+
+def _show_default(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def bind(
+    fname: str,
+    params: tuple[ast.Param, ...],
+    defaults: dict[str, Any] | None,
+    args: list[tuple[Any, Span]],
+    kwargs: list[tuple[str, Any, Span, Span]],
+    call_span: Span,
+) -> tuple[dict[str, Any], dict[str, Span]]:
+    """Match positional and keyword arguments to parameters; check annotated types.
+    `defaults` holds evaluated defaults (builtins); closures pass None and evaluate
+    missing defaults themselves (they are marked by absence from the result)."""
+    names = [p.name for p in params]
+    values: dict[str, Any] = {}
+    spans: dict[str, Span] = {}
+    sig = f"{fname}({', '.join(names)})"
+    if len(args) > len(params):
+        raise AlgTypeError(
+            f"{fname}() takes at most {len(params)} argument{'s' if len(params) != 1 else ''} "
+            f"({', '.join(names)}), got {len(args)}",
+            args[len(params)][1],
+        )
+    for p, (v, s) in zip(params, args, strict=False):
+        values[p.name], spans[p.name] = v, s
+    for kname, v, kspan, vspan in kwargs:
+        if kname not in names:
+            raise AlgTypeError(
+                f"{fname}() has no parameter '{kname}'{did_you_mean(kname, names)}; it takes {sig}",
+                kspan,
+            )
+        if kname in values:
+            raise AlgTypeError(f"{fname}() got two values for '{kname}'", kspan)
+        values[kname], spans[kname] = v, vspan
+    for p in params:
+        if p.name in values:
+            continue
+        if defaults is not None and p.name in defaults:
+            values[p.name] = defaults[p.name]
+        elif p.default is None:
+            raise AlgTypeError(f"{fname}() is missing argument '{p.name}'; it takes {sig}", call_span)
+    for p in params:
+        if p.type is not None and p.name in values and not conforms(values[p.name], p.type):
+            raise AlgTypeError(
+                f"argument '{p.name}' of {fname}() must be {p.type}, "
+                f"not {type_name(values[p.name])}",
+                spans.get(p.name, call_span),
+            )
+    return values, spans
+
+
+# ---- the registry -------------------------------------------------------------------
+
+BUILTINS: dict[str, Builtin] = {}
+
+
+def builtin(header: str, doc: str):
+    """Register `def <header>` with the decorated implementation."""
+    from .parser import parse
+
+    program = parse(f"def {header} = none", name=f"<builtin {header.split('(')[0]}>")
+    d = program.stmts[0]
+    assert isinstance(d, ast.Def)
+    for p in d.params:
+        if p.type is not None:
+            check_type_expr(p.type)
+    defaults = {p.name: literal_value(p.default) for p in d.params if p.default is not None}
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        BUILTINS[d.name] = Builtin(d.name, d.params, fn, doc, defaults)
+        return fn
+
+    return register
+
+
+# ---- checkpoint type rules -------------------------------------------------------------
+
+
+def _first(names, limit: int = 3) -> str:
+    names = list(names)
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def same_tables(a: Model, b: Model, what: str, span: Span, aspan: Span, bspan: Span) -> None:
+    """Elementwise ops need the same tensor names with the same shapes."""
+    ta, tb = a.type.tensors, b.type.tensors
+    only_a = [n for n in ta if n not in tb]
+    only_b = [n for n in tb if n not in ta]
+    if only_a or only_b:
+        side, names, where = ("left", only_a, bspan) if only_a else ("right", only_b, aspan)
+        err = AlgShapeError(
+            f"{what} needs the same tensors on both sides, but {_first(names)} "
+            f"{'is' if len(names) == 1 else 'are'} only on the {side}",
+            span,
+        )
+        err.with_note("the other side is here", where)
+        if only_a and only_b:
+            err.with_note(f"and {_first(only_b)} only on the right")
+        raise err
+    for n, spec in ta.items():
+        if spec.shape != tb[n].shape:
+            raise AlgShapeError(
+                f"{what}: tensor '{n}' has shape {list(spec.shape)} on the left but "
+                f"{list(tb[n].shape)} on the right",
+                span,
+            )
+
+
+def derived(node: Node, primary: Model, tensors=None, notes: tuple[str, ...] = ()) -> Model:
+    t = primary.type
+    return Model(
+        node,
+        CheckpointType(tensors if tensors is not None else t.tensors, t.primary, t.config, t.notes + notes),
+    )
+
+
+def scalar_param(value: float) -> float:
+    """Scalars enter graph keys as floats so that 1 and 1.0 are one node."""
+    return float(value)
+
+
+def model_arith(op: str, left: Any, right: Any, span: Span, lspan: Span, rspan: Span) -> Any:
+    """`left op right` where at least one side is a checkpoint."""
+    lm, rm = isinstance(left, Model), isinstance(right, Model)
+    sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
+    for v, s in ((left, lspan), (right, rspan)):
+        if not isinstance(v, Model) and not (isinstance(v, int | float) and not isinstance(v, bool)):
+            raise AlgTypeError(
+                f"cannot use {type_name(v)} in checkpoint arithmetic ('{sym}'); "
+                "a checkpoint combines with checkpoints and scalars",
+                s,
+            )
+    if lm and rm:
+        same_tables(left, right, f"'{sym}'", span, lspan, rspan)
+        return derived(Node(op, (left.node, right.node), span=span), left)
+    if lm:
+        c = float(right)
+        if op == "add":
+            return derived(Node("shift", (left.node,), (c,), span=span), left)
+        if op == "sub":
+            return derived(Node("shift", (left.node,), (-c,), span=span), left)
+        if op == "mul":
+            return derived(Node("scale", (left.node,), (c,), span=span), left)
+        if c == 0:
+            raise AlgTypeError("division of a checkpoint by zero", rspan)
+        return derived(Node("scale", (left.node,), (1.0 / c,), span=span), left)
+    c = float(left)
+    if op == "add":
+        return derived(Node("shift", (right.node,), (c,), span=span), right)
+    if op == "sub":
+        neg = Node("scale", (right.node,), (-1.0,), span=span)
+        return derived(Node("shift", (neg,), (c,), span=span), right)
+    if op == "mul":
+        return derived(Node("scale", (right.node,), (c,), span=span), right)
+    return derived(Node("rdiv", (right.node,), (c,), span=span), right)
+
+
+def model_neg(value: Model, span: Span) -> Model:
+    return derived(Node("scale", (value.node,), (-1.0,), span=span), value)
+
+
+# ---- builtin functions ----------------------------------------------------------------
+
+
+@builtin("load(path: String)", "A lazy checkpoint: a Hugging Face folder or a .safetensors file. "
+         "Reads headers and config.json only.")
+def _load(call: Call, path: str) -> Model:
+    return call.checker.load(path, call.at("path"))
+
+
+@builtin(
+    'save(m: Checkpoint, path: String, dtype: String | None = none, '
+    'shard_size: Scalar | String = "5GB", overwrite: Bool = false)',
+    "Write m as a Hugging Face folder: shards with an index, the primary input's config "
+    "(dtype updated), tokenizer and generation config, and a model card with the recipe.",
+)
+def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, overwrite: bool) -> None:
+    code = None
+    if dtype is not None:
+        code = DTYPE_ALIASES.get(dtype.lower())
+        if code is None:
+            raise call.error(
+                AlgTypeError,
+                f"unknown dtype '{dtype}'{did_you_mean(dtype.lower(), DTYPE_ALIASES)}; "
+                f"use one of {', '.join(sorted(DTYPE_ALIASES))}",
+                "dtype",
+            )
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as e:
+        raise call.error(AlgTypeError, str(e), "shard_size") from None
+    call.checker.add_save(m, path, code, shard_bytes, overwrite, call)
+    return None
+
+
+@builtin(
+    "merge(rm: Checkpoint, lm: Checkpoint, lam: Scalar)",
+    "DogeRM: (1-lam)*rm + lam*lm on the tensors both hold; tensors only in rm (the score "
+    "head) are kept, tensors only in lm (its lm_head) dropped; rm's config and tokenizer.",
+)
+def _merge(call: Call, rm: Model, lm: Model, lam: float) -> Model:
+    ta, tb = rm.type.tensors, lm.type.tensors
+    shared = [n for n in ta if n in tb]
+    if not shared:
+        raise call.error(
+            AlgShapeError,
+            "merge: rm and lm share no tensor names; are they built on the same base model?",
+        )
+    vocab_rows: dict[str, int] = {}
+    for n in shared:
+        sa, sb = ta[n], tb[n]
+        if sa.shape == sb.shape:
+            continue
+        if len(sa.shape) >= 1 and sa.shape[1:] == sb.shape[1:] and _is_vocab(n, sa, sb, rm, lm):
+            vocab_rows[n] = min(sa.shape[0], sb.shape[0])
+            continue
+        raise call.error(
+            AlgShapeError,
+            f"merge: tensor '{n}' has shape {list(sa.shape)} in rm but {list(sb.shape)} in lm",
+            "lm",
+        )
+    for n, rows in vocab_rows.items():
+        na, nb = ta[n].shape[0], tb[n].shape[0]
+        call.checker.warning(
+            f"merge: '{n}' has {na} rows in rm and {nb} in lm; rows 0..{rows - 1} (the token "
+            f"ids both vocabularies share) are merged and the other {na - rows} come from rm "
+            "unchanged. This assumes both tokenizers agree on those ids.",
+            call.span,
+        )
+    only_lm = [n for n in tb if n not in ta]
+    only_rm = [n for n in ta if n not in tb]
+    notes = []
+    if only_rm:
+        notes.append(f"merge kept {len(only_rm)} tensor(s) only in rm: {_first(only_rm)}")
+    if only_lm:
+        notes.append(f"merge dropped {len(only_lm)} tensor(s) only in lm: {_first(only_lm)}")
+    node = Node(
+        "merge", (rm.node, lm.node), (scalar_param(lam), tuple(sorted(vocab_rows.items()))), span=call.span
+    )
+    return derived(node, rm, notes=tuple(notes))
+
+
+_VOCAB_NAME = re.compile(r"(embed|wte|word_embeddings|lm_head|shared|output|score|tok_)", re.I)
+
+
+def _is_vocab(name: str, sa: TensorSpec, sb: TensorSpec, rm: Model, lm: Model) -> bool:
+    """Whether a tensor's first dimension counts tokens: it equals each model's configured
+    vocab_size, or (no config, or embeddings padded past vocab_size) its name says so."""
+    va = (rm.type.config or {}).get("vocab_size")
+    vb = (lm.type.config or {}).get("vocab_size")
+    if va is not None and vb is not None and (sa.shape[0], sb.shape[0]) == (va, vb):
+        return True
+    return bool(_VOCAB_NAME.search(name))
+
+
+PER_CHOICES = ("tensor", "layer", "model")
+
+
+@builtin(
+    "slerp(a: Checkpoint | List[Checkpoint], b: Checkpoint | None = none, t: Scalar | None = none, "
+    "base: Checkpoint | None = none, per: String | None = none)",
+    "slerp(a, b, t): spherical interpolation per tensor of raw weights. "
+    "slerp([m1, ..., mM], base=init, per=\"layer\"): WARP's SLERP of task vectors m_i - init, "
+    "folded left with t = 1/k, one angle per layer, tensor or the whole model.",
+)
+def _slerp(call: Call, a: Any, b: Model | None, t: float | None, base: Model | None, per: str | None) -> Model:
+    if per is not None and per not in PER_CHOICES:
+        raise call.error(
+            AlgTypeError, f"per must be one of {', '.join(map(repr, PER_CHOICES))}, not '{per}'"
+            f"{did_you_mean(per, PER_CHOICES)}", "per"
+        )
+    if isinstance(a, Model):
+        if b is None or t is None:
+            raise call.error(AlgTypeError, "slerp(a, b, t) needs two checkpoints and t; "
+                             "for task vectors write slerp([m1, m2], base=init)")
+        if base is not None:
+            raise call.error(AlgTypeError, "slerp(a, b, t) takes no base; for task vectors "
+                             "write slerp([a, b], base=init)", "base")
+        same_tables(a, b, "slerp", call.span, call.at("a"), call.at("b"))
+        node = Node("slerp", (a.node, b.node), (scalar_param(t), per or "tensor"), span=call.span)
+        return derived(node, a)
+    ms = list(a)
+    if b is not None or t is not None:
+        raise call.error(AlgTypeError, "slerp([m1, ..., mM], base=init) takes no b or t: "
+                         "t is 1/k for the k-th model", "b" if b is not None else "t")
+    if base is None:
+        raise call.error(AlgTypeError, "slerp of a list needs base=init (the task vectors are m_i - init)")
+    if len(ms) < 2:
+        raise call.error(AlgTypeError, f"slerp needs at least two checkpoints, got {len(ms)}", "a")
+    for m in ms:
+        if not isinstance(m, Model):
+            raise call.error(AlgTypeError, f"slerp: list items must be checkpoints, not {type_name(m)}", "a")
+        same_tables(base, m, "slerp", call.span, call.at("base"), call.at("a"))
+    node = Node("slerp_tv", (base.node, *(m.node for m in ms)), (per or "layer",), span=call.span)
+    return derived(node, base)
+
+
+@builtin("print(x: Any)", "Print a value when the recipe runs (checkpoints print as a summary).")
+def _print(call: Call, x: Any) -> None:
+    call.checker.add_sink(Sink("print", call.span, x))
+
+
+@builtin("info(m: Checkpoint)", "Print architecture, tensor count, parameters, dtype and size, "
+         "from headers only.")
+def _info(call: Call, m: Model) -> None:
+    call.checker.add_sink(Sink("info", call.span, m))
+
+
+@builtin("range(start: Scalar, stop: Scalar | None = none, step: Scalar = 1)",
+         "Numbers from start up to (not including) stop; floats allowed, e.g. range(0, 1.01, 0.1).")
+def _range(call: Call, start: float, stop: float | None, step: float) -> tuple:
+    if stop is None:
+        start, stop = 0, start
+    if step == 0:
+        raise call.error(AlgTypeError, "range() step must not be zero", "step")
+    n = math.ceil((stop - start) / step - 1e-9)
+    if n > 1_000_000:
+        raise call.error(AlgTypeError, f"range() would make {n} values", "stop")
+    integral = all(isinstance(v, int) for v in (start, stop, step))
+    out = []
+    for i in range(max(0, n)):
+        v = start + i * step
+        out.append(v if integral else float(round(v, 12)))
+    return tuple(out)
+
+
+@builtin("str(x: Any)", "A value as text, e.g. for output paths: \"out/m-\" + str(lam).")
+def _str(call: Call, x: Any) -> str:
+    return show(x, quote=False)
+
+
+@builtin("len(xs: List)", "The number of items of a list.")
+def _len(call: Call, xs: tuple) -> int:
+    return len(xs)
+
+
+@builtin("fold(f: Function, xs: List, init: Any = none)",
+         "f(...f(f(init, x1), x2)..., xn); without init, starts from x1.")
+def _fold(call: Call, f: Function, xs: tuple, init: Any) -> Any:
+    items = list(xs)
+    if init is None:
+        if not items:
+            raise call.error(AlgTypeError, "fold() of an empty list needs init", "xs")
+        acc, items = items[0], items[1:]
+    else:
+        acc = init
+    for x in items:
+        acc = call.checker.apply(f, [(acc, call.at("init")), (x, call.at("xs"))], call.span)
+    return acc
+
+
+def show(v: Any, quote: bool = True) -> str:
+    """How print() and the REPL render a value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return repr(v) if not v.is_integer() or abs(v) >= 1e16 else f"{v:.1f}"
+    if isinstance(v, str):
+        return f'"{v}"' if quote else v
+    if isinstance(v, tuple):
+        return "[" + ", ".join(show(x) for x in v) + "]"
+    if isinstance(v, Model):
+        return v.type.describe()
+    if isinstance(v, Builtin):
+        return f"<builtin {v.signature()}>"
+    if isinstance(v, Closure):
+        return repr(v)
+    return str(v)
+
+
+def resolve_path(call: Call, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else call.checker.base_dir / p
+
+
+__all__ = ["BUILTINS", "Builtin", "Call", "bind", "conforms", "model_arith", "model_neg", "show",
+           "AlgIOError"]

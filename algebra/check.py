@@ -1,0 +1,395 @@
+"""Stage 2, check: AST -> checked values and sinks, from headers only.
+
+Checking is abstract interpretation. Plain values (numbers, strings, lists) are folded;
+`def`s, lambdas, comprehensions, `use` and `import` are expanded; every checkpoint
+operation is type-checked against its arguments' tensor tables and becomes a node of the
+model-level graph. A def's parameter types depend on its call site, so there is no
+separate typed AST: the checked program *is* its graph nodes and its ordered sinks.
+
+Invariant: nothing here reads a weight. Every mistake that headers can reveal (unknown
+name, wrong argument, missing path, corrupt header, mismatched shapes, existing output)
+is raised here, with its position, before execution starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import ast
+from .builtins import (
+    BUILTINS,
+    Builtin,
+    Call,
+    bind,
+    check_type_expr,
+    conforms,
+    literal_value,
+    model_arith,
+    model_neg,
+    show,
+)
+from .errors import (
+    AlgError,
+    AlgIOError,
+    AlgNameError,
+    AlgTypeError,
+    Diagnostic,
+    Note,
+    did_you_mean,
+)
+from .graph import Node
+from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
+from .options import Options
+from .parser import parse
+from .resources import stdlib_dir, stdlib_names
+from .source import Source, Span
+from .types import CheckpointType, Function, type_name
+from .values import Closure, Env, Model, Namespace, Sink
+
+MAX_DEPTH = 200
+STDLIB_PREFIX = "stdlib/"
+
+
+def _is_stdlib(span: Span) -> bool:
+    return span.source.name.startswith(STDLIB_PREFIX)
+
+
+@dataclass
+class SaveRequest:
+    model: Model
+    path: Path
+    dtype: str | None  # safetensors code, or None for the primary input's
+    shard_bytes: int
+    overwrite: bool
+    span: Span
+
+
+@dataclass
+class Checked:
+    """The result of checking a program: its sinks in order and the value of its last
+    expression statement (the result of `Interpreter.eval`)."""
+
+    sinks: list[Sink] = field(default_factory=list)
+    result: Any = None
+    has_result: bool = False
+
+
+class Checker:
+    """Checks programs against one persistent environment (a REPL session keeps one)."""
+
+    def __init__(self, options: Options | None = None, base_dir: Path | None = None, mode: str = "file"):
+        self.options = options or Options()
+        self.base_dir = (base_dir or Path.cwd()).resolve()
+        self.mode = mode  # "file": bare expressions warn; "repl": they show; "eval": last is result
+        self.builtins_env = Env(None, dict(BUILTINS))
+        self._sources: dict[tuple, CheckpointSource] = {}
+        self._stdlib: dict[str, Env] = {}
+        self._imports: dict[Path, Namespace] = {}
+        self._depth = 0
+        self._sinks: list[Sink] = []
+        self._save_paths: dict[Path, Span] = {}
+        self.used_overrides: set[str] = set()
+        self.prelude_env = self._library_env("prelude", None)
+        self.env = self.prelude_env.child()
+        for name, value in self.options.overrides.items():
+            self.env.values[name] = value
+
+    # ---- diagnostics -----------------------------------------------------------------
+
+    def warning(self, message: str, span: Span | None) -> None:
+        self.options.warn(Diagnostic(message, span))
+
+    def add_sink(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    # ---- programs --------------------------------------------------------------------
+
+    def check(self, program: ast.Program, env: Env | None = None) -> Checked:
+        """Check a whole program; its sinks run only if all of it checks."""
+        env = env or self.env
+        self._sinks = []
+        out = Checked()
+        for stmt in program.stmts:
+            value, is_expr = self._stmt(stmt, env, top=True)
+            if is_expr:
+                out.result, out.has_result = value, True
+                if self.mode == "repl" and value is not None:
+                    self._sinks.append(Sink("show", stmt.span, value))
+                elif self.mode == "file" and value is not None:
+                    self.warning(
+                        "this expression's value is unused; a recipe acts through save(...), "
+                        "print(...) or info(...)",
+                        stmt.span,
+                    )
+            else:
+                out.result, out.has_result = None, False
+        out.sinks = self._sinks
+        self._sinks = []
+        self._save_paths = {}
+        return out
+
+    def _stmt(self, stmt: ast.Node, env: Env, top: bool) -> tuple[Any, bool]:
+        if isinstance(stmt, ast.Assign):
+            if top and env is self.env and stmt.name in self.options.overrides:
+                self.used_overrides.add(stmt.name)  # --set wins over the recipe's value
+                return None, False
+            env.values[stmt.name] = self.expr(stmt.value, env)
+            return None, False
+        if isinstance(stmt, ast.Def):
+            for p in stmt.params:
+                if p.type is not None:
+                    check_type_expr(p.type)
+            env.values[stmt.name] = Closure(stmt.name, stmt.params, stmt.body, env, stmt.span)
+            return None, False
+        if isinstance(stmt, ast.Use):
+            lib = self._library_env(stmt.name, stmt.span)
+            for name, value in lib.values.items():
+                env.values[name] = value
+            return None, False
+        if isinstance(stmt, ast.Import):
+            env.values[stmt.alias] = self._import(stmt)
+            return None, False
+        if isinstance(stmt, ast.ExprStmt):
+            return self.expr(stmt.expr, env), True
+        raise AssertionError(f"unknown statement {stmt!r}")
+
+    def _library_env(self, name: str, span: Span | None) -> Env:
+        """The names that stdlib/NAME.alg defines (checked once per session)."""
+        if name in self._stdlib:
+            return self._stdlib[name]
+        path = stdlib_dir() / f"{name}.alg"
+        if not path.is_file():
+            raise AlgNameError(
+                f"no library '{name}'{did_you_mean(name, stdlib_names())}; "
+                f"the standard libraries are: {', '.join(stdlib_names())}",
+                span,
+            )
+        parent = self.builtins_env if name == "prelude" else self.prelude_env
+        env = parent.child()
+        source = Source(path.read_text(encoding="utf-8"), f"{STDLIB_PREFIX}{name}.alg", path)
+        self._run_library(source, env, source.name)
+        self._stdlib[name] = env
+        return env
+
+    def _import(self, stmt: ast.Import) -> Namespace:
+        path = Path(stmt.path).expanduser()
+        if not path.is_absolute():
+            path = stmt.span.source.folder / path
+        path = path.resolve()
+        if path in self._imports:
+            return self._imports[path]
+        if path.suffix != ".alg":
+            raise AlgIOError(f"import needs an .alg file, not '{stmt.path}'", stmt.span)
+        if not path.is_file():
+            raise AlgIOError(f"no such file: '{stmt.path}' (looked in {path.parent})", stmt.span)
+        env = self.prelude_env.child()
+        self._imports[path] = ns = Namespace(stmt.alias, env)  # a cycle finds it half-built
+        self._run_library(Source.from_file(path), env, str(stmt.path))
+        return ns
+
+    def _run_library(self, source: Source, env: Env, label: str) -> None:
+        program = parse(source)
+        saved = self._sinks
+        self._sinks = []
+        for stmt in program.stmts:
+            value, is_expr = self._stmt(stmt, env, top=False)
+            if self._sinks or (is_expr and value is not None):
+                raise AlgTypeError(
+                    f"a library ({label}) may define names but not act: move save, print "
+                    "and bare expressions to the recipe",
+                    stmt.span,
+                )
+        self._sinks = saved
+
+    # ---- expressions -----------------------------------------------------------------
+
+    def expr(self, e: ast.Node, env: Env) -> Any:
+        method = getattr(self, "_" + type(e).__name__)
+        return method(e, env)
+
+    def _Num(self, e: ast.Num, env: Env) -> Any:
+        return e.value
+
+    _Str = _Bool = _Num
+
+    def _NoneLit(self, e: ast.NoneLit, env: Env) -> Any:
+        return None
+
+    def _Name(self, e: ast.Name, env: Env) -> Any:
+        try:
+            value = env.lookup(e.id)
+        except KeyError:
+            raise AlgNameError(
+                f"unknown name '{e.id}'{did_you_mean(e.id, env.names())}", e.span
+            ) from None
+        if e.id in self.options.overrides:
+            self.used_overrides.add(e.id)
+        return value
+
+    def _List(self, e: ast.List, env: Env) -> Any:
+        return tuple(self.expr(x, env) for x in e.items)
+
+    def _ListComp(self, e: ast.ListComp, env: Env) -> Any:
+        items = self.expr(e.iter, env)
+        if not isinstance(items, tuple):
+            raise AlgTypeError(f"a comprehension iterates over a List, not {type_name(items)}", e.iter.span)
+        out = []
+        for item in items:
+            inner = env.child({e.var: item})
+            if e.cond is not None:
+                keep = self.expr(e.cond, inner)
+                if not isinstance(keep, bool):
+                    raise AlgTypeError(f"a comprehension's condition must be Bool, not {type_name(keep)}", e.cond.span)
+                if not keep:
+                    continue
+            out.append(self.expr(e.elt, inner))
+        return tuple(out)
+
+    def _Attr(self, e: ast.Attr, env: Env) -> Any:
+        value = self.expr(e.value, env)
+        if not isinstance(value, Namespace):
+            raise AlgTypeError(f"{type_name(value)} has no attributes; only an imported module does", e.span)
+        try:
+            return value.env.values[e.name]
+        except KeyError:
+            raise AlgNameError(
+                f"module '{value.name}' has no name '{e.name}'{did_you_mean(e.name, value.env.values)}",
+                e.span,
+            ) from None
+
+    def _Lambda(self, e: ast.Lambda, env: Env) -> Any:
+        params = tuple(ast.Param(p, None, None, span=e.span) for p in e.params)
+        return Closure("lambda", params, e.body, env, e.span)
+
+    def _UnaryOp(self, e: ast.UnaryOp, env: Env) -> Any:
+        v = self.expr(e.operand, env)
+        if isinstance(v, Model):
+            return v if e.op == "+" else model_neg(v, e.span)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return v if e.op == "+" else -v
+        raise AlgTypeError(f"cannot apply unary '{e.op}' to {type_name(v)}", e.span)
+
+    def _BinOp(self, e: ast.BinOp, env: Env) -> Any:
+        left = self.expr(e.left, env)
+        right = self.expr(e.right, env)
+        op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[e.op]
+        if isinstance(left, Model) or isinstance(right, Model):
+            return model_arith(op, left, right, e.span, e.left.span, e.right.span)
+        num = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+        if num(left) and num(right):
+            if op == "add":
+                return left + right
+            if op == "sub":
+                return left - right
+            if op == "mul":
+                return left * right
+            if right == 0:
+                raise AlgTypeError("division by zero", e.right.span)
+            return left / right
+        if op == "add" and isinstance(left, str) and isinstance(right, str):
+            return left + right
+        if op == "add" and isinstance(left, tuple) and isinstance(right, tuple):
+            return left + right
+        hint = ""
+        if op == "add" and (isinstance(left, str) or isinstance(right, str)):
+            hint = "; to build text write str(x), e.g. \"out/m-\" + str(lam)"
+        raise AlgTypeError(
+            f"cannot apply '{e.op}' to {type_name(left)} and {type_name(right)}{hint}", e.span
+        )
+
+    def _Call(self, e: ast.Call, env: Env) -> Any:
+        func = self.expr(e.func, env)
+        args = [(self.expr(a, env), a.span) for a in e.args]
+        kwargs = [(k.name, self.expr(k.value, env), k.span, k.value.span) for k in e.kwargs]
+        return self.apply(func, args, e.span, kwargs, callee_span=e.func.span)
+
+    def apply(self, func: Any, args: list, span: Span, kwargs: list | None = None, callee_span: Span | None = None) -> Any:
+        """Call a function value with evaluated, positioned arguments."""
+        kwargs = kwargs or []
+        if isinstance(func, Builtin):
+            values, spans = bind(func.name, func.params, func.defaults, args, kwargs, span)
+            return func.impl(Call(self, span, spans, func.name), **values)
+        if isinstance(func, Closure):
+            return self._call_closure(func, args, kwargs, span)
+        raise AlgTypeError(f"{type_name(func)} is not a function", callee_span or span)
+
+    def _call_closure(self, f: Closure, args: list, kwargs: list, span: Span) -> Any:
+        values, _ = bind(f.name, f.params, None, args, kwargs, span)
+        inner = f.env.child()
+        for p in f.params:
+            if p.name in values:
+                inner.values[p.name] = values[p.name]
+            else:  # defaults are evaluated at call time, in the definition's scope
+                inner.values[p.name] = self.expr(p.default, f.env.child(dict(inner.values)))
+                if p.type is not None and not conforms(inner.values[p.name], p.type):
+                    raise AlgTypeError(
+                        f"default of '{p.name}' must be {p.type}, not {type_name(inner.values[p.name])}",
+                        p.default.span,
+                    )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise AlgTypeError(f"calls nested deeper than {MAX_DEPTH} (runaway recursion?)", span)
+            return self.expr(f.body, inner)
+        except AlgError as err:
+            if err.span is not None and _is_stdlib(err.span) and not _is_stdlib(span):
+                # lead with the user's own line; where the library failed becomes a note
+                err.notes.insert(0, Note(f"inside {f.name}(), here", err.span))
+                err.message = f"{f.name}(): {err.message}"
+                err.span = span
+            elif len(err.notes) < 8:
+                err.with_note(f"in {f.name}(), called from here", span)
+            raise
+        finally:
+            self._depth -= 1
+
+    # ---- checkpoints and sinks ----------------------------------------------------------
+
+    def load(self, path: str, span: Span) -> Model:
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = self.base_dir / p
+        try:
+            st = p.stat()
+        except OSError:
+            raise AlgIOError(f"no such file or folder: '{path}' (looked in {p.parent})", span) from None
+        key = (p.resolve(), st.st_mtime_ns)
+        source = self._sources.get(key)
+        if source is None:
+            try:
+                source = open_checkpoint(p)
+            except AlgError as err:
+                raise err.at(span) from None
+            self._sources[key] = source
+        return bind_source(source, span)
+
+    def add_save(self, m: Model, path: str, dtype: str | None, shard_bytes: int, overwrite: bool, call: Call) -> None:
+        p = Path(path).expanduser()
+        target = (p if p.is_absolute() else self.base_dir / p).resolve()
+        if target in self._save_paths:
+            raise AlgIOError(f"'{path}' is already the target of another save", call.at("path")).with_note(
+                "the other save is here", self._save_paths[target]
+            )
+        for node in m.node.walk():
+            if node.op == "load" and isinstance(node.params[0], CheckpointSource):
+                src = node.params[0].path.resolve()
+                if src == target or target in src.parents:
+                    raise AlgIOError(f"save to '{path}' would overwrite its own input", call.at("path"))
+        if target.exists() and not (overwrite or self.options.force):
+            raise AlgIOError(
+                f"'{path}' already exists; pass overwrite=true to save(), or --force to alg run",
+                call.at("path"),
+            )
+        self._save_paths[target] = call.span
+        request = SaveRequest(m, target, dtype, shard_bytes, overwrite or self.options.force, call.span)
+        self._sinks.append(Sink("save", call.span, request))
+
+
+def bind_source(source: CheckpointSource | MemorySource, span: Span | None) -> Model:
+    node = Node("load", (), (source,), span=span)
+    return Model(node, CheckpointType(source.tensors, source, source.config))
+
+
+__all__ = ["Checker", "Checked", "SaveRequest", "literal_value", "bind_source", "show", "Function"]

@@ -1,0 +1,150 @@
+"""`alg`: the command line, a thin shell over `interpreter.Session`.
+
+    alg run FILE [--set name=value]... [--device cpu|cuda|auto] [--force]
+    alg check FILE      types, names, shapes and dtypes from headers; reads no weight
+    alg plan FILE       the steps and the predicted peak memory
+    alg repl            an interactive session
+    alg demo [--dir D]  build small demo checkpoints and run the example recipes
+
+Exit status: 0 on success, 1 for an error in the recipe or its inputs (printed as
+`file:line:col: error: ...` without a traceback), 2 for bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .builtins import literal_value
+from .errors import AlgError, AlgSyntaxError
+from .interpreter import Session
+from .options import Options
+from .parser import parse_expr
+from .source import Source
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`name=value`: value is an alg literal (0.3, "x", true, [1, 2]); anything that does
+    not parse as one is taken as a string, so --set out=models/x needs no quotes."""
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise UsageError(f"--set expects name=value, got '{item}'")
+    try:
+        return name, literal_value(parse_expr(text, "<--set>"))
+    except AlgError:
+        return name, text
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help="elements per streamed chunk (default 1048576)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a top-level name of the recipe (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="alg", description="alg: model algebra for merging checkpoints.")
+    ap.add_argument("--version", action="version", version=f"alg {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run a recipe")
+    run.add_argument("file")
+    run.add_argument("--force", action="store_true", help="overwrite existing output folders")
+    _common(run)
+    chk = sub.add_parser("check", help="check a recipe against checkpoint headers; reads no weight")
+    chk.add_argument("file")
+    _common(chk)
+    pl = sub.add_parser("plan", help="show the execution plan and predicted peak memory")
+    pl.add_argument("file")
+    pl.add_argument("--verbose", "-v", action="store_true", help="list every step")
+    pl.add_argument("--force", action="store_true", help="plan as if --force were given to run")
+    _common(pl)
+    rp = sub.add_parser("repl", help="interactive session")
+    _common(rp)
+    demo = sub.add_parser("demo", help="build demo checkpoints and run the example recipes")
+    demo.add_argument("--dir", default="alg-demo", help="where to build (default ./alg-demo)")
+    _common(demo)
+    return ap
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    overrides = dict(parse_set(s) for s in args.set)
+    kw: dict[str, Any] = {}
+    if args.chunk is not None:
+        if args.chunk < 1:
+            raise UsageError("--chunk must be a positive number of elements")
+        kw["chunk_elems"] = args.chunk
+    return Options(
+        device=args.device,
+        force=getattr(args, "force", False),
+        compute_dtype="float64" if args.float64 else "float32",
+        overrides=overrides,
+        **kw,
+    )
+
+
+def _load(path: str) -> Source:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"no such recipe file: '{path}'")
+    return Source.from_file(p)
+
+
+def _check_overrides(session: Session, options: Options) -> None:
+    for name in options.overrides:
+        if name not in session.checker.used_overrides:
+            raise UsageError(f"--set {name}: the recipe has no name '{name}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        options = options_from(args)
+        if args.command == "repl":
+            from .repl import Repl
+
+            return Repl(options).loop()
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(Path(args.dir), options)
+        source = _load(args.file)
+        session = Session(options, source.folder, mode="file")
+        if args.command == "run":
+            checked = session.check(source)
+            _check_overrides(session, options)
+            session.run_sinks(checked.sinks)
+        elif args.command == "check":
+            checked = session.check(source)
+            _check_overrides(session, options)
+            kinds = [s.kind for s in checked.sinks]
+            summary = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no sinks"
+            print(f"{source.name}: ok ({summary})")
+        elif args.command == "plan":
+            checked = session.check(source)
+            _check_overrides(session, options)
+            print(session.plan_text(checked.sinks, verbose=args.verbose))
+        return 0
+    except UsageError as e:
+        ap.print_usage(sys.stderr)
+        print(f"alg: error: {e}", file=sys.stderr)
+        return 2
+    except AlgError as e:
+        print(e.format(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alg: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "parse_set", "AlgSyntaxError"]

@@ -1,0 +1,275 @@
+"""Stage 6, execute: run a plan, streaming fixed-size chunks through the expressions.
+
+Per write step, for each chunk [e0, e1) of an output tensor: read the same range of
+every input it needs (a zero-copy view of the mmap'd file), convert to the compute dtype
+on the compute device, evaluate, cast to the output dtype, check finiteness, and write
+the bytes straight to the tensor's place in its shard (offsets fixed by the plan).
+Nothing outlives its chunk but reduction results (three floats per group). The next
+step's inputs are announced to the kernel (`madvise(WILLNEED)`) so reading overlaps
+computing; a tensor's pages are dropped from the mapping once it is done.
+
+A save writes into a temporary folder beside its target and renames it into place only
+when complete; on any failure, interruption included, the temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AlgIOError, AlgRuntimeError
+from .io import card as card_io
+from .io.safetensors import ShardWriter
+from .lower import Cat, Gram, Leaf, Lin, Map, Slice, TExpr, coef_value, leaves
+from .ops import OPS
+from .options import Options
+from .plan import INDEX_NAME, SavePlan, Step, TensorPlan
+from .types import dtype_name, torch_dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AlgIOError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
+    return dev
+
+
+class Evaluator:
+    """Evaluates tensor expressions chunk by chunk on one device."""
+
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype):
+        self.device = device
+        self.dtype = compute_dtype
+        self.results: dict[Gram, tuple[float, float, float]] = {}
+
+    def coef(self, c) -> float:
+        return coef_value(c, self.results)
+
+    def eval(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
+        """Elements [e0, e1) of `e`, flat, in the compute dtype on the device. The result
+        may be a view of an input (never modify it in place unless freshly made)."""
+        if isinstance(e, Leaf):
+            x = e.source.read(e.name, e0, e1)
+            if x.device != self.device:
+                x = x.to(self.device, non_blocking=False)
+            return x.to(self.dtype)
+        if isinstance(e, Slice):
+            return self.eval(e.expr, e.start + e0, e.start + e1)
+        if isinstance(e, Lin):
+            acc = None
+            for c, x in e.terms:
+                v = self.eval(x, e0, e1)
+                if acc is None:
+                    acc = torch.mul(v, self.coef(c))  # a fresh buffer: v may be an input view
+                else:
+                    acc.add_(v, alpha=self.coef(c))
+                del v
+            const = self.coef(e.const)
+            if acc is None:
+                return torch.full((e1 - e0,), const, dtype=self.dtype, device=self.device)
+            if const != 0.0:
+                acc.add_(const)
+            return acc
+        if isinstance(e, Map):
+            args = [self.eval(a, e0, e1) for a in e.args]
+            return OPS[e.op].fn(*args, *e.params)
+        if isinstance(e, Cat):
+            pieces, pos = [], 0
+            for part in e.parts:
+                lo, hi = max(e0, pos), min(e1, pos + part.numel)
+                if lo < hi:
+                    pieces.append(self.eval(part, lo - pos, hi - pos))
+                pos += part.numel
+            return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+        raise AssertionError(f"unknown expression {e!r}")
+
+    def reduce(self, g: Gram, chunk: int) -> None:
+        """Sum x.y, x.x, y.y over every tensor pair of the group, in float64."""
+        xy = xx = yy = 0.0
+        for x, y in g.items:
+            n = x.numel
+            for e0 in range(0, n, chunk):
+                e1 = min(n, e0 + chunk)
+                a = self.eval(x, e0, e1).to(torch.float64)
+                b = self.eval(y, e0, e1).to(torch.float64)
+                xy += float(torch.dot(a, b))
+                xx += float(torch.dot(a, a))
+                yy += float(torch.dot(b, b))
+                del a, b
+        if not all(map(_finite, (xy, xx, yy))):
+            raise AlgRuntimeError(f"the {g.label} reduction is not finite: an input holds inf or nan")
+        self.results[g] = (xy, xx, yy)
+
+
+def _finite(v: float) -> bool:
+    return v == v and v not in (float("inf"), float("-inf"))
+
+
+class _Prefetcher:
+    """Announces the inputs of upcoming steps to the kernel, one step ahead."""
+
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
+
+    def ahead(self, i: int) -> None:
+        if i + 1 >= len(self.steps):
+            return
+        nxt = self.steps[i + 1]
+        exprs = [nxt.out.expr] if nxt.out else [x for pair in nxt.gram.items for x in pair]
+        for e in exprs:
+            for leaf in leaves(e):
+                leaf.source.prefetch(leaf.name)
+
+
+def _release(step: Step) -> None:
+    exprs = [step.out.expr] if step.out else [x for pair in step.gram.items for x in pair]
+    for e in exprs:
+        for leaf in leaves(e):
+            leaf.source.release(leaf.name)
+
+
+def run_tensor_plan(
+    tp: TensorPlan,
+    options: Options,
+    write: Callable[[str, int, torch.Tensor], None],
+    span: Any = None,
+    evaluator: Evaluator | None = None,
+) -> None:
+    """Run every step of a plan; `write(name, e0, chunk)` receives output chunks in the
+    output dtype."""
+    device = resolve_device(options.device)
+    ev = evaluator or Evaluator(device, torch.float64 if tp.compute_dtype == "float64" else torch.float32)
+    pre = _Prefetcher(tp.steps)
+    for i, step in enumerate(tp.steps):
+        pre.ahead(i)
+        try:
+            if step.kind == "reduce":
+                if step.gram not in ev.results:
+                    ev.reduce(step.gram, tp.chunk_elems)
+            else:
+                _write_step(ev, step, tp.chunk_elems, options, write)
+        except AlgRuntimeError as err:
+            raise err.at(span) from None
+        _release(step)
+
+
+def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write) -> None:
+    out = step.out
+    code = out.spec.dtype
+    n = out.spec.numel
+    target = torch_dtype(code)
+    for e0 in range(0, n, chunk):
+        e1 = min(n, e0 + chunk)
+        value = ev.eval(out.expr, e0, e1)
+        data = value.to(target)
+        del value
+        if options.check_finite and data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            raise _nonfinite(out.name, out.expr, data, e0, code, ev)
+        write(out.name, e0, data)
+        del data
+
+
+def _nonfinite(name: str, expr: TExpr, data: torch.Tensor, e0: int, code: str, ev: Evaluator) -> AlgRuntimeError:
+    bad = int((~torch.isfinite(data)).nonzero()[0]) + e0
+    culprits = []
+    for leaf in leaves(expr):
+        x = leaf.source.read(leaf.name, bad, bad + 1).to(torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            culprits.append(f"input {leaf!r} holds {float(x[0])}")
+    why = "; ".join(culprits) if culprits else (
+        f"the result overflows {dtype_name(code)} or divides by zero"
+    )
+    return AlgRuntimeError(f"tensor '{name}' of the result is not finite at element {bad}: {why}")
+
+
+# ---- sinks ------------------------------------------------------------------------------
+
+
+def materialize(tp: TensorPlan, options: Options, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Compute a checkpoint into a state dict on `device` (default: the compute device)."""
+    dev = device or resolve_device(options.device)
+    out = {t.name: torch.empty(t.spec.shape, dtype=torch_dtype(t.spec.dtype), device=dev) for t in tp.tensors}
+    flat = {name: t.view(-1) for name, t in out.items()}
+
+    def write(name: str, e0: int, data: torch.Tensor) -> None:
+        flat[name][e0 : e0 + data.numel()].copy_(data)
+
+    run_tensor_plan(tp, options, write)
+    return out
+
+
+def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None) -> Path:
+    """Write a SavePlan to a temporary folder and rename it into place."""
+    target = sp.target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.alg-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    writers: dict[str, ShardWriter] = {}
+    hashes: list = []
+    hasher = None
+    if input_hashes is not None:
+        # hashing the inputs for the model card overlaps the computation
+        hasher = threading.Thread(target=lambda: hashes.extend(input_hashes()), daemon=True)
+        hasher.start()
+    try:
+        by_name: dict[str, ShardWriter] = {}
+        for fname, layout, names in sp.shards:
+            w = ShardWriter(tmp / fname, layout)
+            writers[fname] = w
+            for n in names:
+                by_name[n] = w
+        itemsizes = {t.name: torch.empty(0, dtype=torch_dtype(t.spec.dtype)).element_size() for t in sp.tensor_plan.tensors}
+
+        def write(name: str, e0: int, data: torch.Tensor) -> None:
+            if data.device.type != "cpu":
+                data = data.cpu()
+            by_name[name].write(name, e0 * itemsizes[name], data)
+
+        run_tensor_plan(sp.tensor_plan, options, write, sp.span)
+        for w in writers.values():
+            w.close()
+        _write_metadata(sp, tmp)
+        if hasher is not None:
+            hasher.join()
+        card_io.write_card(tmp / "README.md", sp, recipe_text, hashes)
+        _replace(tmp, target, sp.overwrite)
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_metadata(sp: SavePlan, folder: Path) -> None:
+    weight_map = {n: fname for fname, _, names in sp.shards for n in names}
+    index = {"metadata": {"total_size": sp.tensor_plan.nbytes}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if sp.config is not None:
+        (folder / "config.json").write_text(json.dumps(sp.config, indent=2, sort_keys=True) + "\n")
+    primary = sp.tensor_plan.model.type.primary
+    for f in getattr(primary, "extra_files", []):
+        shutil.copy2(f, folder / f.name)
+
+
+def _replace(tmp: Path, target: Path, overwrite: bool) -> None:
+    if target.exists():
+        if not overwrite:
+            raise AlgIOError(f"'{target}' appeared while alg was writing it; not overwritten")
+        old = target.parent / f".{target.name}.alg-old-{os.getpid()}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)

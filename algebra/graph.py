@@ -1,0 +1,122 @@
+"""Stage 3, the model-level graph: hash-consed nodes and the networkx DiGraph of a run.
+
+A `Node` is an operation on whole checkpoints (`load`, `add`, `merge`, `slerp`, ...).
+Nodes are frozen and interned: building the same operation on the same arguments twice
+returns the same object, so a shared subexpression is one node and is computed once
+(common-subexpression elimination by construction). A node's type (tensor table,
+config) is computed by check and carried beside it, never inside the key.
+
+`build(sinks)` collects every node that the sinks need into one `networkx.DiGraph`
+(edges from argument to user), which `lower` and `plan` walk.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import networkx as nx
+
+from .source import Span
+
+_INTERN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+class Node:
+    __slots__ = ("op", "args", "params", "span", "_hash", "__weakref__")
+
+    op: str
+    args: tuple[Node, ...]
+    params: tuple[Any, ...]
+    span: Span | None
+
+    def __new__(cls, op: str, args: Iterable[Node] = (), params: Iterable[Any] = (), span: Span | None = None):
+        args = tuple(args)
+        params = tuple(params)
+        # arguments are interned, so their identities stand for their structure; an
+        # argument outlives every node that holds it, so its id cannot be reused meanwhile
+        key = (op, tuple(id(a) for a in args), params)
+        node = _INTERN.get(key)
+        if node is not None:
+            return node
+        node = object.__new__(cls)
+        node.op, node.args, node.params, node.span = op, args, params, span
+        node._hash = hash(key)
+        _INTERN[key] = node
+        return node
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return f"Node({self.op}, {len(self.args)} args, {self.params!r})"
+
+    def walk(self) -> Iterator[Node]:
+        """Every node reachable from this one, each once, arguments before users."""
+        seen: set[int] = set()
+        stack: list[tuple[Node, bool]] = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if id(node) in seen:
+                continue
+            if expanded:
+                seen.add(id(node))
+                yield node
+            else:
+                stack.append((node, True))
+                stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
+
+    def describe(self) -> str:
+        """A one-line rendering in alg syntax, for plans, `info` and model cards."""
+        a = [x.describe() for x in self.args]
+        p = self.params
+        if self.op == "load":
+            return f'load("{p[0].label}")'
+        if self.op in ("add", "sub", "mul", "div"):
+            return f"({a[0]} {dict(add='+', sub='-', mul='*', div='/')[self.op]} {a[1]})"
+        if self.op == "scale":
+            return f"-{a[0]}" if p[0] == -1 else f"{_fmt(p[0])} * {a[0]}"
+        if self.op == "shift":
+            return f"({a[0]} + {_fmt(p[0])})"
+        if self.op == "rdiv":
+            return f"({_fmt(p[0])} / {a[0]})"
+        if self.op == "merge":
+            return f"merge({a[0]}, {a[1]}, {_fmt(p[0])})"
+        if self.op == "slerp":
+            return f"slerp({a[0]}, {a[1]}, {_fmt(p[0])})"
+        if self.op == "slerp_tv":
+            return f"slerp([{', '.join(a[1:])}], base={a[0]}, per={_fmt(p[0])})"
+        inner = ", ".join(a + [_fmt(x) for x in p])
+        return f"{self.op}({inner})"
+
+
+def _fmt(p: Any) -> str:
+    if isinstance(p, float):
+        return f"{p:g}"
+    if isinstance(p, str):
+        return f'"{p}"'
+    return repr(p)
+
+
+def build(roots: Iterable[Node]) -> nx.DiGraph:
+    """The DiGraph of everything the roots need; node attribute `op`, edge attribute
+    `pos` (argument position). Insertion order is deterministic (depth-first, arguments
+    first), so iterating the graph's nodes is a valid, reproducible topological order."""
+    g = nx.DiGraph()
+    for root in roots:
+        for node in root.walk():
+            if node in g:
+                continue
+            g.add_node(node, op=node.op)
+            for i, a in enumerate(node.args):
+                g.add_edge(a, node, pos=i)
+    return g
+
+
+def inputs(g: nx.DiGraph) -> list[Node]:
+    """The `load` nodes of a graph, in first-use order."""
+    return [n for n in g.nodes if n.op == "load"]

@@ -1,0 +1,229 @@
+"""The embeddable interpreter: source text in, effects and values out.
+
+    interp = Interpreter(device="cpu")
+    interp.eval('save(lerp(a, b, 0.3), "out/m")', a="models/a", b="models/b")
+    avg = interp.eval("ema([avg, cur], 0.01)", avg=avg_sd, cur=model).state_dict()
+
+`eval` parses, checks the whole text (nothing runs if any of it is wrong), then runs its
+sinks in order and returns the value of its last expression. A checkpoint comes back as
+a lazy `Result` that can be saved or materialised as a state dict on the bindings'
+device, without a round trip through disk. The CLI and the REPL are thin shells over
+`Session`, which this module also provides.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import execute
+from .builtins import show
+from .check import Checked, Checker, SaveRequest, bind_source
+from .errors import AlgIOError, AlgTypeError
+from .io.checkpoint import CheckpointSource, MemorySource
+from .lower import Lowerer
+from .options import Options
+from .parser import parse
+from .plan import format_plan, plan_save, plan_tensors
+from .source import Source
+from .types import dtype_name, human_bytes, human_count, parse_size
+from .values import Model, Sink
+
+
+class Session:
+    """One checker (its environment persists) plus the machinery to run sinks."""
+
+    def __init__(self, options: Options | None = None, base_dir: Path | None = None, mode: str = "file"):
+        self.options = options or Options()
+        self.checker = Checker(self.options, base_dir, mode)
+
+    def check(self, source: Source) -> Checked:
+        return self.checker.check(parse(source))
+
+    def run(self, source: Source) -> Checked:
+        checked = self.check(source)
+        self.run_sinks(checked.sinks)
+        return checked
+
+    def run_sinks(self, sinks: list[Sink]) -> None:
+        lowerer = Lowerer()  # shared, so sinks that share subexpressions lower them once
+        for sink in sinks:
+            if sink.kind == "save":
+                req: SaveRequest = sink.value
+                sp = plan_save(req, self.options, lowerer)
+                t0 = time.perf_counter()
+                execute.save(sp, self.options, sink.span.source.text, _hasher(req.model))
+                dt = time.perf_counter() - t0
+                self.options.out(
+                    f"wrote {_rel(req.path)}: {len(sp.tensor_plan.tensors)} tensors, "
+                    f"{human_bytes(sp.tensor_plan.nbytes)} {dtype_name(sp.tensor_plan.out_dtype)} "
+                    f"in {len(sp.shards)} shard(s), {dt:.2f}s"
+                )
+            elif sink.kind == "print":
+                self.options.out(show(sink.value, quote=False))
+            elif sink.kind == "info":
+                self.options.out(format_info(sink.value))
+            elif sink.kind == "show":
+                self.options.out(show(sink.value))
+            else:
+                raise AssertionError(sink.kind)
+
+    def plan_text(self, sinks: list[Sink], verbose: bool = False) -> str:
+        lowerer = Lowerer()
+        parts = []
+        peak = 0
+        for sink in sinks:
+            if sink.kind == "save":
+                sp = plan_save(sink.value, self.options, lowerer)
+                parts.append(format_plan(sp, verbose))
+                peak = max(peak, sp.peak_bytes)
+            else:  # print, info, show: from headers and folded values; nothing to compute
+                parts.append(f"{sink.kind} {show(sink.value)}")
+        parts.append(f"predicted peak working memory of the run: {human_bytes(peak)}")
+        return "\n".join(parts)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _hasher(model: Model):
+    sources = []
+    for node in model.node.walk():
+        if node.op == "load" and isinstance(node.params[0], CheckpointSource):
+            sources.append(node.params[0])
+
+    def run() -> list:
+        return [(s.label, s.file_hashes()) for s in sources]
+
+    return run
+
+
+def format_info(m: Model) -> str:
+    t = m.type
+    lines = [f"{m.node.describe()}"]
+    lines.append(f"  architecture: {t.architecture}")
+    lines.append(f"  tensors:      {len(t.tensors)}")
+    lines.append(f"  parameters:   {human_count(t.n_params)} ({t.n_params})")
+    lines.append(f"  dtype:        {dtype_name(t.dtype)}")
+    if m.node.op == "load":
+        lines.append(f"  size on disk: {human_bytes(t.primary.nbytes_on_disk)}")
+    else:
+        lines.append(f"  size when saved: {human_bytes(t.nbytes)}")
+    if t.config:
+        keys = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if k in t.config]
+        if keys:
+            lines.append("  config:       " + ", ".join(f"{k}={t.config[k]}" for k in keys))
+    for note in t.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+class Result:
+    """A lazy checkpoint returned by `Interpreter.eval`."""
+
+    def __init__(self, interp: Interpreter, model: Model, source_text: str):
+        self._interp = interp
+        self.model = model
+        self._source_text = source_text
+
+    def __repr__(self) -> str:
+        return f"<alg.Result {self.model.type.describe()}>"
+
+    @property
+    def tensors(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Names to (shape, dtype) of the result, known without computing it."""
+        return {n: (s.shape, dtype_name(s.dtype)) for n, s in self.model.type.tensors.items()}
+
+    def _device(self) -> torch.device:
+        for node in self.model.node.walk():
+            if node.op == "load" and isinstance(node.params[0], MemorySource):
+                return node.params[0].device
+        return execute.resolve_device(self._interp.options.device)
+
+    def plan(self) -> str:
+        return format_plan(plan_tensors(self.model, self._interp.options))
+
+    def state_dict(self, device: str | torch.device | None = None, dtype: str | None = None) -> dict[str, torch.Tensor]:
+        """Compute every tensor into memory, on the bindings' device by default."""
+        from .types import DTYPE_ALIASES
+
+        code = DTYPE_ALIASES[dtype.lower()] if dtype else None
+        opts = self._interp.options
+        dev = torch.device(device) if device is not None else self._device()
+        if opts.device == "auto":
+            opts = _with_device(opts, str(dev))
+        tp = plan_tensors(self.model, opts, code)
+        return execute.materialize(tp, opts, dev)
+
+    def save(self, path: str | Path, dtype: str | None = None, shard_size: str | int = "5GB",
+             overwrite: bool = False) -> Path:
+        from .types import DTYPE_ALIASES
+
+        target = Path(path).expanduser().resolve()
+        if target.exists() and not (overwrite or self._interp.options.force):
+            raise AlgIOError(f"'{path}' already exists; pass overwrite=True")
+        req = SaveRequest(self.model, target, DTYPE_ALIASES[dtype.lower()] if dtype else None,
+                          parse_size(shard_size), overwrite, None)
+        sp = plan_save(req, self._interp.options)
+        return execute.save(sp, self._interp.options, self._source_text, _hasher(self.model))
+
+
+def _with_device(opts: Options, device: str) -> Options:
+    from dataclasses import replace
+
+    return replace(opts, device=device)
+
+
+class Interpreter:
+    """The embeddable surface. Options are those of the CLI (`Options`)."""
+
+    def __init__(self, device: str = "auto", *, base_dir: str | Path | None = None,
+                 options: Options | None = None, **kwargs: Any):
+        self.options = options or Options(device=device, **kwargs)
+        self.session = Session(self.options, Path(base_dir) if base_dir else None, mode="eval")
+
+    def eval(self, source: str, **bindings: Any) -> Any:
+        """Check and run `source` with `bindings` as names; return its last expression's
+        value (a `Result` for a checkpoint, a Python value otherwise)."""
+        env = self.session.checker.env
+        for name, value in bindings.items():
+            env.values[name] = self._bind(name, value)
+        src = Source(source, "<eval>")
+        checked = self.session.run(src)
+        return self._wrap(checked.result, source) if checked.has_result else None
+
+    def _wrap(self, value: Any, text: str) -> Any:
+        if isinstance(value, Model):
+            return Result(self, value, text)
+        if isinstance(value, tuple):
+            return [self._wrap(v, text) for v in value]
+        return value
+
+    def _bind(self, name: str, value: Any) -> Any:
+        if isinstance(value, Result):
+            return value.model
+        if isinstance(value, str | Path):
+            return self.session.checker.load(str(value), None)
+        if isinstance(value, torch.nn.Module):
+            config = getattr(value, "config", None)
+            cfg = config.to_dict() if hasattr(config, "to_dict") else None
+            if cfg is not None and hasattr(config, "architectures") and not cfg.get("architectures"):
+                cfg["architectures"] = [type(value).__name__]
+            return bind_source(MemorySource(value.state_dict(), cfg, label=name), None)
+        if isinstance(value, dict):
+            return bind_source(MemorySource(value, None, label=name), None)
+        if isinstance(value, bool | int | float) or value is None:
+            return value
+        if isinstance(value, list | tuple):
+            return tuple(self._bind(name, v) for v in value)
+        raise AlgTypeError(
+            f"binding '{name}': cannot use a {type(value).__name__}; pass a path, a state dict "
+            "(dict of tensors), a torch.nn.Module, a number, or a list of these"
+        )

@@ -1,0 +1,268 @@
+"""Stage 5, plan: tensor expressions -> an ordered list of steps with predicted memory.
+
+Policy. Output tensors are written in the primary input's storage order (sequential
+reads, sequential writes). A reduction (a `Gram`) runs just before the first write that
+needs it, after the reductions it needs itself: per-layer SLERP reduces layer N, writes
+layer N, then moves on, so the pages it read are still warm. Ties are broken by that
+order and then by creation, never by set or hash order, so a plan is reproducible.
+
+Memory. Nothing is held beyond one chunk's working set: every step streams chunks of at
+most `chunk_elems` elements. The predicted peak is the largest number of chunk-sized
+buffers any step holds at once, by the same rules the executor follows (see
+`buffers`), times the chunk's bytes. It depends on the chunk size and the shape of the
+expressions, never on the model's size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from .io.safetensors import ShardLayout
+from .lower import Cat, Gram, Leaf, Lin, Lowerer, Map, Slice, TExpr, expr_deps, leaves
+from .ops import OPS
+from .options import Options
+from .types import CheckpointType, TensorSpec, dtype_name, human_bytes, itemsize
+from .values import Model
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class OutTensor:
+    name: str
+    spec: TensorSpec  # output shape and dtype
+    expr: TExpr
+    shard: int = 0
+
+
+@dataclass
+class Step:
+    kind: str  # "reduce" | "write"
+    chunks: int
+    peak_bytes: int
+    gram: Gram | None = None
+    out: OutTensor | None = None
+
+    def describe(self) -> str:
+        if self.kind == "reduce":
+            assert self.gram is not None
+            return f"reduce  {self.gram.label}: dot and norms over {len(self.gram.items)} tensor(s)"
+        assert self.out is not None
+        return f"write   {self.out.name} {self.out.spec} <- {_short(self.out.expr)}"
+
+
+def _short(e: TExpr, limit: int = 90) -> str:
+    text = repr(e)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class TensorPlan:
+    """How to compute every tensor of one checkpoint value, in order."""
+
+    model: Model
+    out_dtype: str
+    tensors: list[OutTensor]
+    steps: list[Step]
+    peak_bytes: int
+    compute_dtype: str
+    chunk_elems: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tensors)
+
+
+@dataclass
+class SavePlan:
+    tensor_plan: TensorPlan
+    target: Path
+    shards: list[tuple[str, ShardLayout, list[str]]]  # file name, layout, tensor names
+    config: dict[str, Any] | None
+    span: Any
+    overwrite: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.tensor_plan.peak_bytes
+
+
+# ---- memory rules -----------------------------------------------------------------------
+
+
+def buffers(e: TExpr, cs: int) -> float:
+    """Peak chunk-sized buffers (in compute-dtype units) alive while evaluating `e`, its
+    result included. Mirrors `execute.Evaluator.eval` rule for rule."""
+    if isinstance(e, Leaf):
+        return 1.0  # the converted (or device-copied) chunk
+    if isinstance(e, Slice):
+        return buffers(e.expr, cs)
+    if isinstance(e, Lin):
+        # acc = c0 * x0 allocates while x0 is alive; then each x_i alongside acc
+        peak = 0.0
+        for i, (_, x) in enumerate(e.terms):
+            peak = max(peak, buffers(x, cs) + 1.0 if i == 0 else 1.0 + buffers(x, cs))
+        return max(peak, 1.0)
+    if isinstance(e, Map):
+        held, peak = 0.0, 0.0
+        for a in e.args:
+            peak = max(peak, held + buffers(a, cs))
+            held += 1.0
+        return max(peak, held + 1.0 + OPS[e.op].scratch)
+    if isinstance(e, Cat):
+        # parts are evaluated one after another into pieces that together fill one
+        # chunk, then concatenated into a new one
+        return max(buffers(p, cs) for p in e.parts) + 2.0
+    raise AssertionError(f"unknown expression {e!r}")
+
+
+def write_buffers(e: TExpr, cs: int, out_size: int) -> float:
+    """A write step: the expression, its cast to the output dtype, the finiteness mask."""
+    return max(buffers(e, cs), 1.0 + out_size / cs + 1.0 / cs)
+
+
+def reduce_buffers(g: Gram, cs: int) -> float:
+    """A reduction step: x then y in the compute dtype, each widened to float64 for the
+    dot products (x64 held while y is computed)."""
+    wide = 8 / cs if cs < 8 else 0.0  # float64 copies, in compute units
+    peak = 0.0
+    for x, y in g.items:
+        peak = max(peak, buffers(x, cs), 1.0 + wide, wide + buffers(y, cs), wide + 1.0 + wide)
+    return peak
+
+
+# ---- planning -------------------------------------------------------------------------
+
+
+def plan_tensors(model: Model, options: Options, out_dtype: str | None = None,
+                 lowerer: Lowerer | None = None) -> TensorPlan:
+    lowerer = lowerer or Lowerer()
+    exprs = lowerer.lower(model)
+    out_code = out_dtype or model.type.dtype
+    cs = 8 if options.compute_dtype == "float64" else 4
+    outs = []
+    for name, spec in model.type.tensors.items():
+        dtype = out_code if spec.is_float else spec.dtype
+        outs.append(OutTensor(name, TensorSpec(spec.shape, dtype), exprs[name]))
+    steps, peak = order_steps(outs, options.chunk_elems, cs)
+    return TensorPlan(model, out_code, outs, steps, peak, options.compute_dtype, options.chunk_elems)
+
+
+def order_steps(outs: list[OutTensor], chunk_elems: int, cs: int) -> tuple[list[Step], int]:
+    """Order reductions and writes (see the module's policy) and predict the peak."""
+    g = nx.DiGraph()
+    rank: dict[Any, tuple] = {}
+    grams: dict[int, Gram] = {}
+    for i, out in enumerate(outs):
+        wkey = ("w", i)
+        g.add_node(wkey)
+        rank[wkey] = (i, 1, 0)
+        stack = list(expr_deps(out.expr))
+        for gram in stack:
+            g.add_edge(("g", id(gram)), wkey)
+        while stack:
+            gram = stack.pop()
+            gkey = ("g", id(gram))
+            if id(gram) not in grams:
+                grams[id(gram)] = gram
+                rank[gkey] = (i, 0, len(grams))
+                for dep in gram.deps:
+                    g.add_edge(("g", id(dep)), gkey)
+                    stack.append(dep)
+    steps: list[Step] = []
+    peak = 0
+    for key in nx.lexicographical_topological_sort(g, key=lambda k: rank[k]):
+        if key[0] == "w":
+            out = outs[key[1]]
+            chunk = min(chunk_elems, max(1, out.spec.numel))
+            units = write_buffers(out.expr, cs, itemsize(out.spec.dtype))
+            step = Step("write", math.ceil(out.spec.numel / chunk) if out.spec.numel else 1,
+                        int(units * chunk * cs), out=out)
+        else:
+            gram = grams[key[1]]
+            biggest = max((x.numel for x, _ in gram.items), default=0)
+            chunk = min(chunk_elems, max(1, biggest))
+            chunks = sum(math.ceil(x.numel / chunk) for x, _ in gram.items)
+            step = Step("reduce", chunks, int(reduce_buffers(gram, cs) * chunk * cs), gram=gram)
+        peak = max(peak, step.peak_bytes)
+        steps.append(step)
+    return steps, peak
+
+
+def plan_save(request, options: Options, lowerer: Lowerer | None = None) -> SavePlan:
+    model: Model = request.model
+    tp = plan_tensors(model, options, request.dtype, lowerer)
+    shards = shard(tp.tensors, request.shard_bytes)
+    config = output_config(model.type, tp.out_dtype)
+    return SavePlan(tp, request.path, shards, config, request.span, request.overwrite,
+                    list(model.type.notes))
+
+
+def shard(outs: list[OutTensor], shard_bytes: int) -> list[tuple[str, ShardLayout, list[str]]]:
+    """Greedy, in output order: a shard closes when the next tensor would overflow it
+    (a tensor larger than the limit gets a shard of its own)."""
+    groups: list[list[OutTensor]] = [[]]
+    size = 0
+    for out in outs:
+        if groups[-1] and size + out.spec.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(out)
+        size += out.spec.nbytes
+    n = len(groups)
+    result = []
+    for i, group in enumerate(groups):
+        for out in group:
+            out.shard = i
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        layout = ShardLayout.build([(o.name, o.spec) for o in group], {"format": "pt"})
+        result.append((fname, layout, [o.name for o in group]))
+    return result
+
+
+def output_config(t: CheckpointType, out_dtype: str) -> dict[str, Any] | None:
+    if t.config is None:
+        return None
+    config = dict(t.config)
+    name = dtype_name(out_dtype)
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for k in keys:
+        config[k] = name
+    return config
+
+
+# ---- rendering ------------------------------------------------------------------------
+
+
+def format_plan(p: TensorPlan | SavePlan, verbose: bool = False, limit: int = 40) -> str:
+    tp = p.tensor_plan if isinstance(p, SavePlan) else p
+    lines = []
+    if isinstance(p, SavePlan):
+        lines.append(f"save {p.target}")
+        lines.append(
+            f"  {len(tp.tensors)} tensors, {human_bytes(tp.nbytes)} as {dtype_name(tp.out_dtype)} "
+            f"in {len(p.shards)} shard(s)"
+        )
+    else:
+        lines.append(f"materialise {len(tp.tensors)} tensors, {human_bytes(tp.nbytes)} as "
+                     f"{dtype_name(tp.out_dtype)}")
+    inputs = sorted({leaf.source.label for out in tp.tensors for leaf in leaves(out.expr)})
+    lines.append(f"  inputs: {', '.join(inputs)}")
+    n_red = sum(1 for s in tp.steps if s.kind == "reduce")
+    lines.append(
+        f"  {len(tp.steps)} steps ({n_red} reductions, {len(tp.steps) - n_red} writes), "
+        f"chunks of {tp.chunk_elems} elements in {tp.compute_dtype}"
+    )
+    shown = tp.steps if verbose else tp.steps[:limit]
+    for i, s in enumerate(shown):
+        lines.append(f"  {i + 1:>5}  {s.describe()}  [{s.chunks} chunk(s), {human_bytes(s.peak_bytes)}]")
+    if len(shown) < len(tp.steps):
+        lines.append(f"  ... {len(tp.steps) - len(shown)} more steps (alg plan --verbose shows all)")
+    lines.append(f"  predicted peak working memory: {human_bytes(tp.peak_bytes)}")
+    return "\n".join(lines)

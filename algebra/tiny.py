@@ -1,0 +1,122 @@
+"""Tiny checkpoints of real architectures, for tests and the demo (nothing is downloaded).
+
+A "family" shares one base: a Llama causal LM with random weights, fine-tuned stand-ins
+made by adding small seeded perturbations (task vectors), a sequence-classification
+reward model on the same base, and a byte-level BPE tokenizer trained here with the
+tokenizers library. Every checkpoint is saved by transformers itself, so the folders
+look exactly like the Hub's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 12 plus 30? The answer is 42.",
+    "Solve for x: 2x + 3 = 11, so x = 4.",
+    "I'm sorry, but I can't help with that.",
+    "A reward model scores a response to a prompt.",
+    "Merging checkpoints is algebra on their weights.",
+    "Let us think step by step about the integral of x squared.",
+    "Please write a short poem about the sea.",
+]
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 320):
+    """A byte-level BPE tokenizer with pad/bos/eos and a chat template, saved to folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, **extra,
+    )
+
+
+def perturb(state: dict[str, torch.Tensor], seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """state + a seeded random task vector of relative size `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        if t.is_floating_point():
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+            out[name] = (t.float() + scale * (t.float().std() if t.numel() > 1 else 1.0) * noise).to(t.dtype)
+        else:
+            out[name] = t.clone()
+    return out
+
+
+def build_family(
+    root: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    names: tuple[str, ...] = ("base", "math", "rm", "rl1", "rl2"),
+    extra_rm_vocab: int = 0,
+) -> dict[str, Path]:
+    """Save a family of checkpoints under root and return name -> folder:
+    base (causal LM), math (base + a task vector), rm (sequence classification, one label,
+    base + another task vector, a fresh score head), rl1/rl2 (base + task vectors).
+    With extra_rm_vocab > 0 the reward model's vocabulary has that many more rows."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    root = Path(root)
+    tok_dir = root / "_tokenizer"
+    tokenizer = build_tokenizer(tok_dir)
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(llama_config(vocab, hidden, layers)).to(dtype)
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    paths: dict[str, Path] = {}
+    for i, name in enumerate(names):
+        folder = root / name
+        if name == "rm":
+            rm_vocab = vocab + extra_rm_vocab
+            cfg = llama_config(rm_vocab, hidden, layers, num_labels=1)
+            model = LlamaForSequenceClassification(cfg).to(dtype)
+            state = perturb({k: v for k, v in base_state.items() if k != "lm_head.weight"}, seed + 100 + i, 0.02)
+            if extra_rm_vocab:
+                emb = state["model.embed_tokens.weight"]
+                extra = torch.randn((extra_rm_vocab, emb.shape[1]), generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+                state["model.embed_tokens.weight"] = torch.cat([emb, extra * emb.float().std().to(dtype)])
+            state["score.weight"] = model.state_dict()["score.weight"]
+            model.load_state_dict(state)
+        else:
+            model = LlamaForCausalLM(llama_config(vocab, hidden, layers)).to(dtype)
+            state = base_state if name == "base" else perturb(base_state, seed + 100 + i, 0.02)
+            model.load_state_dict(state)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        paths[name] = folder
+    return paths

@@ -1,0 +1,207 @@
+"""Value types known at check time.
+
+A checkpoint's type is its tensor table (name -> shape, dtype) plus the metadata of its
+primary input (config, tokenizer files), all read from headers. Plain values (numbers,
+strings, booleans, lists) are Python values folded during checking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .io.checkpoint import CheckpointSource
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        DTYPES[_code] = (getattr(torch, _name), 1)
+
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+# what users may write for save(..., dtype=...) -> safetensors code
+DTYPE_ALIASES = {
+    "float64": "F64", "fp64": "F64", "double": "F64",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+}
+# safetensors code -> the name transformers writes in config.json
+CONFIG_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_CONFIG_NAME_TO_CODE = {v: k for k, v in CONFIG_DTYPE_NAMES.items()}
+
+
+def dtype_name(code: str) -> str:
+    """bfloat16, float32, ... for a safetensors code (the code itself when unnamed)."""
+    return CONFIG_DTYPE_NAMES.get(code, code.lower())
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    return DTYPES[code][0]
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code][1]
+
+
+def code_of(dtype: torch.dtype) -> str:
+    for code, (td, _) in DTYPES.items():
+        if td == dtype:
+            return code
+    raise KeyError(f"unsupported tensor dtype {dtype}")
+
+
+def config_dtype_code(config: Mapping[str, Any] | None) -> str | None:
+    if not config:
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _CONFIG_NAME_TO_CODE.get(str(name).replace("torch.", "")) if name else None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+    def __str__(self) -> str:
+        return f"{self.dtype.lower()}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointType:
+    """What check knows about a checkpoint without reading a weight."""
+
+    tensors: Mapping[str, TensorSpec]
+    primary: CheckpointSource | None = None  # source of config, tokenizer, card defaults
+    config: Mapping[str, Any] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, MappingProxyType):
+            object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def architecture(self) -> str:
+        archs = (self.config or {}).get("architectures") or []
+        return archs[0] if archs else "unknown"
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the floating tensors: the most common one, ties by order."""
+        counts: dict[str, int] = {}
+        for spec in self.tensors.values():
+            if spec.is_float:
+                counts[spec.dtype] = counts.get(spec.dtype, 0) + spec.numel
+        if not counts:
+            return "F32"
+        return max(counts, key=lambda c: counts[c])
+
+    @property
+    def n_params(self) -> int:
+        return sum(s.numel for s in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.tensors.values())
+
+    def describe(self) -> str:
+        return (
+            f"Checkpoint({self.architecture}, {len(self.tensors)} tensors, "
+            f"{human_count(self.n_params)} parameters, {dtype_name(self.dtype)})"
+        )
+
+
+class Function:
+    """Base class of callable values (builtins, defs, lambdas); each has a `name`."""
+
+
+def type_name(value: Any) -> str:
+    """The alg name of a value's type, for messages and `:type`."""
+    from .values import Model, Namespace
+
+    if isinstance(value, bool):
+        return "Bool"
+    if isinstance(value, int | float):
+        return "Scalar"
+    if isinstance(value, str):
+        return "String"
+    if value is None:
+        return "None"
+    if isinstance(value, Model):
+        return "Checkpoint"
+    if isinstance(value, Function):
+        return "Function"
+    if isinstance(value, Namespace):
+        return "Module"
+    if isinstance(value, tuple):
+        inner = sorted({type_name(v) for v in value})
+        return f"List[{' | '.join(inner) if inner else 'Any'}]"
+    return type(value).__name__
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def parse_size(text: str | int | float) -> int:
+    """'2GB', '500MiB', 1000000 -> bytes."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError("a size must be positive")
+        return int(text)
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value <= 0:
+                raise ValueError("a size must be positive")
+            return int(value * units[unit])
+    raise ValueError(f"cannot read {text!r} as a size; write e.g. '2GB', '500MiB' or a byte count")

@@ -1,0 +1,84 @@
+"""Values that check computes with, besides plain Python scalars, strings, bools, None
+and tuples (alg lists).
+
+`Model` pairs a graph node with its checked type; `Closure` is a `def` or a lambda;
+`Namespace` is an `import`ed library; `Sink` records one effect (save, print, info, a
+REPL expression) for the executor to run, in program order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import ast
+from .graph import Node
+from .source import Span
+from .types import CheckpointType, Function
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A lazy checkpoint: the node that computes it and what is known of it."""
+
+    node: Node
+    type: CheckpointType
+
+    def __repr__(self) -> str:
+        return self.type.describe()
+
+
+@dataclass(eq=False)
+class Closure(Function):
+    name: str
+    params: tuple[ast.Param, ...]
+    body: ast.Node
+    env: Env
+    span: Span
+
+    def __repr__(self) -> str:
+        return f"<function {self.name}({', '.join(p.name for p in self.params)})>"
+
+
+@dataclass(eq=False)
+class Namespace:
+    name: str
+    env: Env
+
+    def __repr__(self) -> str:
+        return f"<module {self.name}>"
+
+
+@dataclass
+class Sink:
+    kind: str  # "save" | "print" | "info" | "show"
+    span: Span
+    value: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Env:
+    """A lexical scope: names to values, with a parent."""
+
+    def __init__(self, parent: Env | None = None, values: dict[str, Any] | None = None):
+        self.parent = parent
+        self.values: dict[str, Any] = dict(values or {})
+
+    def lookup(self, name: str) -> Any:
+        env: Env | None = self
+        while env is not None:
+            if name in env.values:
+                return env.values[name]
+            env = env.parent
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        out: list[str] = []
+        env: Env | None = self
+        while env is not None:
+            out.extend(env.values)
+            env = env.parent
+        return out
+
+    def child(self, values: dict[str, Any] | None = None) -> Env:
+        return Env(self, values)

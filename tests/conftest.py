@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny checkpoints of real architectures, built once per session.
+
+Nothing is downloaded: `algebra.tiny` builds a Llama causal LM family, a Llama
+sequence-classification reward model on the same base and a BPE tokenizer locally.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _alg_cache(tmp_path_factory):
+    # keep the content-hash cache out of the user's home
+    os.environ["ALG_CACHE"] = str(tmp_path_factory.mktemp("alg-cache"))
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """float32 family: base, math, rm (seq-cls), rl1, rl2."""
+    from algebra.tiny import build_family
+
+    return build_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="session")
+def family_bf16(tmp_path_factory) -> dict[str, Path]:
+    from algebra.tiny import build_family
+
+    return build_family(tmp_path_factory.mktemp("family_bf16"), dtype=torch.bfloat16, layers=3)
+
+
+@pytest.fixture(scope="session")
+def family_vocab(tmp_path_factory) -> dict[str, Path]:
+    """The reward model has 8 more vocabulary rows than the causal LMs."""
+    from algebra.tiny import build_family
+
+    return build_family(tmp_path_factory.mktemp("family_vocab"), extra_rm_vocab=8, names=("base", "math", "rm"))
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with the safetensors library."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(str(Path(folder) / "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture
+def read():
+    return read_folder
