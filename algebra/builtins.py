@@ -164,9 +164,8 @@ def bind(
     for kname, v, kspan, vspan in kwargs:
         if kname not in names:
             raise AlgTypeError(
-                f"{fname}() has no parameter '{kname}'{did_you_mean(kname, names)}; it takes {sig}",
-                kspan,
-            )
+                f"{fname}() has no parameter '{kname}'{did_you_mean(kname, names)}", kspan
+            ).with_note(f"it takes {sig}")
         if kname in values:
             raise AlgTypeError(f"{fname}() got two values for '{kname}'", kspan)
         values[kname], spans[kname] = v, vspan
@@ -238,11 +237,17 @@ def same_tables(a: Model, b: Model, what: str, span: Span, aspan: Span, bspan: S
         raise err
     for n, spec in ta.items():
         if spec.shape != tb[n].shape:
-            raise AlgShapeError(
+            err = AlgShapeError(
                 f"{what}: tensor '{n}' has shape {list(spec.shape)} on the left but "
                 f"{list(tb[n].shape)} on the right",
                 span,
             )
+            if spec.shape[1:] == tb[n].shape[1:] and _VOCAB_NAME.search(n):
+                err.with_note(
+                    f"the vocabularies differ ({spec.shape[0]} vs {tb[n].shape[0]} tokens); "
+                    "merge(rm, lm, lam) merges the shared token rows of a reward model and an LM"
+                )
+            raise err
 
 
 def derived(node: Node, primary: Model, tensors=None, notes: tuple[str, ...] = ()) -> Model:
@@ -319,11 +324,8 @@ def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, o
         code = DTYPE_ALIASES.get(dtype.lower())
         if code is None:
             raise call.error(
-                AlgTypeError,
-                f"unknown dtype '{dtype}'{did_you_mean(dtype.lower(), DTYPE_ALIASES)}; "
-                f"use one of {', '.join(sorted(DTYPE_ALIASES))}",
-                "dtype",
-            )
+                AlgTypeError, f"unknown dtype '{dtype}'{did_you_mean(dtype.lower(), DTYPE_ALIASES)}", "dtype"
+            ).with_note(f"dtypes: {', '.join(sorted(DTYPE_ALIASES))}")
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as e:

@@ -161,15 +161,16 @@ class Checker:
             return self._stdlib[name]
         path = stdlib_dir() / f"{name}.alg"
         if not path.is_file():
-            raise AlgNameError(
-                f"no library '{name}'{did_you_mean(name, stdlib_names())}; "
-                f"the standard libraries are: {', '.join(stdlib_names())}",
-                span,
+            raise AlgNameError(f"no library '{name}'{did_you_mean(name, stdlib_names())}", span).with_note(
+                f"the standard libraries are: {', '.join(stdlib_names())}"
             )
         parent = self.builtins_env if name == "prelude" else self.prelude_env
         env = parent.child()
         source = Source(path.read_text(encoding="utf-8"), f"{STDLIB_PREFIX}{name}.alg", path)
-        self._run_library(source, env, source.name)
+        try:
+            self._run_library(source, env, source.name)
+        except AlgError as err:
+            raise err.with_note(f"while loading library '{name}'", span) from None
         self._stdlib[name] = env
         return env
 
@@ -186,7 +187,11 @@ class Checker:
             raise AlgIOError(f"no such file: '{stmt.path}' (looked in {path.parent})", stmt.span)
         env = self.prelude_env.child()
         self._imports[path] = ns = Namespace(stmt.alias, env)  # a cycle finds it half-built
-        self._run_library(Source.from_file(path), env, str(stmt.path))
+        try:
+            self._run_library(Source(path.read_text(encoding="utf-8"), stmt.path, path), env, stmt.path)
+        except AlgError as err:
+            del self._imports[path]
+            raise err.with_note(f"while importing '{stmt.path}'", stmt.span) from None
         return ns
 
     def _run_library(self, source: Source, env: Env, label: str) -> None:
@@ -339,6 +344,8 @@ class Checker:
                 err.notes.insert(0, Note(f"inside {f.name}(), here", err.span))
                 err.message = f"{f.name}(): {err.message}"
                 err.span = span
+            elif err.notes and err.notes[-1].span is span:
+                pass  # recursion: one note per call site is enough
             elif len(err.notes) < 8:
                 err.with_note(f"in {f.name}(), called from here", span)
             raise

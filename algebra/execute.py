@@ -158,7 +158,11 @@ def run_tensor_plan(
             else:
                 _write_step(ev, step, tp.chunk_elems, options, write)
         except AlgRuntimeError as err:
-            raise err.at(span) from None
+            err.at(span)
+            for node in tp.model.node.walk():
+                if node.op in ("div", "rdiv") and node.span is not None:
+                    err.with_note("a division that can produce inf or nan", node.span)
+            raise err from None
         _release(step)
 
 

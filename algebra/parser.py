@@ -110,6 +110,7 @@ def parse_expr(text: str | Source, name: str = "<string>") -> ast.Node:
 def _syntax_error(source: Source, e: lark.exceptions.UnexpectedInput) -> AlgSyntaxError:
     pos = getattr(e, "pos_in_stream", None) or 0
     incomplete = False
+    unclosed = None
     if isinstance(e, lark.exceptions.UnexpectedToken):
         tok = e.token
         at_end = not source.text[tok.start_pos :].strip() if tok.type == "_NL" else False
@@ -126,6 +127,8 @@ def _syntax_error(source: Source, e: lark.exceptions.UnexpectedInput) -> AlgSynt
         if opener and "','" in expected:
             # inside a call or list, operators would also do, but the separator is the fix
             expected = {"','", "')'" if opener == "(" else "']'"}
+            if source.line_col(opener.start_pos)[0] < source.line_col(tok.start_pos)[0]:
+                unclosed = Span(source, opener.start_pos, opener.end_pos)
         elif not opener and "a newline" in expected and len(expected) > 3:
             expected = {"an operator", "a newline", "';'"}
         elif len(expected) > 1:
@@ -148,22 +151,24 @@ def _syntax_error(source: Source, e: lark.exceptions.UnexpectedInput) -> AlgSynt
         span = Span(source, max(0, pos - 1), pos)
         msg = "unexpected end of input"
     err = AlgSyntaxError(msg, span)
+    if unclosed is not None:
+        err.with_note(f"the '{unclosed.text()}' opened here is not closed", unclosed)
     err.incomplete = incomplete  # type: ignore[attr-defined]
     return err
 
 
-def _open_bracket(prefix: str) -> str:
-    """The innermost bracket still open at the end of `prefix` ('(' or '['), or ''."""
-    stack: list[str] = []
+def _open_bracket(prefix: str) -> Token | None:
+    """The innermost bracket still open at the end of `prefix`, or None."""
+    stack: list[Token] = []
     try:
         for tok in _lark().lex(prefix, dont_ignore=False):
             if tok.type in ("LPAR", "LSQB"):
-                stack.append(str(tok))
+                stack.append(tok)
             elif tok.type in ("RPAR", "RSQB") and stack:
                 stack.pop()
     except lark.exceptions.LarkError:
         pass
-    return stack[-1] if stack else ""
+    return stack[-1] if stack else None
 
 
 def _span(source: Source, meta_or_tok) -> Span:

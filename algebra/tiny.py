@@ -85,9 +85,10 @@ def build_family(
     names: tuple[str, ...] = ("base", "math", "rm", "rl1", "rl2"),
     extra_rm_vocab: int = 0,
 ) -> dict[str, Path]:
-    """Save a family of checkpoints under root and return name -> folder:
-    base (causal LM), math (base + a task vector), rm (sequence classification, one label,
-    base + another task vector, a fresh score head), rl1/rl2 (base + task vectors).
+    """Save a family of checkpoints under root and return name -> folder. The first name
+    is the base (a causal LM with random weights); a name "rm" is a sequence-classification
+    reward model (one label, base + a task vector, a fresh score head); every other name is
+    the base plus its own seeded task vector (math, rl1, rl2 by default).
     With extra_rm_vocab > 0 the reward model's vocabulary has that many more rows."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -114,7 +115,7 @@ def build_family(
             model.load_state_dict(state)
         else:
             model = LlamaForCausalLM(llama_config(vocab, hidden, layers)).to(dtype)
-            state = base_state if name == "base" else perturb(base_state, seed + 100 + i, 0.02)
+            state = base_state if i == 0 else perturb(base_state, seed + 100 + i, 0.02)
             model.load_state_dict(state)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
