@@ -109,7 +109,14 @@ class Checker:
     def check(self, program: ast.Program, env: Env | None = None) -> Checked:
         """Check a whole program; its sinks run only if all of it checks."""
         env = env or self.env
-        self._sinks = []
+        self._sinks, self._save_paths = [], {}
+        try:
+            return self._check(program, env)
+        finally:
+            # a failed entry (REPL) must not keep its sinks or reserve its save paths
+            self._sinks, self._save_paths = [], {}
+
+    def _check(self, program: ast.Program, env: Env) -> Checked:
         out = Checked()
         for stmt in program.stmts:
             value, is_expr = self._stmt(stmt, env, top=True)
@@ -126,8 +133,6 @@ class Checker:
             else:
                 out.result, out.has_result = None, False
         out.sinks = self._sinks
-        self._sinks = []
-        self._save_paths = {}
         return out
 
     def _stmt(self, stmt: ast.Node, env: Env, top: bool) -> tuple[Any, bool]:

@@ -56,9 +56,15 @@ class Step:
         return f"write   {self.out.name} {self.out.spec} <- {_short(self.out.expr)}"
 
 
-def _short(e: TExpr, limit: int = 90) -> str:
-    text = repr(e)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(e: TExpr) -> str:
+    """What a write reads and waits for: 'lin of 3 inputs after slerp layer 0'."""
+    kind = {Leaf: "copy", Lin: "lin", Map: getattr(e, "op", "map"), Slice: "slice", Cat: "cat"}[type(e)]
+    n = len(leaves(e))
+    text = f"{kind} of {n} input{'s' if n != 1 else ''}"
+    deps = expr_deps(e)
+    if deps:
+        text += " after " + ", ".join(g.label for g in deps)
+    return text
 
 
 @dataclass

@@ -216,11 +216,9 @@ def file_sha256(path: Path) -> str:
         return cache.read_text().strip()
     except OSError:
         pass
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    digest = h.hexdigest()
+        # streams through a small reused buffer: hashing costs no memory that grows
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}")

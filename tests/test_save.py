@@ -1,0 +1,145 @@
+"""save(): the folder it writes is what transformers loads, and failures leave nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from algebra import AlgError, Interpreter, Options
+
+
+def _interp(base: Path, **kw) -> Interpreter:
+    warnings: list = []
+    interp = Interpreter(options=Options(device="cpu", warn=warnings.append, out=lambda s: None, **kw),
+                         base_dir=base)
+    interp.warnings = warnings  # type: ignore[attr-defined]
+    return interp
+
+
+def test_folder_layout_and_transformers_reload(family, tmp_path, read):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    recipe = f'save(merge(load("{family["rm"]}"), load("{family["math"]}"), 0.3), "out/rm")'
+    _interp(tmp_path).eval(recipe)
+    out = tmp_path / "out" / "rm"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([
+        "README.md", "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    ])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = read(out)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["dtype"] == "float32"
+    # transformers loads it as it is, and its forward pass uses the merged weights
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    ref = AutoModelForSequenceClassification.from_pretrained(family["rm"])
+    rm, lm = read(family["rm"]), read(family["math"])
+    ref.load_state_dict({n: (0.7 * t.double() + 0.3 * lm[n].double()).float() if n in lm else t for n, t in rm.items()})
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(["What is 12 plus 30?", "Merging checkpoints"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, ref(**ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_conversion_updates_config(family_bf16, tmp_path, read):
+    interp = _interp(tmp_path)
+    interp.eval(f'a = load("{family_bf16["base"]}"); save(a * 1, "bf"); save(a * 1, "f32", dtype="float32")')
+    assert json.loads((tmp_path / "bf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    bf, f32, src = read(tmp_path / "bf"), read(tmp_path / "f32"), read(family_bf16["base"])
+    for name, t in src.items():
+        assert bf[name].dtype == torch.bfloat16 and torch.equal(bf[name], t)
+        assert f32[name].dtype == torch.float32 and torch.equal(f32[name], t.float())
+
+
+def test_shards_and_index(family, tmp_path, read):
+    _interp(tmp_path).eval(f'save(load("{family["base"]}") * 1, "out", shard_size="40KB")')
+    out = tmp_path / "out"
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 3
+    n = len(shards)
+    assert [s.name for s in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for name, fname in index["weight_map"].items():
+        from safetensors import safe_open
+
+        with safe_open(out / fname, "pt") as f:
+            assert name in f.keys()
+    assert read(out).keys() == read(family["base"]).keys()
+    # no shard exceeds the limit unless it holds a single larger tensor
+    for s in shards:
+        from safetensors import safe_open
+
+        with safe_open(s, "pt") as f:
+            keys = list(f.keys())
+        assert len(keys) == 1 or s.stat().st_size <= 40_000 + 8 + 4096
+
+
+def test_card_has_recipe_and_input_hashes(family, tmp_path):
+    recipe = f'# my recipe\nsave(lerp(load("{family["base"]}"), load("{family["math"]}"), 0.25), "out")'
+    _interp(tmp_path).eval(recipe)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert recipe in card
+    for name in ("base", "math"):
+        digest = hashlib.sha256((family[name] / "model.safetensors").read_bytes()).hexdigest()
+        assert digest in card
+    assert "LlamaForCausalLM" in card
+
+
+def test_failure_leaves_nothing(family, tmp_path):
+    interp = _interp(tmp_path)
+    with pytest.raises(AlgError, match="not finite"):
+        interp.eval(f'b = load("{family["base"]}"); save(1 / (b - b), "out/x")')
+    assert not (tmp_path / "out" / "x").exists()
+    assert [p for p in (tmp_path / "out").iterdir()] == []
+
+
+def test_existing_output_refused_then_replaced(family, tmp_path, read):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    interp = _interp(tmp_path)
+    with pytest.raises(AlgError, match="already exists"):
+        interp.eval(f'save(load("{family["base"]}") * 2, "out")')
+    assert (target / "keep.txt").read_text() == "mine"
+    interp.eval(f'save(load("{family["base"]}") * 2, "out", overwrite=true)')
+    assert not (target / "keep.txt").exists()
+    base = read(family["base"])
+    assert torch.equal(read(target)["model.norm.weight"], base["model.norm.weight"] * 2)
+    # --force is the same as overwrite=true
+    _interp(tmp_path, force=True).eval(f'save(load("{family["base"]}") * 3, "out")')
+    assert torch.allclose(read(target)["model.norm.weight"], base["model.norm.weight"] * 3)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_generation_config_and_tokenizer_come_from_primary(family, tmp_path):
+    _interp(tmp_path).eval(f'save(lerp(load("{family["math"]}"), load("{family["base"]}"), 0.5), "out")')
+    out = tmp_path / "out"
+    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).read_bytes() == (family["math"] / f).read_bytes()
+
+
+def test_cse_shared_subexpression_is_one_node(family, tmp_path):
+    """The same subexpression written twice is one graph node."""
+    from algebra.check import Checker
+    from algebra.graph import build
+    from algebra.parser import parse
+
+    ck = Checker(Options(device="cpu"), tmp_path, mode="eval")
+    text = f'''a = load("{family["base"]}"); b = load("{family["math"]}")
+x = lerp(a, b, 0.3) - a
+y = lerp(a, b, 0.3) - b
+save(x + y, "out")'''
+    sink = ck.check(parse(text)).sinks[0]
+    g = build([sink.value.model.node])
+    lerps = [n for n in g.nodes if n.op == "add" and all(a.op == "scale" for a in n.args)]
+    assert len(lerps) == 1  # (1-t)*a + t*b built once though written twice
+    assert [n.op for n in g.nodes].count("load") == 2
