@@ -246,7 +246,7 @@ def output_config(t: CheckpointType, out_dtype: str) -> dict[str, Any] | None:
 # ---- rendering ------------------------------------------------------------------------
 
 
-def format_plan(p: TensorPlan | SavePlan, verbose: bool = False, limit: int = 40) -> str:
+def format_plan(p: TensorPlan | SavePlan, verbose: bool = False, head: int = 16, tail: int = 4) -> str:
     tp = p.tensor_plan if isinstance(p, SavePlan) else p
     lines = []
     if isinstance(p, SavePlan):
@@ -265,10 +265,13 @@ def format_plan(p: TensorPlan | SavePlan, verbose: bool = False, limit: int = 40
         f"  {len(tp.steps)} steps ({n_red} reductions, {len(tp.steps) - n_red} writes), "
         f"chunks of {tp.chunk_elems} elements in {tp.compute_dtype}"
     )
-    shown = tp.steps if verbose else tp.steps[:limit]
-    for i, s in enumerate(shown):
+    n = len(tp.steps)
+    hidden = range(head, n - tail) if not verbose and n > head + tail + 1 else range(0)
+    for i, s in enumerate(tp.steps):
+        if i in hidden:
+            if i == hidden.start:
+                lines.append(f"  ... {len(hidden)} more steps (alg plan --verbose shows all)")
+            continue
         lines.append(f"  {i + 1:>5}  {s.describe()}  [{s.chunks} chunk(s), {human_bytes(s.peak_bytes)}]")
-    if len(shown) < len(tp.steps):
-        lines.append(f"  ... {len(tp.steps) - len(shown)} more steps (alg plan --verbose shows all)")
     lines.append(f"  predicted peak working memory: {human_bytes(tp.peak_bytes)}")
     return "\n".join(lines)
