@@ -402,7 +402,8 @@ PER_CHOICES = ("tensor", "layer", "model")
     "base: Checkpoint | None = none, per: String | None = none)",
     "slerp(a, b, t): spherical interpolation per tensor of raw weights. "
     "slerp([m1, ..., mM], base=init, per=\"layer\"): WARP's SLERP of task vectors m_i - init, "
-    "folded left with t = 1/k, one angle per layer, tensor or the whole model.",
+    "folded left with t = 1/k, one angle per layer, tensor or the whole model; the result "
+    "has init's config.",
 )
 def _slerp(call: Call, a: Any, b: Model | None, t: float | None, base: Model | None, per: str | None) -> Model:
     if per is not None and per not in PER_CHOICES:

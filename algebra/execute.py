@@ -61,7 +61,8 @@ class Evaluator:
             x = e.source.read(e.name, e0, e1)
             if x.device != self.device:
                 x = x.to(self.device, non_blocking=False)
-            return x.to(self.dtype)
+            # integer buffers are copied as stored; only floating tensors are computed on
+            return x.to(self.dtype) if x.is_floating_point() else x
         if isinstance(e, Slice):
             return self.eval(e.expr, e.start + e0, e.start + e1)
         if isinstance(e, Lin):
@@ -146,8 +147,7 @@ def run_tensor_plan(
 ) -> None:
     """Run every step of a plan; `write(name, e0, chunk)` receives output chunks in the
     output dtype."""
-    device = resolve_device(options.device)
-    ev = evaluator or Evaluator(device, torch.float64 if tp.compute_dtype == "float64" else torch.float32)
+    ev = evaluator or new_evaluator(options)
     pre = _Prefetcher(tp.steps)
     for i, step in enumerate(tp.steps):
         pre.ahead(i)
@@ -211,7 +211,14 @@ def materialize(tp: TensorPlan, options: Options, device: torch.device | None = 
     return out
 
 
-def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None) -> Path:
+def new_evaluator(options: Options) -> Evaluator:
+    """One per run: reductions that several sinks share are computed once."""
+    dtype = torch.float64 if options.compute_dtype == "float64" else torch.float32
+    return Evaluator(resolve_device(options.device), dtype)
+
+
+def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
+         evaluator: Evaluator | None = None) -> Path:
     """Write a SavePlan to a temporary folder and rename it into place."""
     target = sp.target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +247,7 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
                 data = data.cpu()
             by_name[name].write(name, e0 * itemsizes[name], data)
 
-        run_tensor_plan(sp.tensor_plan, options, write, sp.span)
+        run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator)
         for w in writers.values():
             w.close()
         _write_metadata(sp, tmp)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import execute
+from . import execute, graph
 from .builtins import show
 from .check import Checked, Checker, SaveRequest, bind_source
 from .errors import AlgIOError, AlgTypeError
@@ -49,13 +49,16 @@ class Session:
         return checked
 
     def run_sinks(self, sinks: list[Sink]) -> None:
-        lowerer = Lowerer()  # shared, so sinks that share subexpressions lower them once
+        # shared by every sink of the run: a subexpression is lowered once and a reduction
+        # (a SLERP angle) computed once, however many saves use it
+        lowerer = Lowerer()
+        evaluator = execute.new_evaluator(self.options) if any(s.kind == "save" for s in sinks) else None
         for sink in sinks:
             if sink.kind == "save":
                 req: SaveRequest = sink.value
                 sp = plan_save(req, self.options, lowerer)
                 t0 = time.perf_counter()
-                execute.save(sp, self.options, sink.span.source.text, _hasher(req.model))
+                execute.save(sp, self.options, sink.span.source.text, _hasher(req.model), evaluator)
                 dt = time.perf_counter() - t0
                 self.options.out(
                     f"wrote {_rel(req.path)}: {len(sp.tensor_plan.tensors)} tensors, "
@@ -94,10 +97,9 @@ def _rel(p: Path) -> str:
 
 
 def _hasher(model: Model):
-    sources = []
-    for node in model.node.walk():
-        if node.op == "load" and isinstance(node.params[0], CheckpointSource):
-            sources.append(node.params[0])
+    """A function hashing the files of a model's on-disk inputs (run beside the save)."""
+    g = graph.build([model.node])
+    sources = [n.params[0] for n in graph.inputs(g) if isinstance(n.params[0], CheckpointSource)]
 
     def run() -> list:
         return [(s.label, s.file_hashes()) for s in sources]
