@@ -7,6 +7,7 @@ whatever their positions; `dump` prints positions for golden tests.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .source import Span
 
@@ -148,6 +149,21 @@ class ExprStmt(Node):
 @dataclass(frozen=True)
 class Program(Node):
     stmts: tuple[Node, ...]
+
+
+def literal_value(node: Node) -> Any:
+    """The value of a literal expression (builtin defaults, --set values)."""
+    if isinstance(node, Num | Str | Bool):
+        return node.value
+    if isinstance(node, NoneLit):
+        return None
+    if isinstance(node, UnaryOp) and node.op == "-" and isinstance(node.operand, Num):
+        return -node.operand.value
+    if isinstance(node, List):
+        return tuple(literal_value(x) for x in node.items)
+    from .errors import AlgTypeError
+
+    raise AlgTypeError("expected a literal (number, string, true/false, none or a list)", node.span)
 
 
 def dump(node: object, indent: int = 0) -> str:

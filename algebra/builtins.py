@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import ast
+from .ast import literal_value
 from .errors import AlgError, AlgIOError, AlgShapeError, AlgTypeError, did_you_mean
 from .graph import Node
 from .source import Span
@@ -73,19 +74,6 @@ def conforms(value: Any, t: ast.TypeExpr) -> bool:
     if name == "List":
         return isinstance(value, tuple) and (not t.args or all(conforms(v, t.args[0]) for v in value))
     return False
-
-
-def literal_value(node: ast.Node) -> Any:
-    """The value of a literal expression (builtin defaults, --set values)."""
-    if isinstance(node, ast.Num | ast.Str | ast.Bool):
-        return node.value
-    if isinstance(node, ast.NoneLit):
-        return None
-    if isinstance(node, ast.UnaryOp) and node.op == "-" and isinstance(node.operand, ast.Num):
-        return -node.operand.value
-    if isinstance(node, ast.List):
-        return tuple(literal_value(x) for x in node.items)
-    raise AlgTypeError("expected a literal (number, string, true/false, none or a list)", node.span)
 
 
 # ---- calls --------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from .builtins import (
     bind,
     check_type_expr,
     conforms,
-    literal_value,
     model_arith,
     model_neg,
     show,
@@ -404,4 +403,4 @@ def bind_source(source: CheckpointSource | MemorySource, span: Span | None) -> M
     return Model(node, CheckpointType(source.tensors, source, source.config))
 
 
-__all__ = ["Checker", "Checked", "SaveRequest", "literal_value", "bind_source", "show", "Function"]
+__all__ = ["Checker", "Checked", "SaveRequest", "bind_source", "show", "Function"]

@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .builtins import literal_value
-from .errors import AlgError, AlgSyntaxError
-from .interpreter import Session
+from .errors import AlgError
 from .options import Options
-from .parser import parse_expr
 from .source import Source
 
 
@@ -37,6 +34,9 @@ def parse_set(item: str) -> tuple[str, Any]:
     name = name.strip()
     if not sep or not name.isidentifier():
         raise UsageError(f"--set expects name=value, got '{item}'")
+    from .ast import literal_value
+    from .parser import parse_expr
+
     try:
         return name, literal_value(parse_expr(text, "<--set>"))
     except AlgError:
@@ -99,7 +99,7 @@ def _load(path: str) -> Source:
     return Source.from_file(p)
 
 
-def _check_overrides(session: Session, options: Options) -> None:
+def _check_overrides(session: Any, options: Options) -> None:
     for name in options.overrides:
         if name not in session.checker.used_overrides:
             raise UsageError(f"--set {name}: the recipe has no name '{name}'")
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(Path(args.dir), options)
         source = _load(args.file)
+        from .interpreter import Session  # after the usage checks: it imports torch
+
         session = Session(options, source.folder, mode="file")
         if args.command == "run":
             checked = session.check(source)
@@ -147,4 +149,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["main", "parse_set", "AlgSyntaxError"]
+__all__ = ["main", "parse_set"]
