@@ -430,6 +430,38 @@ def _print(call: Call, x: Any) -> None:
     call.checker.add_sink(Sink("print", call.span, x))
 
 
+@builtin(
+    "assert_close(x: Any, y: Any, rtol: Scalar = 1e-5, atol: Scalar = 1e-6)",
+    "Fail the run unless |x - y| <= atol + rtol*|y| everywhere: for checkpoints, every element "
+    "of every tensor (streamed like a save); for numbers and lists of numbers, each value.",
+)
+def _assert_close(call: Call, x: Any, y: Any, rtol: float, atol: float) -> None:
+    if rtol < 0 or atol < 0:
+        raise call.error(AlgTypeError, "assert_close() tolerances must not be negative", "rtol" if rtol < 0 else "atol")
+    if isinstance(x, Model) or isinstance(y, Model):
+        if not (isinstance(x, Model) and isinstance(y, Model)):
+            raise call.error(AlgTypeError, f"assert_close() compares a checkpoint with a checkpoint, "
+                             f"not with {type_name(y if isinstance(x, Model) else x)}")
+        same_tables(x, y, "assert_close", call.span, call.at("x"), call.at("y"))
+        node = Node("close_excess", (x.node, y.node), (float(rtol), float(atol)), span=call.span)
+        value: Any = derived(node, x)
+    else:
+        xs, ys = _numbers(call, x, "x"), _numbers(call, y, "y")
+        if len(xs) != len(ys):
+            raise call.error(AlgTypeError, f"assert_close() got {len(xs)} values and {len(ys)}")
+        value = (xs, ys)
+    call.checker.add_sink(Sink("assert_close", call.span, value, {"rtol": rtol, "atol": atol}))
+
+
+def _numbers(call: Call, v: Any, param: str) -> tuple[float, ...]:
+    items = v if isinstance(v, tuple) else (v,)
+    for item in items:
+        if not isinstance(item, int | float) or isinstance(item, bool):
+            raise call.error(AlgTypeError, f"assert_close() compares numbers or checkpoints, "
+                             f"not {type_name(v)}", param)
+    return tuple(float(i) for i in items)
+
+
 @builtin("info(m: Checkpoint)", "Print architecture, tensor count, parameters, dtype and size, "
          "from headers only.")
 def _info(call: Call, m: Model) -> None:

@@ -198,6 +198,42 @@ def _nonfinite(name: str, expr: TExpr, data: torch.Tensor, e0: int, code: str, e
 # ---- sinks ------------------------------------------------------------------------------
 
 
+def assert_close(sink: Any, options: Options, lowerer: Any, evaluator: Evaluator) -> None:
+    """Run an assert_close sink: numbers directly; checkpoints streamed like a save, the
+    per-element excess |x - y| - (atol + rtol*|y|) checked chunk by chunk."""
+    from .plan import plan_tensors
+    from .values import Model
+
+    rtol, atol = sink.options["rtol"], sink.options["atol"]
+    if not isinstance(sink.value, Model):
+        for i, (x, y) in enumerate(zip(*sink.value, strict=True)):
+            if not abs(x - y) <= atol + rtol * abs(y):
+                where = f" (item {i})" if len(sink.value[0]) > 1 else ""
+                raise AlgRuntimeError(f"assert_close failed{where}: {x!r} and {y!r} differ by "
+                                      f"{abs(x - y):.6g}, more than {atol + rtol * abs(y):.6g}", sink.span)
+        return
+    code = "F64" if options.compute_dtype == "float64" else "F32"
+    tp = plan_tensors(sink.value, options, code, lowerer)
+    exprs = {t.name: t.expr for t in tp.tensors}
+    failures: list[tuple[str, int]] = []
+
+    def check(name: str, e0: int, excess: torch.Tensor) -> None:
+        if excess.numel() and float(excess.max()) > 0:
+            failures.append((name, e0 + int(excess.argmax())))
+
+    run_tensor_plan(tp, options, check, sink.span, evaluator)
+    if failures:
+        name, i = failures[0]
+        x, y = (float(evaluator.eval(arg, i, i + 1)[0]) for arg in exprs[name].args)
+        distinct = len(dict.fromkeys(n for n, _ in failures))
+        raise AlgRuntimeError(
+            f"assert_close failed: {distinct} of {len(exprs)} tensors differ; first '{name}' at "
+            f"element {i}: {x:.6g} vs {y:.6g}, beyond atol={atol:g} + rtol={rtol:g}*|y|",
+            sink.span,
+        )
+
+
+
 def materialize(tp: TensorPlan, options: Options, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Compute a checkpoint into a state dict on `device` (default: the compute device)."""
     dev = device or resolve_device(options.device)

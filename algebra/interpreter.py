@@ -52,7 +52,8 @@ class Session:
         # shared by every sink of the run: a subexpression is lowered once and a reduction
         # (a SLERP angle) computed once, however many saves use it
         lowerer = Lowerer()
-        evaluator = execute.new_evaluator(self.options) if any(s.kind == "save" for s in sinks) else None
+        computes = any(s.kind in ("save", "assert_close") for s in sinks)
+        evaluator = execute.new_evaluator(self.options) if computes else None
         for sink in sinks:
             if sink.kind == "save":
                 req: SaveRequest = sink.value
@@ -71,6 +72,8 @@ class Session:
                 self.options.out(format_info(sink.value))
             elif sink.kind == "show":
                 self.options.out(show(sink.value))
+            elif sink.kind == "assert_close":
+                execute.assert_close(sink, self.options, lowerer, evaluator)
             else:
                 raise AssertionError(sink.kind)
 

@@ -367,10 +367,8 @@ class Lowerer:
             return lin([(params[0], T(0))])
         if op == "shift":
             return lin([(1.0, T(0))], params[0])
-        if op in ("mul", "div"):
-            return Map(op, (T(0), T(1)), (), T(0).spec)
-        if op == "rdiv":
-            return Map("rdiv", (T(0),), (params[0],), T(0).spec)
+        if op in OPS:  # a registered elementwise primitive: tensor args, then scalar params
+            return Map(op, tuple(T(i) for i in range(len(args))), params, T(0).spec)
         if op == "merge":
             return self._merge(node, name)
         if op == "slerp":

@@ -60,6 +60,12 @@ def div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.div(x, y)
 
 
+@primitive("close_excess", arity=2, scratch=1)
+def close_excess(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """|x - y| - (atol + rtol*|y|): positive exactly where x and y are not close."""
+    return torch.sub(x, y).abs_().sub_(y.abs().mul_(rtol).add_(atol))
+
+
 @primitive("rdiv", arity=1)
 def rdiv(x: torch.Tensor, c: float) -> torch.Tensor:
     """c / x, elementwise."""
