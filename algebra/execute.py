@@ -43,46 +43,91 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+class ChunkPool:
+    """Chunk buffers handed out and taken back, reused from chunk to chunk within a step:
+    a step touches the same few pages over and over instead of faulting in fresh memory
+    for every chunk. Buffers live for one step (`trim` ends it), so what is held at any
+    moment is that step's working set, as the plan predicts it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._free: dict[torch.dtype, list[torch.Tensor]] = {}
+        self._out: dict[int, torch.Tensor] = {}  # handed out, by id
+
+    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        free = self._free.setdefault(dtype, [])
+        for i, buf in enumerate(free):
+            if buf.numel() >= n:
+                free.pop(i)
+                break
+        else:
+            if free:
+                free.pop()  # too small for this step's chunks: replaced, not kept beside
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+        self._out[id(buf)] = buf
+        return buf[:n]
+
+    def give(self, t: torch.Tensor) -> None:
+        """Take back a buffer from `take`; anything else (an input's view) is ignored."""
+        base = t._base if t._base is not None else t
+        buf = self._out.pop(id(base), None)
+        if buf is not None:
+            self._free[buf.dtype].append(buf)
+
+    def trim(self) -> None:
+        """End of a step: let go of the free buffers."""
+        self._free.clear()
+
+
 class Evaluator:
-    """Evaluates tensor expressions chunk by chunk on one device."""
+    """Evaluates tensor expressions chunk by chunk on one device, in pooled buffers."""
 
     def __init__(self, device: torch.device, compute_dtype: torch.dtype):
         self.device = device
         self.dtype = compute_dtype
+        self.pool = ChunkPool(device)
+        self.host = self.pool if device.type == "cpu" else ChunkPool(torch.device("cpu"))
         self.results: dict[Gram, tuple[float, float, float]] = {}
 
     def coef(self, c) -> float:
         return coef_value(c, self.results)
 
     def eval(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
-        """Elements [e0, e1) of `e`, flat, in the compute dtype on the device. The result
-        may be a view of an input (never modify it in place unless freshly made)."""
+        """Elements [e0, e1) of `e`, flat, in the compute dtype on the device. The result is
+        a pool buffer (the caller gives it back) or a view of an input (never written)."""
+        n = e1 - e0
         if isinstance(e, Leaf):
             x = e.source.read(e.name, e0, e1)
-            if x.device != self.device:
-                x = x.to(self.device, non_blocking=False)
-            # integer buffers are copied as stored; only floating tensors are computed on
-            return x.to(self.dtype) if x.is_floating_point() else x
+            if not x.is_floating_point():
+                return x.to(self.device)  # integer buffers are copied as stored
+            if x.dtype == self.dtype and x.device == self.device:
+                return x
+            buf = self.pool.take(n, self.dtype)
+            buf.copy_(x)
+            return buf
         if isinstance(e, Slice):
             return self.eval(e.expr, e.start + e0, e.start + e1)
         if isinstance(e, Lin):
-            acc = None
-            for c, x in e.terms:
+            acc = self.pool.take(n, self.dtype)
+            if not e.terms:
+                return acc.fill_(self.coef(e.const))
+            for i, (c, x) in enumerate(e.terms):
                 v = self.eval(x, e0, e1)
-                if acc is None:
-                    acc = torch.mul(v, self.coef(c))  # a fresh buffer: v may be an input view
+                if i == 0:
+                    torch.mul(v, self.coef(c), out=acc)
                 else:
                     acc.add_(v, alpha=self.coef(c))
-                del v
+                self.pool.give(v)
             const = self.coef(e.const)
-            if acc is None:
-                return torch.full((e1 - e0,), const, dtype=self.dtype, device=self.device)
             if const != 0.0:
                 acc.add_(const)
             return acc
         if isinstance(e, Map):
             args = [self.eval(a, e0, e1) for a in e.args]
-            return OPS[e.op].fn(*args, *e.params)
+            out = OPS[e.op].fn(*args, *e.params)
+            for a in args:
+                self.pool.give(a)
+            return out
         if isinstance(e, Cat):
             pieces, pos = [], 0
             for part in e.parts:
@@ -90,8 +135,22 @@ class Evaluator:
                 if lo < hi:
                     pieces.append(self.eval(part, lo - pos, hi - pos))
                 pos += part.numel
-            return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+            out = self.pool.take(n, self.dtype)
+            torch.cat(pieces, out=out)
+            for piece in pieces:
+                self.pool.give(piece)
+            return out
         raise AssertionError(f"unknown expression {e!r}")
+
+    def _wide(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
+        """Elements of `e` in float64, for reductions."""
+        v = self.eval(e, e0, e1)
+        if v.dtype == torch.float64:
+            return v
+        w = self.pool.take(e1 - e0, torch.float64)
+        w.copy_(v)
+        self.pool.give(v)
+        return w
 
     def reduce(self, g: Gram, chunk: int) -> None:
         """Sum x.y, x.x, y.y over every tensor pair of the group, in float64."""
@@ -100,12 +159,13 @@ class Evaluator:
             n = x.numel
             for e0 in range(0, n, chunk):
                 e1 = min(n, e0 + chunk)
-                a = self.eval(x, e0, e1).to(torch.float64)
-                b = self.eval(y, e0, e1).to(torch.float64)
+                a = self._wide(x, e0, e1)
+                b = self._wide(y, e0, e1)
                 xy += float(torch.dot(a, b))
                 xx += float(torch.dot(a, a))
                 yy += float(torch.dot(b, b))
-                del a, b
+                self.pool.give(a)
+                self.pool.give(b)
         if not all(map(_finite, (xy, xx, yy))):
             raise AlgRuntimeError(f"the {g.label} reduction is not finite: an input holds inf or nan")
         self.results[g] = (xy, xx, yy)
@@ -144,9 +204,11 @@ def run_tensor_plan(
     write: Callable[[str, int, torch.Tensor], None],
     span: Any = None,
     evaluator: Evaluator | None = None,
+    on_host: bool = True,
 ) -> None:
     """Run every step of a plan; `write(name, e0, chunk)` receives output chunks in the
-    output dtype."""
+    output dtype, on the host (for files) or on the compute device. A chunk is only
+    valid during the call: copy what must outlive it."""
     ev = evaluator or new_evaluator(options)
     pre = _Prefetcher(tp.steps)
     for i, step in enumerate(tp.steps):
@@ -156,30 +218,44 @@ def run_tensor_plan(
                 if step.gram not in ev.results:
                     ev.reduce(step.gram, tp.chunk_elems)
             else:
-                _write_step(ev, step, tp.chunk_elems, options, write)
+                _write_step(ev, step, tp.chunk_elems, options, write, on_host)
         except AlgRuntimeError as err:
+            ev.pool.trim()
+            ev.host.trim()
             err.at(span)
             for node in tp.model.node.walk():
                 if node.op in ("div", "rdiv") and node.span is not None:
                     err.with_note("a division that can produce inf or nan", node.span)
             raise err from None
+        ev.pool.trim()
+        ev.host.trim()
         _release(step)
 
 
-def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write) -> None:
+def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, on_host: bool) -> None:
+    """Compute one output tensor chunk by chunk, cast each chunk into a buffer on the
+    sink's side (the host for files), check it, and hand it to `write`."""
     out = step.out
     code = out.spec.dtype
     n = out.spec.numel
     target = torch_dtype(code)
+    pool = ev.host if on_host else ev.pool
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
         value = ev.eval(out.expr, e0, e1)
-        data = value.to(target)
-        del value
-        if options.check_finite and data.is_floating_point() and not bool(torch.isfinite(data).all()):
-            raise _nonfinite(out.name, out.expr, data, e0, code, ev)
+        if value.dtype == target and value.device == pool.device:
+            data = value
+        else:
+            data = pool.take(e1 - e0, target)
+            data.copy_(value)
+            ev.pool.give(value)
+        # the sum is not finite exactly when some element is not (or the sum overflows,
+        # which the exact check then clears): one cheap pass in the common case
+        if options.check_finite and data.is_floating_point() and not bool(torch.isfinite(data.sum())):
+            if not bool(torch.isfinite(data).all()):
+                raise _nonfinite(out.name, out.expr, data, e0, code, ev)
         write(out.name, e0, data)
-        del data
+        pool.give(data)
 
 
 def _nonfinite(name: str, expr: TExpr, data: torch.Tensor, e0: int, code: str, ev: Evaluator) -> AlgRuntimeError:
@@ -243,7 +319,7 @@ def materialize(tp: TensorPlan, options: Options, device: torch.device | None = 
     def write(name: str, e0: int, data: torch.Tensor) -> None:
         flat[name][e0 : e0 + data.numel()].copy_(data)
 
-    run_tensor_plan(tp, options, write)
+    run_tensor_plan(tp, options, write, on_host=dev.type == "cpu")
     return out
 
 
@@ -267,7 +343,14 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
     hasher = None
     if input_hashes is not None:
         # hashing the inputs for the model card overlaps the computation
-        hasher = threading.Thread(target=lambda: hashes.extend(input_hashes()), daemon=True)
+        def hash_inputs() -> None:
+            try:  # on Linux this lowers this thread only: the computation keeps the cores
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (AttributeError, OSError):
+                pass
+            hashes.extend(input_hashes())
+
+        hasher = threading.Thread(target=hash_inputs, daemon=True)
         hasher.start()
     try:
         by_name: dict[str, ShardWriter] = {}

@@ -3,19 +3,28 @@
 Anonymous RSS is the figure that matters for streaming: pages of an mmap'd checkpoint
 are page cache (RssFile) that the kernel can drop at will, while anonymous pages are
 what the process really holds. The kernel keeps no peak of RssAnon, so it is sampled.
+CPU time is the child's rusage; the CPU that *other* processes used meanwhile is reported
+too, since a shared machine makes wall times noisy.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import IO
+
+FIELDS = ("RssAnon", "RssFile", "VmHWM")
 
 
 @dataclass
 class Usage:
     wall_s: float = 0.0
+    cpu_s: float = 0.0  # user + system of the child
+    others_cpu_s: float = 0.0  # busy CPU of everything else on the machine meanwhile
     peak_anon: int = 0  # bytes
     peak_file: int = 0
     hwm: int = 0  # VmHWM: the kernel's own peak of total RSS
@@ -23,7 +32,6 @@ class Usage:
     returncode: int | None = None
     stdout: str = ""
     stderr: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -33,18 +41,35 @@ def read_status(pid: int) -> dict[str, int]:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "VmHWM"):
+                if key in FIELDS:
                     out[key] = int(rest.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError, ValueError):
         pass
     return out
 
 
-def run(cmd: list[str], interval: float = 0.002, **popen) -> Usage:
-    """Run a command to completion, sampling its memory every `interval` seconds."""
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run(cmd: list[str], interval: float = 0.002, log: IO | None = None, **popen) -> Usage:
+    """Run a command to completion, sampling its memory every `interval` seconds. Output
+    goes to `log` (stdout and stderr together) when given, else into Usage.stdout/stderr."""
     usage = Usage()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, own0 = busy_cpu_s(), sum(os.times()[:2])
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    if log is not None:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **popen)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     stop = threading.Event()
 
     def sample() -> None:
@@ -59,9 +84,17 @@ def run(cmd: list[str], interval: float = 0.002, **popen) -> Usage:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    usage.stdout, usage.stderr = proc.communicate()
+    if log is None:
+        usage.stdout, usage.stderr = proc.communicate()
+    else:
+        proc.wait()
     usage.wall_s = time.perf_counter() - t0
     stop.set()
     thread.join()
+    # the reaped child's CPU time is added to this process's RUSAGE_CHILDREN
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage.cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     usage.returncode = proc.returncode
+    busy, own = busy_cpu_s() - busy0, sum(os.times()[:2]) - own0
+    usage.others_cpu_s = max(0.0, busy - own - usage.cpu_s)
     return usage

@@ -122,25 +122,30 @@ def buffers(e: TExpr, cs: int) -> float:
             held += 1.0
         return max(peak, held + 1.0 + OPS[e.op].scratch)
     if isinstance(e, Cat):
-        # parts are evaluated one after another into pieces that together fill one
-        # chunk, then concatenated into a new one
-        return max(buffers(p, cs) for p in e.parts) + 2.0
+        # parts are evaluated one after another into pieces that together fill at most
+        # one chunk each, then concatenated into another
+        return max(buffers(p, cs) for p in e.parts) + len(e.parts) + 1.0
     raise AssertionError(f"unknown expression {e!r}")
 
 
+# The executor's chunk pool keeps a buffer that was given back for reuse until its step
+# ends, so a step holds, for each dtype, the largest number of its buffers in use at once
+# (`buffers` counts the compute dtype's), plus the other dtypes' buffers beside them.
+
+
 def write_buffers(e: TExpr, cs: int, out_size: int) -> float:
-    """A write step: the expression, its cast to the output dtype, the finiteness mask."""
-    return max(buffers(e, cs), 1.0 + out_size / cs + 1.0 / cs)
+    """A write step: the expression's buffers, and the chunk cast to the output dtype
+    (the finiteness check sums the cast, so it allocates no chunk)."""
+    return buffers(e, cs) + (out_size / cs if out_size != cs else 0.0)
 
 
 def reduce_buffers(g: Gram, cs: int) -> float:
-    """A reduction step: x then y in the compute dtype, each widened to float64 for the
-    dot products (x64 held while y is computed)."""
-    wide = 8 / cs if cs < 8 else 0.0  # float64 copies, in compute units
-    peak = 0.0
-    for x, y in g.items:
-        peak = max(peak, buffers(x, cs), 1.0 + wide, wide + buffers(y, cs), wide + 1.0 + wide)
-    return peak
+    """A reduction step: x, then y, in the compute dtype; in float32 each is widened to
+    float64 for the dot products, and both float64 copies are held for them."""
+    if cs >= 8:
+        return max(max(buffers(x, cs), 1.0 + buffers(y, cs)) for x, y in g.items)
+    wide = 8 / cs
+    return max(max(buffers(x, cs), buffers(y, cs)) for x, y in g.items) + 2 * wide
 
 
 # ---- planning -------------------------------------------------------------------------
