@@ -280,8 +280,8 @@ def model_arith(op: str, left: Any, right: Any, span: Span, lspan: Span, rspan: 
     if op == "add":
         return derived(Node("shift", (right.node,), (c,), span=span), right)
     if op == "sub":
-        neg = Node("scale", (right.node,), (-1.0,), span=span)
-        return derived(Node("shift", (neg,), (c,), span=span), right)
+        neg = model_neg(right, span)
+        return derived(Node("shift", (neg.node,), (c,), span=span), right)
     if op == "mul":
         return derived(Node("scale", (right.node,), (c,), span=span), right)
     return derived(Node("rdiv", (right.node,), (c,), span=span), right)

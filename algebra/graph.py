@@ -24,12 +24,13 @@ _INTERN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class Node:
-    __slots__ = ("op", "args", "params", "span", "_hash", "__weakref__")
+    __slots__ = ("op", "args", "params", "span", "type", "_hash", "__weakref__")
 
     op: str
     args: tuple[Node, ...]
     params: tuple[Any, ...]
     span: Span | None
+    type: Any  # its CheckpointType, set by check (a function of op, args and params)
 
     def __new__(cls, op: str, args: Iterable[Node] = (), params: Iterable[Any] = (), span: Span | None = None):
         args = tuple(args)
@@ -41,7 +42,7 @@ class Node:
         if node is not None:
             return node
         node = object.__new__(cls)
-        node.op, node.args, node.params, node.span = op, args, params, span
+        node.op, node.args, node.params, node.span, node.type = op, args, params, span, None
         node._hash = hash(key)
         _INTERN[key] = node
         return node

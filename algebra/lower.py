@@ -28,7 +28,7 @@ from typing import Any
 from .graph import Node
 from .ops import OPS
 from .ops.slerp import slerp_coefficients
-from .types import CheckpointType, TensorSpec
+from .types import TensorSpec
 from .values import Model
 
 # ---- symbolic scalars ---------------------------------------------------------------
@@ -323,17 +323,11 @@ class Lowerer:
     def __init__(self) -> None:
         self._memo: dict[tuple[int, str], TExpr] = {}
         self._grams: dict[tuple, Gram] = {}
-        self._types: dict[int, CheckpointType] = {}
         self._keep: list[Node] = []  # holds nodes so memo ids stay unique
 
     def lower(self, model: Model) -> dict[str, TExpr]:
         """One expression per tensor of the model, in its tensor table's order."""
-        self._register(model.node, model.type)
         return {name: self.tensor(model.node, name) for name in model.type.tensors}
-
-    def _register(self, node: Node, t: CheckpointType) -> None:
-        self._types[id(node)] = t
-        self._keep.append(node)
 
     def tensor(self, node: Node, name: str) -> TExpr:
         key = (id(node), name)
@@ -344,10 +338,9 @@ class Lowerer:
             self._keep.append(node)
         return expr
 
-    def _spec(self, node: Node, name: str) -> TensorSpec:
-        if node.op == "load":
-            return node.params[0].tensors[name]
-        return self._spec(node.args[0], name)
+    @staticmethod
+    def _spec(node: Node, name: str) -> TensorSpec:
+        return node.type.tensors[name]
 
     def _lower(self, node: Node, name: str) -> TExpr:
         op, args, params = node.op, node.args, node.params
@@ -384,9 +377,8 @@ class Lowerer:
     def _merge(self, node: Node, name: str) -> TExpr:
         rm, lm = node.args
         lam, vocab_rows = node.params
-        lm_names = self._tensor_names(lm)
         a = self.tensor(rm, name)
-        if name not in lm_names:
+        if name not in lm.type.tensors:
             return a  # only in rm: the score head is kept
         b = self.tensor(lm, name)
         rows = dict(vocab_rows).get(name)
@@ -401,17 +393,9 @@ class Lowerer:
             return head
         return Cat((head, Slice(a, n, tail_spec)), a.spec)
 
-    def _tensor_names(self, node: Node):
-        t = self._types.get(id(node))
-        if t is not None:
-            return t.tensors
-        if node.op == "load":
-            return node.params[0].tensors
-        return self._tensor_names(node.args[0])
-
     def _group(self, node: Node, name: str, per: str) -> tuple[tuple, list[str]]:
         key = group_key(name, per)
-        names = [n for n in self._tensor_names(node) if group_key(n, per) == key and self._spec(node, n).is_float]
+        names = [n for n, spec in node.type.tensors.items() if group_key(n, per) == key and spec.is_float]
         return key, names
 
     def _gram(self, node: Node, name: str, per: str, pair, tag: str, step: int = 0) -> Gram:
@@ -447,6 +431,6 @@ class Lowerer:
 
 
 __all__ = [
-    "Cat", "Coef", "Gram", "Leaf", "Lin", "Lowerer", "Map", "OPS", "Slice", "SlerpCoef", "Sym",
+    "Cat", "Coef", "Gram", "Leaf", "Lin", "Lowerer", "Map", "Slice", "SlerpCoef", "Sym",
     "TExpr", "coef_value", "expr_deps", "group_key", "leaves", "lin", "slerp_coefficients",
 ]

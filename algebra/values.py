@@ -24,6 +24,12 @@ class Model:
     node: Node
     type: CheckpointType
 
+    def __post_init__(self) -> None:
+        # an interned node's type follows from its op, arguments and parameters, so the
+        # first one computed is the type; lowering reads tensor tables from nodes
+        if self.node.type is None:
+            self.node.type = self.type
+
     def __repr__(self) -> str:
         return self.type.describe()
 
