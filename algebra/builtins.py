@@ -17,12 +17,11 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import ast
 from .ast import literal_value
-from .errors import AlgError, AlgIOError, AlgShapeError, AlgTypeError, did_you_mean
+from .errors import AlgError, AlgShapeError, AlgTypeError, did_you_mean
 from .graph import Node
 from .source import Span
 from .types import DTYPE_ALIASES, CheckpointType, Function, TensorSpec, parse_size, type_name
@@ -532,10 +531,4 @@ def show(v: Any, quote: bool = True) -> str:
     return str(v)
 
 
-def resolve_path(call: Call, path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else call.checker.base_dir / p
-
-
-__all__ = ["BUILTINS", "Builtin", "Call", "bind", "conforms", "model_arith", "model_neg", "show",
-           "AlgIOError"]
+__all__ = ["BUILTINS", "Builtin", "Call", "bind", "conforms", "model_arith", "model_neg", "show"]

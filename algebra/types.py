@@ -46,7 +46,6 @@ DTYPE_ALIASES = {
 }
 # safetensors code -> the name transformers writes in config.json
 CONFIG_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_CONFIG_NAME_TO_CODE = {v: k for k, v in CONFIG_DTYPE_NAMES.items()}
 
 
 def dtype_name(code: str) -> str:
@@ -67,13 +66,6 @@ def code_of(dtype: torch.dtype) -> str:
         if td == dtype:
             return code
     raise KeyError(f"unsupported tensor dtype {dtype}")
-
-
-def config_dtype_code(config: Mapping[str, Any] | None) -> str | None:
-    if not config:
-        return None
-    name = config.get("dtype") or config.get("torch_dtype")
-    return _CONFIG_NAME_TO_CODE.get(str(name).replace("torch.", "")) if name else None
 
 
 @dataclass(frozen=True)
