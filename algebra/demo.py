@@ -31,6 +31,9 @@ def run_demo(folder: Path, options: Options) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     folder = folder.resolve()
     models = folder / "models"
     say = options.out
@@ -85,6 +88,8 @@ def _verify(path: Path, models: Path) -> str:
             what = f"reward {score:+.4f} (the unmerged rm gives {before:+.4f})"
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
+            init = AutoModelForCausalLM.from_pretrained(models / "sft").state_dict()
+            moved = max(float((t - init[n]).abs().max()) for n, t in model.state_dict().items())
             loss = float(model(**ids, labels=ids["input_ids"]).loss)
-            what = f"loss {loss:.3f} on a sample sentence"
+            what = f"loss {loss:.4f} on a sample sentence; weights moved up to {moved:.2e} from sft"
     return f"{path.name}: {arch}, {human_bytes(size)}, loads in transformers; {what}"
