@@ -228,14 +228,14 @@ class Checker:
 
     def _Name(self, e: ast.Name, env: Env) -> Any:
         try:
-            value = env.lookup(e.id)
+            scope = env.where(e.id)
         except KeyError:
             raise AlgNameError(
                 f"unknown name '{e.id}'{did_you_mean(e.id, env.names())}", e.span
             ) from None
-        if e.id in self.options.overrides:
-            self.used_overrides.add(e.id)
-        return value
+        if scope is self.env and e.id in self.options.overrides:
+            self.used_overrides.add(e.id)  # the --set value itself was read
+        return scope.values[e.id]
 
     def _List(self, e: ast.List, env: Env) -> Any:
         return tuple(self.expr(x, env) for x in e.items)

@@ -71,10 +71,14 @@ class Env:
         self.values: dict[str, Any] = dict(values or {})
 
     def lookup(self, name: str) -> Any:
+        return self.where(name).values[name]
+
+    def where(self, name: str) -> Env:
+        """The scope that binds `name` (KeyError if none does)."""
         env: Env | None = self
         while env is not None:
             if name in env.values:
-                return env.values[name]
+                return env
             env = env.parent
         raise KeyError(name)
 
