@@ -27,7 +27,6 @@ from .builtins import (
     conforms,
     model_arith,
     model_neg,
-    show,
 )
 from .errors import (
     AlgError,
@@ -44,7 +43,7 @@ from .options import Options
 from .parser import parse
 from .resources import stdlib_dir, stdlib_names
 from .source import Source, Span
-from .types import CheckpointType, Function, type_name
+from .types import CheckpointType, type_name
 from .values import Closure, Env, Model, Namespace, Sink
 
 MAX_DEPTH = 200
@@ -403,4 +402,4 @@ def bind_source(source: CheckpointSource | MemorySource, span: Span | None) -> M
     return Model(node, CheckpointType(source.tensors, source, source.config))
 
 
-__all__ = ["Checker", "Checked", "SaveRequest", "bind_source", "show", "Function"]
+__all__ = ["Checker", "Checked", "SaveRequest", "bind_source"]

@@ -220,15 +220,14 @@ def run_tensor_plan(
             else:
                 _write_step(ev, step, tp.chunk_elems, options, write, on_host)
         except AlgRuntimeError as err:
-            ev.pool.trim()
-            ev.host.trim()
             err.at(span)
             for node in tp.model.node.walk():
                 if node.op in ("div", "rdiv") and node.span is not None:
                     err.with_note("a division that can produce inf or nan", node.span)
             raise err from None
-        ev.pool.trim()
-        ev.host.trim()
+        finally:
+            ev.pool.trim()
+            ev.host.trim()
         _release(step)
 
 
@@ -309,7 +308,6 @@ def assert_close(sink: Any, options: Options, lowerer: Any, evaluator: Evaluator
         )
 
 
-
 def materialize(tp: TensorPlan, options: Options, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Compute a checkpoint into a state dict on `device` (default: the compute device)."""
     dev = device or resolve_device(options.device)
@@ -359,12 +357,8 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
             writers[fname] = w
             for n in names:
                 by_name[n] = w
-        itemsizes = {t.name: torch.empty(0, dtype=torch_dtype(t.spec.dtype)).element_size() for t in sp.tensor_plan.tensors}
-
-        def write(name: str, e0: int, data: torch.Tensor) -> None:
-            if data.device.type != "cpu":
-                data = data.cpu()
-            by_name[name].write(name, e0 * itemsizes[name], data)
+        def write(name: str, e0: int, data: torch.Tensor) -> None:  # data is on the host
+            by_name[name].write(name, e0 * data.element_size(), data)
 
         run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator)
         for w in writers.values():
