@@ -107,6 +107,18 @@ def _label(model: Model) -> str:
         return label
 
 
+def _tokenizer_dir(model: Model) -> Path | None:
+    """The folder holding the files of a checkpoint's own tokenizer (an aligned value's
+    output vocabulary, else its primary input's), or None if it has none."""
+    from ..vocab import model_tokenizer
+
+    spec = model_tokenizer(model)
+    folder = Path(spec.folder) if spec is not None else None
+    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return folder
+
+
 def _chat_template(folder: Path | None) -> str | None:
     if folder is None:
         return None
@@ -179,9 +191,8 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
     if labels != 1:
         raise call.error(AlgTypeError, f"reward() needs a model with one label (a scalar score); "
                          f"this one has {labels}", "m")
-    primary = model.type.primary
-    folder = getattr(primary, "folder", None)
-    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    folder = _tokenizer_dir(model)
+    if folder is None:
         raise call.error(AlgIOError, "reward() needs the model's tokenizer, but its checkpoint has no "
                          "tokenizer files; load it from a Hugging Face folder", "m")
     if template is not None:
@@ -326,8 +337,7 @@ def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: floa
     arch = model.type.architecture
     if not arch.endswith("ForCausalLM"):
         raise call.error(AlgTypeError, f"generate() samples from a causal LM, not {arch}", "policy")
-    folder = getattr(model.type.primary, "folder", None)
-    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if _tokenizer_dir(model) is None:
         raise call.error(AlgIOError, "generate() needs the policy's tokenizer; load it from a Hugging "
                          "Face folder", "policy")
     if isinstance(prompts, str):

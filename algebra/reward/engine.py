@@ -38,9 +38,16 @@ from .values import ModelReward, Reward
 
 
 def load_model(model: Any, options: Options, device: torch.device, dtype: torch.dtype, causal: bool = False):
-    """A transformers model of a checked checkpoint value, on device, in eval mode."""
+    """A transformers model of a checked checkpoint value, on device, in eval mode. A
+    loaded folder is read by transformers; a computed value (a merge, `layers`, `stack`,
+    `align`) is built from its own checked config (layer count, vocabulary size: what its
+    saved folder's config.json would say) and given its materialised tensors."""
+    import tempfile
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from ..plan import output_config
 
     hf_logging.disable_progress_bar()
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
@@ -53,13 +60,20 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
         from ..execute import materialize
         from ..plan import plan_tensors
 
+        cfg = output_config(model.type, model.type.dtype)
+        if cfg is None:
+            raise AlgRuntimeError(f"{model.node.describe()} has no config.json to build a model from")
+        with tempfile.TemporaryDirectory(prefix="alg-config-") as tmp:  # as its saved folder has it
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+            config = AutoConfig.from_pretrained(tmp)
         state = materialize(plan_tensors(model, options), options, torch.device("cpu"))
-        config = AutoConfig.from_pretrained(primary.folder)
         with no_init_weights():  # parameters are replaced below; skip their random init
             m = auto.from_config(config, dtype=dtype)
         m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                           assign=True, strict=True)
         del state
+        if getattr(m.config, "tie_word_embeddings", False):
+            m.tie_weights()
     return m.to(device).eval()
 
 
@@ -117,12 +131,12 @@ class RewardRun:
             def load(g=g, holder=holder):
                 from transformers import AutoTokenizer
 
-                from .plan import scoring_dtype
+                from .plan import scoring_dtype, tokenizer_folder
 
                 dtype = scoring_dtype(g.model, self.options, self.device)
                 holder.append(load_model(g.model, self.options, self.device, dtype, causal=True))
                 self.loads += 1
-                return holder[0], AutoTokenizer.from_pretrained(g.model.type.primary.folder), self.device
+                return holder[0], AutoTokenizer.from_pretrained(tokenizer_folder(g.model)), self.device
 
             t0 = time.perf_counter()
             self.generated[g], sampled = resolve(g, policy_hash, load)

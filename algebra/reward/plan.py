@@ -20,11 +20,13 @@ the executor's own accounting as on the weight side: transformers allocates here
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import AlgIOError
 from ..graph import Node
 from ..options import Options
 from ..types import human_bytes
@@ -105,12 +107,34 @@ def scoring_dtype(model: Any, options: Options, device: torch.device) -> torch.d
 
 
 _TOKENIZERS: dict[str, Any] = {}
+_FOLDERS: dict[int, tuple[Any, Any]] = {}  # id(TokenizerSpec) -> (spec, temporary folder)
+
+
+def tokenizer_folder(model: Any) -> Path:
+    """The folder of a checked checkpoint's own tokenizer: the primary input's, or for an
+    aligned value its output vocabulary's (`TokenizerSpec`: the base folder's files plus
+    the added tokens), written once per process as `save` would write it."""
+    import tempfile
+
+    from ..vocab import model_tokenizer, write_tokenizer
+
+    spec = model_tokenizer(model)
+    if spec is None:
+        raise AlgIOError(f"{model.node.describe()} has no tokenizer files")
+    if model.type.tokenizer is None:
+        return Path(spec.folder)
+    got = _FOLDERS.get(id(spec))
+    if got is None:
+        tmp = tempfile.TemporaryDirectory(prefix="alg-tokenizer-")
+        write_tokenizer(spec, Path(tmp.name))
+        got = _FOLDERS[id(spec)] = (spec, tmp)  # the spec is kept so that its id is not reused
+    return Path(got[1].name)
 
 
 def tokenizer_for(leaf: ModelReward):
     from transformers import AutoTokenizer
 
-    folder = str(leaf.model.type.primary.folder)
+    folder = str(tokenizer_folder(leaf.model))
     tok = _TOKENIZERS.get(folder)
     if tok is None:
         tok = _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder)
@@ -240,4 +264,4 @@ def format_reward_plan(plan: RewardPlan) -> str:
 
 
 __all__ = ["Batch", "Group", "Job", "Query", "RewardPlan", "collect", "encode", "format_reward_plan",
-           "plan_rewards", "scoring_dtype", "tokenizer_for"]
+           "plan_rewards", "scoring_dtype", "tokenizer_folder", "tokenizer_for"]
