@@ -315,7 +315,8 @@ def rm_other_tokenizer(tmp_path_factory) -> Path:
     'align([load("models/rm-helpful"), load("RMB")], tokenizer="union")[0]',
     'merge(load("models/rm-helpful"), load("models/lm"), 0.3)',
 ])
-def test_a_computed_reward_model_scores_as_its_saved_folder(ws, rms, rm_other_tokenizer, expr):
+def test_a_computed_reward_model_scores_as_its_saved_folder(ws, rms, rm_other_tokenizer, expr, monkeypatch):
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))  # scored here, not read from another test's cache
     # the scorer once built every computed model from the primary input's config and
     # tokenizer: layers() died with "Missing key(s) ... model.layers.1"
     expr = expr.replace("RMB", str(rm_other_tokenizer))
