@@ -232,7 +232,12 @@ class Interpreter:
         src = Source(source, "<eval>")
         checked = self.session.run(src)
         self._history.append((source, dict(bindings)))  # replayed by a pickled reward function
-        return self._wrap(checked.result, source) if checked.has_result else None
+        if not checked.has_result:
+            from .reward.trl import assigned_reward
+
+            r = assigned_reward(env.values, source)  # `r = <reward>` gives the reward function r
+            return None if r is None else self._wrap(r, source)
+        return self._wrap(checked.result, source)
 
     def _wrap(self, value: Any, text: str, index: tuple[int, ...] = ()) -> Any:
         from .reward.values import Reward

@@ -37,12 +37,25 @@ def reward_name(env: dict[str, Any], value: Reward, text: str) -> str:
     """A reward function's name (TRL logs `rewards/<name>/mean`): the name the recipe's
     last statement binds or names (`r = ...`, `r`), else any name bound to this value
     (the latest), else a distinct `alg_reward_<n>`."""
-    last = text.replace(";", "\n").strip().splitlines()[-1] if text.strip() else ""
-    m = re.match(r"\s*([A-Za-z_]\w*)\s*(?:=(?!=)|$)", last)
-    if m and env.get(m.group(1)) is value:
-        return m.group(1)
+    name = _last_name(text)
+    if name is not None and env.get(name) is value:
+        return name
     bound = [n for n, v in env.items() if v is value]
     return bound[-1] if bound else f"alg_reward_{next(_UNNAMED)}"
+
+
+def _last_name(text: str) -> str | None:
+    """The name that the last statement of `text` binds (`r = ...`) or is (`r`)."""
+    last = text.replace(";", "\n").strip().splitlines()[-1] if text.strip() else ""
+    m = re.match(r"\s*([A-Za-z_]\w*)\s*(?:=(?!=)|$)", last)
+    return m.group(1) if m else None
+
+
+def assigned_reward(env: dict[str, Any], text: str) -> Reward | None:
+    """The reward that the last statement of `text` binds, if it binds one."""
+    name = _last_name(text)
+    v = env.get(name) if name is not None else None
+    return v if isinstance(v, Reward) else None
 
 
 class ResultRef:
@@ -78,7 +91,8 @@ class Recipe:
                     value = interp._bind(name, value)
                 env.values[name] = value
             checked = interp.session.check(Source(text, "<eval>"))
-        value = checked.result if checked is not None and checked.has_result else None
+        value = checked.result if checked is not None and checked.has_result else \
+            assigned_reward(interp.session.checker.env.values, self.history[-1][0]) if self.history else None
         for i in self.index:
             value = value[i] if isinstance(value, tuple) and i < len(value) else None
         if not isinstance(value, Reward):
@@ -157,4 +171,4 @@ class RewardFunction:
         return self._run.scored
 
 
-__all__ = ["Recipe", "ResultRef", "RewardFunction", "picklable_options", "reward_name"]
+__all__ = ["Recipe", "ResultRef", "RewardFunction", "assigned_reward", "picklable_options", "reward_name"]
