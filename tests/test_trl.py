@@ -279,7 +279,8 @@ def test_grpo_trains_and_logs_alg_rewards(ws, rms, tmp_path):
     data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
     args = GRPOConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=2, logging_steps=1,
                       per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
-                      learning_rate=1e-4, save_strategy="no", seed=0)
+                      learning_rate=1e-4, save_strategy="no", seed=0,
+                      bf16=False)  # TRL defaults to bf16 autocast, which its reward-model path runs under
     trainer = GRPOTrainer(model=str(rms["policy"]), reward_funcs=[str(rms["rm-helpful"]), same, recorded],
                           args=args, train_dataset=data)
     trainer.train()
