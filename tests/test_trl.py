@@ -200,6 +200,18 @@ def test_reward_trainer_convention(ws, rm_bos, tmp_path):
             expect.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
     assert r(prompts=PROMPTS, completions=chosen) == pytest.approx(expect, abs=2e-5)
 
+    # conversational pairs: TRL applies the chat template (its special tokens only), as
+    # alg's default does
+    conv = Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
+                               "chosen": [{"role": "assistant", "content": c}],
+                               "rejected": [{"role": "assistant", "content": "No."}]}
+                              for p, c in zip(PROMPTS, COMPLETIONS, strict=True)])
+    trainer = RewardTrainer(model=str(rm_bos), args=args, train_dataset=conv, processing_class=tok)
+    chat = quiet_interpreter(ws).eval(f'reward("{rm_bos}")').reward
+    got = [encode(chat, tokenizer_for(chat), p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    assert got == [row["chosen_ids"] for row in trainer.train_dataset]
+    assert got[0][0] == tok.bos_token_id and got[0][1] != tok.bos_token_id  # the template's <s>, no second one
+
 
 # ---- baselines of prompts with no references ---------------------------------------------------------
 
