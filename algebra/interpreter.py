@@ -245,7 +245,13 @@ class Interpreter:
         if isinstance(value, Model):
             return Result(self, value, text)
         if isinstance(value, Reward):  # a TRL reward function, named after its binding
-            from .reward.trl import Recipe, ResultRef, RewardFunction, picklable_options, reward_name
+            from .reward.trl import (
+                Recipe,
+                ResultRef,
+                RewardFunction,
+                picklable_options,
+                reward_name,
+            )
 
             history = tuple((t, {k: ResultRef(v._source_text) if isinstance(v, Result) else v for k, v in b.items()})
                             for t, b in self._history)

@@ -6,7 +6,6 @@ GRPO training with an alg reward."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import pickle
 import shutil
@@ -17,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from algebra.errors import AlgRuntimeError, AlgTypeError
-
 from conftest import quiet_interpreter
 from test_reward import Direct, ref_quantile, rows
+
+from algebra.errors import AlgRuntimeError, AlgTypeError
 
 PROMPTS = ["What is 12 plus 30?", "Solve for x: 2x + 3 = 11."]
 COMPLETIONS = ["The answer is 42.", "x = 4."]
@@ -65,7 +63,7 @@ def test_rewards_are_named_after_their_binding(ws):
     assert interp.eval("help").__name__ == "help"
     a, b = interp.eval("logsig(help)"), interp.eval("-help")
     assert a.__name__ != b.__name__ and a.__name__.startswith("alg_reward") and b.__name__.startswith("alg_reward")
-    harm = interp.eval('harm = reward("models/rm-harmless")')
+    assert interp.eval('harm = reward("models/rm-harmless")').__name__ == "harm"
     x, y = interp.eval("[help, harm]")
     assert (x.__name__, y.__name__) == ("help", "harm")
     assert interp.eval("h2 = 3") is None  # not a reward: no value, as before

@@ -22,7 +22,6 @@ import itertools
 import pickle
 import re
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from ..errors import AlgTypeError
@@ -139,7 +138,7 @@ class RewardFunction:
         if self.recipe is None:
             raise AlgTypeError(f"{self.__name__}: this reward function was not made by Interpreter.eval, "
                                "so it has no recipe to send to another process")
-        for text, bindings in self.recipe.history:
+        for _text, bindings in self.recipe.history:
             for name, value in bindings.items():
                 try:
                     pickle.dumps(value)
