@@ -69,8 +69,12 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
         state = materialize(plan_tensors(model, options), options, torch.device("cpu"))
         with no_init_weights():  # parameters are replaced below; skip their random init
             m = auto.from_config(config, dtype=dtype)
-        m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
-                          assign=True, strict=True)
+        try:
+            m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                              assign=True, strict=True)
+        except RuntimeError as e:  # its tensors do not fit its config: a bug of check, said plainly
+            raise AlgRuntimeError(f"{model.node.describe()}: its tensors do not fit a {type(m).__name__} built "
+                                  f"from its config: {str(e).splitlines()[0]}") from None
         del state
         if getattr(m.config, "tie_word_embeddings", False):
             m.tie_weights()
