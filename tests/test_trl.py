@@ -91,11 +91,17 @@ def test_pickle_round_trip_in_a_fresh_process_scores_the_same(ws, tmp_path, monk
         assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] > len(PROMPTS)
 
 
-def test_a_reward_from_a_non_picklable_binding_says_so(ws):
+def test_pickling_with_bindings_and_without_a_recipe(ws):
     interp = quiet_interpreter(ws)
     r = interp.eval("r = reward(m)", m=ws / "models" / "rm-helpful")
     assert pickle.loads(pickle.dumps(r))(prompts=PROMPTS, completions=COMPLETIONS) == \
         r(prompts=PROMPTS, completions=COMPLETIONS)
+    # a checkpoint Result bound into a later eval is replayed by its source
+    merged = interp.eval('merge(load("models/rm-helpful"), load("models/lm"), 0.3)')
+    dogerm = interp.eval("dogerm = reward(mm)", mm=merged)
+    copy_ = pickle.loads(pickle.dumps(dogerm))
+    assert copy_.__name__ == "dogerm"
+    assert copy_(prompts=PROMPTS, completions=COMPLETIONS) == dogerm(prompts=PROMPTS, completions=COMPLETIONS)
     from algebra.reward.trl import RewardFunction
 
     with pytest.raises(AlgTypeError, match="not made by Interpreter.eval"):
