@@ -221,6 +221,7 @@ class Interpreter:
                  options: Options | None = None, **kwargs: Any):
         self.options = options or Options(device=device, **kwargs)
         self.session = Session(self.options, Path(base_dir) if base_dir else None, mode="eval")
+        self._history: list[tuple[str, dict[str, Any]]] = []  # (source, bindings) of each eval
 
     def eval(self, source: str, **bindings: Any) -> Any:
         """Check and run `source` with `bindings` as names; return its last expression's
@@ -230,21 +231,35 @@ class Interpreter:
             env.values[name] = self._bind(name, value)
         src = Source(source, "<eval>")
         checked = self.session.run(src)
-        return self._wrap(checked.result, source) if checked.has_result else None
+        self._history.append((source, dict(bindings)))  # replayed by a pickled reward function
+        if not checked.has_result:
+            from .reward.trl import assigned_reward
 
-    def _wrap(self, value: Any, text: str) -> Any:
+            r = assigned_reward(env.values, source)  # `r = <reward>` gives the reward function r
+            return None if r is None else self._wrap(r, source)
+        return self._wrap(checked.result, source)
+
+    def _wrap(self, value: Any, text: str, index: tuple[int, ...] = ()) -> Any:
         from .reward.values import Reward
 
         if isinstance(value, Model):
             return Result(self, value, text)
-        if isinstance(value, Reward):  # a TRL reward function, named after the expression
-            from .reward.trl import RewardFunction
+        if isinstance(value, Reward):  # a TRL reward function, named after its binding
+            from .reward.trl import (
+                Recipe,
+                ResultRef,
+                RewardFunction,
+                picklable_options,
+                reward_name,
+            )
 
-            last = text.replace(";", "\n").strip().splitlines()[-1].strip()
-            name = last if last.isidentifier() else "alg_reward"
-            return RewardFunction(value, self.options, name)
+            history = tuple((t, {k: ResultRef(v._source_text) if isinstance(v, Result) else v for k, v in b.items()})
+                            for t, b in self._history)
+            recipe = Recipe(picklable_options(self.options), str(self.session.checker.base_dir), history, index)
+            return RewardFunction(value, self.options, reward_name(self.session.checker.env.values, value, text),
+                                  recipe)
         if isinstance(value, tuple):
-            return [self._wrap(v, text) for v in value]
+            return [self._wrap(v, text, index + (i,)) for i, v in enumerate(value)]
         return value
 
     def _bind(self, name: str, value: Any) -> Any:

@@ -296,3 +296,38 @@ def test_trl_callable(ws, rms):
     conv = r(prompts=[[{"role": "user", "content": p}] for p in prompts],
              completions=[[{"role": "assistant", "content": c}] for c in completions])
     assert conv == got and r.texts_scored == scored
+
+
+# ---- computed reward models: built from their own checked config and tokenizer --------------
+
+
+@pytest.fixture(scope="module")
+def rm_other_tokenizer(tmp_path_factory) -> Path:
+    """A reward model whose tokenizer differs from the rms' (another BPE corpus)."""
+    from algebra.tiny import OTHER_CORPUS, build_family
+
+    return build_family(tmp_path_factory.mktemp("rm-b"), names=("rm",), corpus=OTHER_CORPUS, seed=1)["rm"]
+
+
+@pytest.mark.parametrize("expr", [
+    'layers(load("models/rm-helpful"), 0, 1)',
+    'stack(layers(load("models/rm-helpful"), 0, 2), layers(load("models/rm-harmless"), 1, 2))',
+    'align([load("models/rm-helpful"), load("RMB")], tokenizer="union")[0]',
+    'merge(load("models/rm-helpful"), load("models/lm"), 0.3)',
+])
+def test_a_computed_reward_model_scores_as_its_saved_folder(ws, rms, rm_other_tokenizer, expr, monkeypatch):
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))  # scored here, not read from another test's cache
+    # the scorer once built every computed model from the primary input's config and
+    # tokenizer: layers() died with "Missing key(s) ... model.layers.1"
+    expr = expr.replace("RMB", str(rm_other_tokenizer))
+    run = run_rewards(ws, f"m = {expr}\nscore(reward(m), \"data/prompts_responses.jsonl\", \"out/c.jsonl\")\n")
+    assert run.scored == 12
+    session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
+    session.run(Source(f'save({expr}, "saved")', "t.alg"))
+    direct = Direct(ws / "saved")
+    if "layers(" in expr:
+        assert direct.model.config.num_hidden_layers == (1 if "stack" not in expr else 3)
+    if "align" in expr:
+        assert len(direct.tok) > len(Direct(rms["rm-helpful"]).tok)  # the union's tokens
+    for row in rows(ws / "out" / "c.jsonl"):
+        assert row["reward"] == pytest.approx(direct(row["prompt"], row["response"]), abs=2e-5)

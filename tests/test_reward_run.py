@@ -119,3 +119,25 @@ def test_alg_score_and_plan_on_the_command_line(ws):
     plan = subprocess.run([sys.executable, "-m", "algebra", "plan", "rewards.alg"], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0 and "scoring (reward models are loaded one at a time)" in plan.stdout
+
+
+def test_generate_from_a_computed_policy_samples_as_its_saved_folder(ws, monkeypatch):
+    # a computed policy is built from its own config (here 1 layer), not its primary's
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from algebra.interpreter import Session
+    from algebra.options import Options
+    from algebra.reward.generate import sample
+    from algebra.source import Source
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))
+    expr = 'layers(load("models/policy"), 0, 1)'
+    run = run_rewards(ws, f'g = generate({expr}, ["What is 12 plus 30?"], n=2, temperature=0, max_new_tokens=6)\n'
+                      'score(reward("models/rm-helpful"), g, "out/g.jsonl")\n')
+    (g,) = list(run.generated)
+    got = run.generated[g].by_prompt()["What is 12 plus 30?"]
+    Session(Options(device="cpu", out=lambda _: None), ws).run(Source(f'save({expr}, "saved")', "t.alg"))
+    model = AutoModelForCausalLM.from_pretrained(ws / "saved").eval()
+    assert model.config.num_hidden_layers == 1
+    tok = AutoTokenizer.from_pretrained(ws / "saved")
+    assert got == sample(model, tok, g.spec, "What is 12 plus 30?", "cpu")

@@ -107,6 +107,18 @@ def _label(model: Model) -> str:
         return label
 
 
+def _tokenizer_dir(model: Model) -> Path | None:
+    """The folder holding the files of a checkpoint's own tokenizer (an aligned value's
+    output vocabulary, else its primary input's), or None if it has none."""
+    from ..vocab import model_tokenizer
+
+    spec = model_tokenizer(model)
+    folder = Path(spec.folder) if spec is not None else None
+    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return folder
+
+
 def _chat_template(folder: Path | None) -> str | None:
     if folder is None:
         return None
@@ -131,9 +143,9 @@ def _check_template(call: Call, template: str) -> None:
     except ValueError as e:
         raise call.error(AlgTypeError, f"template is not a format string: {e}; write literal braces "
                          "as {{ and }}", "template") from None
-    unknown = sorted(fields - {"prompt", "response"})
+    unknown = sorted(fields - {"prompt", "response", "eos"})
     if unknown:
-        raise call.error(AlgTypeError, f"template may use {{prompt}} and {{response}}, not "
+        raise call.error(AlgTypeError, f"template may use {{prompt}}, {{response}} and {{eos}}, not "
                          f"{{{unknown[0]}}}", "template")
     if "response" not in fields:
         raise call.error(AlgTypeError, "template must contain {response}", "template")
@@ -158,15 +170,21 @@ def _reward_arg(call: Call, v: Any, param: str) -> Reward | float:
 
 @builtin(
     "reward(m: Checkpoint | String, template: String | None = none, batch_size: Scalar = 16, "
-    "max_length: Scalar | None = none)",
+    "max_length: Scalar | None = none, add_special_tokens: Bool | None = none)",
     "A reward model as a function (prompt, response) -> float: a sequence-classification "
     "checkpoint with one label (a path, or any checkpoint value such as a merge), scored at "
-    "its last non-padding token. Text: `template`, a format string with {prompt} and "
-    "{response}, if given; else the tokenizer's chat template (a user turn, then an "
-    "assistant turn) if it has one; else \"{prompt}\\n{response}\". Scored in batches of "
-    "batch_size texts, truncated to max_length tokens (default: the model's limit).",
+    "its last non-padding token. Text: `template`, a format string with {prompt}, "
+    "{response} and optionally {eos} (the tokenizer's EOS token, unless the response ends "
+    "with it), if given; else the tokenizer's chat template (the prompt's messages, then an "
+    "assistant turn) if it has one; else \"{prompt}\\n{response}\". add_special_tokens: "
+    "whether the tokenizer adds its special tokens (BOS, ...) to the text; default true for "
+    "a format string, false for a chat template (which writes its own). TRL's GRPO scores "
+    "text prompts as template=\"{prompt}{response}\", add_special_tokens=false; its "
+    "RewardTrainer as template=\"{prompt}{response}{eos}\". Scored in batches of batch_size "
+    "texts, truncated to max_length tokens (default: the model's limit).",
 )
-def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_length: float | None) -> Reward:
+def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_length: float | None,
+            add_special_tokens: bool | None) -> Reward:
     model = _checkpoint(call, m, "m")
     config = model.type.config or {}
     arch = model.type.architecture
@@ -179,17 +197,18 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
     if labels != 1:
         raise call.error(AlgTypeError, f"reward() needs a model with one label (a scalar score); "
                          f"this one has {labels}", "m")
-    primary = model.type.primary
-    folder = getattr(primary, "folder", None)
-    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    folder = _tokenizer_dir(model)
+    if folder is None:
         raise call.error(AlgIOError, "reward() needs the model's tokenizer, but its checkpoint has no "
                          "tokenizer files; load it from a Hugging Face folder", "m")
     if template is not None:
         _check_template(call, template)
-        fmt = TextFormat("format", template)
+        kind, text = "format", template
     else:
         chat = _chat_template(folder)
-        fmt = TextFormat("chat", chat) if chat else TextFormat("format", DEFAULT_TEMPLATE)
+        kind, text = ("chat", chat) if chat else ("format", DEFAULT_TEMPLATE)
+    special = (kind == "format") if add_special_tokens is None else bool(add_special_tokens)
+    fmt = TextFormat(kind, text, special)
     bs = _positive_int(call, batch_size, "batch_size")
     ml = None if max_length is None else _positive_int(call, max_length, "max_length")
     label = _label(model)
@@ -276,14 +295,35 @@ _nary("max", max, "The greatest of its arguments, pointwise for rewards.")
 # ---- per-prompt baselines and normalisation ---------------------------------------------------
 
 
-@builtin("quantile(r: Reward, refs: Responses, q: Scalar)",
+MISSING_DOC = ("missing: what a prompt with no responses in refs gets: \"error\" (the default: "
+               "the run stops, naming the prompt), a number (a fixed value), or a generate(policy, ...) "
+               "value, whose policy and sampling options give it references on demand (sampled once, "
+               "cached on disk like generate's).")
+
+
+def _missing(call: Call, missing: Any) -> Any:
+    if isinstance(missing, str):
+        if missing != "error":
+            raise call.error(AlgTypeError, f'missing must be "error", a number or a generate(...) value, '
+                             f"not '{missing}'", "missing")
+        return missing
+    if is_number(missing):
+        if not math.isfinite(missing):
+            raise call.error(AlgTypeError, f"missing must be a finite number, not {missing}", "missing")
+        return float(missing)
+    if isinstance(missing, Generated):
+        return missing
+    raise call.error(AlgTypeError, "missing=: a data set cannot answer for prompts it lacks; give a "
+                     "generate(policy, ...) value to sample references, or a number", "missing")
+
+
+@builtin('quantile(r: Reward, refs: Responses, q: Scalar, missing: String | Scalar | Responses = "error")',
          "Per prompt: the q-quantile (linear interpolation between order statistics) of r over "
-         "that prompt's responses in refs. A reward that depends only on the prompt; every "
-         "prompt it is asked about must have reference responses.")
-def _quantile(call: Call, r: Reward, refs: Any, q: float) -> Reward:
+         "that prompt's responses in refs. A reward that depends only on the prompt. " + MISSING_DOC)
+def _quantile(call: Call, r: Reward, refs: Any, q: float, missing: Any) -> Reward:
     if not 0 <= q <= 1:
         raise call.error(AlgTypeError, f"quantile() needs 0 <= q <= 1, got {q}", "q")
-    return Baseline(r, refs, "quantile", float(q))
+    return Baseline(r, refs, "quantile", float(q), _missing(call, missing))
 
 
 @builtin(f'refusal(r: Reward, text: String = "{DEFAULT_REFUSAL}")',
@@ -295,15 +335,17 @@ def _refusal(call: Call, r: Reward, text: str) -> Reward:
 BASELINE_STATS = ("mean", "median")
 
 
-@builtin('baseline(r: Reward, refs: Responses, stat: String = "mean")',
-         "Per prompt: the mean (or median) of r over that prompt's responses in refs.")
-def _baseline(call: Call, r: Reward, refs: Any, stat: str) -> Reward:
+@builtin('baseline(r: Reward, refs: Responses, stat: String = "mean", '
+         'missing: String | Scalar | Responses = "error")',
+         "Per prompt: the mean (or median) of r over that prompt's responses in refs. " + MISSING_DOC)
+def _baseline(call: Call, r: Reward, refs: Any, stat: str, missing: Any) -> Reward:
     if stat not in BASELINE_STATS:
         raise call.error(AlgTypeError, f"baseline() stat must be one of {', '.join(map(repr, BASELINE_STATS))}, "
                          f"not '{stat}'{did_you_mean(stat, BASELINE_STATS)}", "stat")
+    fallback = _missing(call, missing)
     if stat == "median":
-        return Baseline(r, refs, "quantile", 0.5)
-    return Baseline(r, refs, "mean")
+        return Baseline(r, refs, "quantile", 0.5, fallback)
+    return Baseline(r, refs, "mean", None, fallback)
 
 
 @builtin("normalize(r: Reward, data: Responses | Pairs | String)",
@@ -326,8 +368,7 @@ def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: floa
     arch = model.type.architecture
     if not arch.endswith("ForCausalLM"):
         raise call.error(AlgTypeError, f"generate() samples from a causal LM, not {arch}", "policy")
-    folder = getattr(model.type.primary, "folder", None)
-    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if _tokenizer_dir(model) is None:
         raise call.error(AlgIOError, "generate() needs the policy's tokenizer; load it from a Hugging "
                          "Face folder", "policy")
     if isinstance(prompts, str):

@@ -57,7 +57,7 @@ def model_hash(node: Node) -> str:
     return digest
 
 
-def score_key(model_key: str, fmt: tuple[str, str], max_length: int | None, dtype: str, prompt, response: str) -> str:
+def score_key(model_key: str, fmt: tuple, max_length: int | None, dtype: str, prompt, response: str) -> str:
     blob = json.dumps([model_key, list(fmt), max_length, dtype, prompt, response], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -2,8 +2,11 @@
 
 `responses(path)`: rows with `prompt` and `response`. `pairs(path)`: rows with `prompt`,
 `chosen`, `rejected`, optional `subset` and `id`. A prompt is text or a conversation (a
-list of `{"role", "content"}` messages, kept as a tuple of (role, content) pairs so that
-it can be a key); a response is text or a list of messages whose last one is taken.
+list of `{"role", "content"}` messages, kept as a tuple of (role, content[, other fields])
+tuples so that it can be a key, and given back whole to a chat template); a response is
+text or a list of messages whose last one is taken. A content may be text, None (a tool
+call) or a list of typed blocks, as transformers chat templates take them; where text is
+needed (a response, a format template's {prompt}) the text blocks are joined.
 
 Invariant: every malformed row is reported before anything runs, as an `AlgIOError`
 naming `file:line` and the field at fault, positioned at the recipe's path argument.
@@ -78,38 +81,103 @@ class Pairs:
         return [(r.prompt, r.chosen) for r in self.rows] + [(r.prompt, r.rejected) for r in self.rows]
 
 
+class Frozen(tuple):
+    """A JSON object inside a message (a content block, a tool call), as sorted (key,
+    value) items so that a prompt can be a key; `thaw` gives the dict back."""
+
+    __slots__ = ()
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return Frozen((k, _freeze(v[k])) for k in sorted(v))
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def thaw(v: Any) -> Any:
+    if isinstance(v, Frozen):
+        return {k: thaw(x) for k, x in v}
+    if isinstance(v, tuple):
+        return [thaw(x) for x in v]
+    return v
+
+
+def _is_content(c: Any) -> bool:
+    """What transformers chat templates take as a message's content: text, None (an
+    assistant turn that only calls tools), or a list of typed blocks
+    ({"type": "text", "text": ...}, images, ...)."""
+    if c is None or isinstance(c, str):
+        return True
+    return isinstance(c, list | tuple) and all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in c)
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m and _is_content(m["content"])
+
+
+def _message_key(m: dict) -> tuple:
+    """(role, content), plus the message's other fields (tool_calls, name, ...) when it
+    has any: a chat template is given the message back whole."""
+    extra = {k: v for k, v in m.items() if k not in ("role", "content")}
+    key = (m["role"], _freeze(m["content"]))
+    return key + (_freeze(extra),) if extra else key
+
+
+def to_messages(prompt: Prompt) -> list[dict]:
+    """A prompt as the chat messages it was given as (text: one user turn)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    out = []
+    for m in prompt:
+        msg = {"role": m[0], "content": thaw(m[1])}
+        if len(m) > 2:
+            msg.update(thaw(m[2]))
+        out.append(msg)
+    return out
+
+
+def content_text(c: Any) -> str:
+    """A message content as text: the text itself, its text blocks joined, or "" (None)."""
+    c = thaw(c)
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    return "".join(b.get("text", "") for b in c if b.get("type") == "text")
+
+
 def prompt_key(value: Any) -> Prompt | None:
     """A prompt as a hashable key, or None if it is neither text nor a conversation."""
     if isinstance(value, str):
         return value
     if isinstance(value, list | tuple) and value and all(_is_message(m) for m in value):
-        if len(value) == 1 and value[0]["role"] == "user":
+        if len(value) == 1 and value[0]["role"] == "user" and set(value[0]) == {"role", "content"} \
+                and isinstance(value[0]["content"], str):
             return value[0]["content"]  # one user turn is the plain prompt: one key, one text
-        return tuple((m["role"], m["content"]) for m in value)
+        return tuple(_message_key(m) for m in value)
     return None
 
 
 def response_text(value: Any) -> str | None:
-    """A response as text: a string, or the content of the last of a list of messages."""
+    """A response as text: a string, or the content of a message or of the last of a list
+    of messages (text blocks joined; None, a tool call only, is "")."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and _is_message(value):
-        return value["content"]
+        return content_text(value["content"])
     if isinstance(value, list | tuple) and value and all(_is_message(m) for m in value):
-        return value[-1]["content"]
+        return content_text(value[-1]["content"])
     return None
-
-
-def _is_message(m: Any) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
 def prompt_text(prompt: Prompt) -> str:
     """The text a format-string template puts for {prompt}: the last user message."""
     if isinstance(prompt, str):
         return prompt
-    users = [c for role, c in prompt if role == "user"]
-    return users[-1] if users else prompt[-1][1]
+    users = [m[1] for m in prompt if m[0] == "user"]
+    return content_text(users[-1] if users else prompt[-1][1])
 
 
 def show_prompt(prompt: Prompt, width: int = 60) -> str:
@@ -185,5 +253,5 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-__all__ = ["PairRow", "Pairs", "Prompt", "Responses", "Row", "from_points", "prompt_key", "prompt_text",
-           "read_pairs", "read_responses", "response_text", "show_prompt"]
+__all__ = ["Frozen", "PairRow", "Pairs", "Prompt", "Responses", "Row", "content_text", "from_points", "prompt_key",
+           "prompt_text", "read_pairs", "read_responses", "response_text", "show_prompt", "thaw", "to_messages"]

@@ -38,9 +38,16 @@ from .values import ModelReward, Reward
 
 
 def load_model(model: Any, options: Options, device: torch.device, dtype: torch.dtype, causal: bool = False):
-    """A transformers model of a checked checkpoint value, on device, in eval mode."""
+    """A transformers model of a checked checkpoint value, on device, in eval mode. A
+    loaded folder is read by transformers; a computed value (a merge, `layers`, `stack`,
+    `align`) is built from its own checked config (layer count, vocabulary size: what its
+    saved folder's config.json would say) and given its materialised tensors."""
+    import tempfile
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from ..plan import output_config
 
     hf_logging.disable_progress_bar()
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
@@ -53,13 +60,24 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
         from ..execute import materialize
         from ..plan import plan_tensors
 
+        cfg = output_config(model.type, model.type.dtype)
+        if cfg is None:
+            raise AlgRuntimeError(f"{model.node.describe()} has no config.json to build a model from")
+        with tempfile.TemporaryDirectory(prefix="alg-config-") as tmp:  # as its saved folder has it
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+            config = AutoConfig.from_pretrained(tmp)
         state = materialize(plan_tensors(model, options), options, torch.device("cpu"))
-        config = AutoConfig.from_pretrained(primary.folder)
         with no_init_weights():  # parameters are replaced below; skip their random init
             m = auto.from_config(config, dtype=dtype)
-        m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
-                          assign=True, strict=True)
+        try:
+            m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                              assign=True, strict=True)
+        except RuntimeError as e:  # its tensors do not fit its config: a bug of check, said plainly
+            raise AlgRuntimeError(f"{model.node.describe()}: its tensors do not fit a {type(m).__name__} built "
+                                  f"from its config: {str(e).splitlines()[0]}") from None
         del state
+        if getattr(m.config, "tie_word_embeddings", False):
+            m.tie_weights()
     return m.to(device).eval()
 
 
@@ -81,7 +99,9 @@ class RewardRun:
         self.cache = ScoreCache()
         self.scores: dict[str, float] = {}
         self.generated: dict[Generated, Responses] = {}
-        self.tree = TreeEval(self._lookup, self.data)
+        self.fallback: dict[tuple, list[str]] = {}  # (Generated, prompt) -> references sampled for missing=
+        self._sampling = True
+        self.tree = TreeEval(self._lookup, self.data, sample=self.sample_missing)
         self.keys: dict[tuple, str] = {}  # (scoring key, point) -> cache key, for lookup
         self.scored = 0  # texts scored by a model (not from a cache), for reports and tests
         self.loads = 0
@@ -98,43 +118,55 @@ class RewardRun:
     def resolve_generations(self, roots: list[Any], sample: bool = True) -> None:
         """Sample every `generate` that the queries use (not yet cached): one policy at a
         time. With sample=False (alg plan), unsampled prompts get placeholders."""
+        self._sampling = sample
         for g in _generated(roots):
             if g in self.generated:
                 continue
-            policy_hash = model_hash(g.node)
             if not sample:
-                from .data import Row
-                from .generate import cached_samples
-
-                rows = []
-                for p in g.spec.prompts:
-                    got = cached_samples(policy_hash, g.spec, p) or [f"<sample {i}>" for i in range(g.spec.n)]
-                    rows.extend(Row(p, s, None, len(rows) + 1) for s in got)
-                self.generated[g] = Responses(str(g), tuple(rows))
+                self.generated[g] = _placeholders(g, g.spec.prompts)
                 continue
-            holder: list = []
+            self.generated[g] = self._sample(g, g.spec.prompts)
 
-            def load(g=g, holder=holder):
-                from transformers import AutoTokenizer
+    def _sample(self, g: Generated, prompts: tuple) -> Responses:
+        """g's samples for `prompts` (the cached ones read, the others sampled)."""
+        from dataclasses import replace
 
-                from .plan import scoring_dtype
+        holder: list = []
 
-                dtype = scoring_dtype(g.model, self.options, self.device)
-                holder.append(load_model(g.model, self.options, self.device, dtype, causal=True))
-                self.loads += 1
-                return holder[0], AutoTokenizer.from_pretrained(g.model.type.primary.folder), self.device
+        def load(g=g, holder=holder):
+            from transformers import AutoTokenizer
 
-            t0 = time.perf_counter()
-            self.generated[g], sampled = resolve(g, policy_hash, load)
-            if sampled:
-                self.out(f"sampled {g}: {sampled} prompt(s) x {g.spec.n} in {time.perf_counter() - t0:.2f}s")
-            holder.clear()
-            _free()
+            from .plan import scoring_dtype, tokenizer_folder
+
+            dtype = scoring_dtype(g.model, self.options, self.device)
+            holder.append(load_model(g.model, self.options, self.device, dtype, causal=True))
+            self.loads += 1
+            return holder[0], AutoTokenizer.from_pretrained(tokenizer_folder(g.model)), self.device
+
+        t0 = time.perf_counter()
+        part = g if prompts == g.spec.prompts else Generated(g.node, replace(g.spec, prompts=prompts), g.label, g.model)
+        got, sampled = resolve(part, model_hash(g.node), load)
+        if sampled:
+            self.out(f"sampled {g}: {sampled} prompt(s) x {g.spec.n} in {time.perf_counter() - t0:.2f}s")
+        holder.clear()
+        _free()
+        return got
+
+    def sample_missing(self, g: Generated, prompts: list) -> dict:
+        """References for prompts a baseline's refs lack (missing=generate(...)): sampled
+        from g's policy with g's options, once per run and cached on disk."""
+        todo = tuple(p for p in dict.fromkeys(prompts) if (g, p) not in self.fallback)
+        if todo:
+            got = self._sample(g, todo) if self._sampling else _placeholders(g, todo)
+            for p, samples in got.by_prompt().items():
+                self.fallback[(g, p)] = samples
+        return {p: self.fallback[(g, p)] for p in prompts}
 
     # ---- scoring --------------------------------------------------------------------------
 
     def plan(self, queries: list[Query]) -> RewardPlan:
-        plan = plan_rewards(queries, self.options, self.data, self.scores, self.cache, self.device)
+        plan = plan_rewards(queries, self.options, self.data, self.scores, self.cache, self.device,
+                            self.sample_missing)
         for job in plan.jobs:
             for g in job.groups:
                 for p, k in zip(g.points, g.keys, strict=True):
@@ -201,6 +233,19 @@ class RewardRun:
     def close(self) -> None:
         self.cache.close()
         self._loaded.clear()
+
+
+def _placeholders(g: Generated, prompts: tuple) -> Responses:
+    """g's samples where cached, else placeholders (alg plan samples nothing)."""
+    from .data import Row
+    from .generate import cached_samples
+
+    policy_hash = model_hash(g.node)
+    rows: list = []
+    for p in prompts:
+        got = cached_samples(policy_hash, g.spec, p) or [f"<sample {i}>" for i in range(g.spec.n)]
+        rows.extend(Row(p, s, None, len(rows) + 1) for s in got)
+    return Responses(str(g), tuple(rows))
 
 
 def _generated(roots: list[Any]) -> list[Generated]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..graph import Node
-from .data import Prompt, Responses, Row
+from .data import Prompt, Responses, Row, prompt_text, to_messages
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,12 @@ def sample(model: Any, tokenizer: Any, spec: GenerateSpec, prompt: Prompt, devic
     """n samples for one prompt, decoded without special tokens."""
     import torch
 
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-        [{"role": r, "content": c} for r, c in prompt]
+    messages = to_messages(prompt)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:
-        ids = tokenizer(messages[-1]["content"], return_tensors="pt").input_ids
+        ids = tokenizer(prompt_text(prompt), return_tensors="pt").input_ids
     ids = ids.to(device)
     torch.manual_seed(_seed(spec, prompt))  # generate() draws from the global generator
     do_sample = spec.temperature > 0
@@ -120,7 +119,7 @@ def resolve(gen: Generated, policy_hash: str, load_policy) -> tuple[Responses, i
         for p in missing:
             samples[p] = sample(model, tokenizer, spec, p, device)
             _store(policy_hash, spec, p, samples[p])
-    rows = tuple(Row(p, s, {"prompt": p if isinstance(p, str) else [{"role": r, "content": c} for r, c in p],
+    rows = tuple(Row(p, s, {"prompt": p if isinstance(p, str) else to_messages(p),
                             "response": s}, i + 1)
                  for i, (p, s) in enumerate((p, s) for p in spec.prompts for s in samples[p]))
     return Responses(str(gen), rows), len(missing)

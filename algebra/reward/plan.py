@@ -20,16 +20,18 @@ the executor's own accounting as on the weight side: transformers allocates here
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import AlgIOError
 from ..graph import Node
 from ..options import Options
 from ..types import human_bytes
 from .cache import ScoreCache, model_hash, score_key
-from .data import Prompt, prompt_text
+from .data import Prompt, prompt_text, to_messages
 from .pointwise import Points, TreeEval
 from .values import ModelReward, Reward
 
@@ -105,12 +107,34 @@ def scoring_dtype(model: Any, options: Options, device: torch.device) -> torch.d
 
 
 _TOKENIZERS: dict[str, Any] = {}
+_FOLDERS: dict[int, tuple[Any, Any]] = {}  # id(TokenizerSpec) -> (spec, temporary folder)
+
+
+def tokenizer_folder(model: Any) -> Path:
+    """The folder of a checked checkpoint's own tokenizer: the primary input's, or for an
+    aligned value its output vocabulary's (`TokenizerSpec`: the base folder's files plus
+    the added tokens), written once per process as `save` would write it."""
+    import tempfile
+
+    from ..vocab import model_tokenizer, write_tokenizer
+
+    spec = model_tokenizer(model)
+    if spec is None:
+        raise AlgIOError(f"{model.node.describe()} has no tokenizer files")
+    if model.type.tokenizer is None:
+        return Path(spec.folder)
+    got = _FOLDERS.get(id(spec))
+    if got is None:
+        tmp = tempfile.TemporaryDirectory(prefix="alg-tokenizer-")
+        write_tokenizer(spec, Path(tmp.name))
+        got = _FOLDERS[id(spec)] = (spec, tmp)  # the spec is kept so that its id is not reused
+    return Path(got[1].name)
 
 
 def tokenizer_for(leaf: ModelReward):
     from transformers import AutoTokenizer
 
-    folder = str(leaf.model.type.primary.folder)
+    folder = str(tokenizer_folder(leaf.model))
     tok = _TOKENIZERS.get(folder)
     if tok is None:
         tok = _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder)
@@ -119,14 +143,15 @@ def tokenizer_for(leaf: ModelReward):
 
 
 def format_text(leaf: ModelReward, tok: Any, prompt: Prompt, response: str) -> tuple[str, bool]:
-    """The model's input text, and whether the tokenizer should add special tokens
-    (a chat template writes its own)."""
+    """The model's input text, and whether the tokenizer adds its special tokens to it."""
     if leaf.fmt.kind == "chat":
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            [{"role": r, "content": c} for r, c in prompt]
+        msgs = to_messages(prompt)
         msgs.append({"role": "assistant", "content": response})
-        return tok.apply_chat_template(msgs, chat_template=leaf.fmt.text, tokenize=False), False
-    return leaf.fmt.text.format(prompt=prompt_text(prompt), response=response), True
+        return tok.apply_chat_template(msgs, chat_template=leaf.fmt.text, tokenize=False), leaf.fmt.special
+    eos = tok.eos_token or ""
+    if eos and response.endswith(eos):
+        eos = ""  # as TRL's RewardTrainer: an EOS is added unless the response ends with one
+    return leaf.fmt.text.format(prompt=prompt_text(prompt), response=response, eos=eos), leaf.fmt.special
 
 
 def max_tokens(leaf: ModelReward) -> int | None:
@@ -141,7 +166,7 @@ def encode(leaf: ModelReward, tok: Any, prompt: Prompt, response: str) -> list[i
     return tok(text, add_special_tokens=special, truncation=limit is not None, max_length=limit)["input_ids"]
 
 
-def collect(queries: list[Query], data) -> dict[tuple, tuple[ModelReward, dict]]:
+def collect(queries: list[Query], data, sample=None) -> dict[tuple, tuple[ModelReward, dict]]:
     """scoring key -> (a leaf, {point: None} in first-use order), by a recording walk."""
     wanted: dict[tuple, tuple[ModelReward, dict]] = {}
 
@@ -151,19 +176,20 @@ def collect(queries: list[Query], data) -> dict[tuple, tuple[ModelReward, dict]]
             seen.setdefault(p, None)
         return np.zeros(len(points))
 
-    ev = TreeEval(lookup, data, record=True)
+    ev = TreeEval(lookup, data, record=True, sample=sample)
     for r, points in queries:
         ev.value(r, points)
     return wanted
 
 
 def plan_rewards(queries: list[Query], options: Options, data, known: dict[str, float] | None = None,
-                 cache: ScoreCache | None = None, device: torch.device | None = None) -> RewardPlan:
+                 cache: ScoreCache | None = None, device: torch.device | None = None,
+                 sample=None) -> RewardPlan:
     from ..execute import resolve_device
 
     device = device or resolve_device(options.device)
     known = known if known is not None else {}
-    wanted = collect(queries, data)
+    wanted = collect(queries, data, sample)
     by_node: dict[Node, list[tuple[ModelReward, dict]]] = {}
     for leaf, seen in wanted.values():
         by_node.setdefault(leaf.node, []).append((leaf, seen))
@@ -175,7 +201,7 @@ def plan_rewards(queries: list[Query], options: Options, data, known: dict[str, 
         groups = []
         for leaf, seen in items:
             points = list(seen)
-            keys = [score_key(mh, (leaf.fmt.kind, leaf.fmt.text), leaf.max_length, str(dtype), p, r)
+            keys = [score_key(mh, leaf.fmt.key, leaf.max_length, str(dtype), p, r)
                     for p, r in points]
             groups.append(Group(leaf, points, keys))
         all_keys = [k for g in groups for k in g.keys if k not in known]
@@ -240,4 +266,4 @@ def format_reward_plan(plan: RewardPlan) -> str:
 
 
 __all__ = ["Batch", "Group", "Job", "Query", "RewardPlan", "collect", "encode", "format_reward_plan",
-           "plan_rewards", "scoring_dtype", "tokenizer_for"]
+           "plan_rewards", "scoring_dtype", "tokenizer_folder", "tokenizer_for"]

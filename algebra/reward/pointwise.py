@@ -74,9 +74,11 @@ def quantile(values: np.ndarray, q: float) -> float:
 
 class TreeEval:
     def __init__(self, lookup: Callable[[ModelReward, Points], np.ndarray],
-                 data: Callable[[Any], Responses | Pairs], record: bool = False):
+                 data: Callable[[Any], Responses | Pairs], record: bool = False,
+                 sample: Callable[[Any, list[Prompt]], dict[Prompt, list[str]]] | None = None):
         self.lookup = lookup
         self.data = data  # resolves a Generated to its responses
+        self.sample = sample  # (Generated, prompts) -> references sampled for them (missing=)
         self.record = record  # planning: values are placeholders, no numerical checks
         self._baselines: dict[Reward, dict[Prompt, float]] = {}
         self._stats: dict[Reward, tuple[float, float]] = {}
@@ -110,10 +112,20 @@ class TreeEval:
         if not todo:
             return table
         refs = self.data(b.refs).by_prompt()
+        lacking = [p for p in todo if p not in refs]
+        if lacking:
+            if isinstance(b.missing, float):  # missing=<number>: a fixed value
+                for p in lacking:
+                    table[p] = b.missing
+                todo = [p for p in todo if p in refs]
+            elif b.missing == "error" or self.sample is None:
+                raise AlgRuntimeError(f"{b.stat}: the prompt {show_prompt(lacking[0])} has no reference responses "
+                                      f"in {b.refs} ({len(lacking)} such prompt(s)); give {b.stat}() a missing= "
+                                      "fallback (a number, or generate(policy, ...) to sample references)")
+            else:  # missing=generate(...): references sampled for these prompts
+                refs = {**refs, **self.sample(b.missing, lacking)}
         points: Points = []
         for p in todo:
-            if p not in refs:
-                raise AlgRuntimeError(f"{b.stat}: the prompt {show_prompt(p)} has no reference responses in {b.refs}")
             points.extend((p, s) for s in refs[p])
         values = self._value(b.r, points)  # one pass: the model scores all of them together
         i = 0

@@ -81,11 +81,18 @@ class Reward:
 
 @dataclass(frozen=True)
 class TextFormat:
-    """How (prompt, response) becomes the reward model's input text: the tokenizer's chat
-    template (kind "chat", text = the template) or a format string (kind "format")."""
+    """How (prompt, response) becomes the reward model's input tokens: the tokenizer's
+    chat template (kind "chat", text = the template) or a format string (kind "format"),
+    tokenized with or without the tokenizer's special tokens."""
 
     kind: str
     text: str
+    special: bool  # whether the tokenizer adds its special tokens (add_special_tokens=)
+
+    @property
+    def key(self) -> tuple:
+        """What the score cache keys a format by."""
+        return (self.kind, self.text) if self.special == (self.kind == "format") else (self.kind, self.text, self.special)
 
 
 @dataclass(frozen=True)
@@ -150,14 +157,18 @@ class Baseline(Reward):
     refs: Any  # data.Responses or generate.Generated
     stat: str  # "quantile" | "mean"
     q: float | None = None
+    # a prompt with no responses in refs: "error", a fixed value (float), or a
+    # generate.Generated whose policy and options sample references for it (cached)
+    missing: Any = "error"
 
     def children(self) -> tuple[Reward, ...]:
         return (self.r,)
 
     def __str__(self) -> str:
+        more = "" if self.missing == "error" else f", missing={self.missing}"
         if self.stat == "quantile":
-            return f"quantile({self.r}, {self.refs}, {self.q:g})"
-        return f'baseline({self.r}, {self.refs}, "{self.stat}")'
+            return f"quantile({self.r}, {self.refs}, {self.q:g}{more})"
+        return f'baseline({self.r}, {self.refs}, "{self.stat}"{more})'
 
 
 @dataclass(frozen=True)
