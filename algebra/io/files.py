@@ -72,9 +72,12 @@ def absolute(text: str | os.PathLike, base: Path) -> Path:
     unresolved, for `stat_path` / `open_regular` to report with its position."""
     p = joined(text, base)
     try:
-        return p.resolve()
+        resolved = p.resolve()
     except (OSError, RuntimeError, ValueError):  # a loop is a RuntimeError before Python 3.13
         return Path(os.path.abspath(p))
+    if not os.path.exists(resolved) and os.path.lexists(p):  # a dangling symlink: keep the link
+        return Path(os.path.abspath(p))
+    return resolved
 
 
 def missing(p: str | os.PathLike) -> bool:
