@@ -355,6 +355,30 @@ def test_bad_recipe_paths_on_the_command_line(tmp_path, capsys):
     assert "no such recipe file" in capsys.readouterr().err
 
 
+def test_bad_files_for_convert_and_repl_load(tmp_path, capsys):
+    import io
+
+    from algebra.repl import Repl
+
+    (tmp_path / "latin1.yml").write_bytes(b"merge_method: linear # caf\xe9\n")
+    for path, said in [
+        ("/dev/zero", "is a character device, not a regular file; a config file must be a file"),
+        (str(tmp_path / "latin1.yml"), "is not UTF-8 text: byte 0xe9 at byte offset 26 (line 1, column 27)"),
+    ]:
+        assert main(["convert", "mergekit", path]) == 1, path
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    os.mkfifo(tmp_path / "fifo.alg")
+    out = io.StringIO()
+    repl = Repl(Options(device="cpu"), input=io.StringIO(":load fifo.alg\n:load /dev/zero\n1 + 1\n"),
+                output=out, base_dir=tmp_path)
+    assert repl.loop() == 0
+    text = out.getvalue()
+    assert "'" + str(tmp_path / "fifo.alg") + "' is a FIFO (named pipe)" in text
+    assert "'/dev/zero' is a character device" in text
+    assert "internal error" not in text and "2\n" in text
+
+
 def test_pairs_of_dev_zero_does_not_eat_memory(tmp_path):
     """In a child limited to 1 GiB of address space: before, reading /dev/zero grew
     without bound (a MemoryError at best)."""
