@@ -48,6 +48,7 @@ from .errors import (
 )
 from .graph import Node
 from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
+from .io.files import absolute, joined, missing, stat_path
 from .options import Options
 from .parser import parse
 from .resources import stdlib_dir, stdlib_names
@@ -190,22 +191,21 @@ class Checker:
         return env
 
     def _import(self, stmt: ast.Import) -> Namespace:
-        path = Path(stmt.path).expanduser()
-        if not path.is_absolute():
-            path = stmt.span.source.folder / path
-        path = path.resolve()
+        path = absolute(stmt.path, stmt.span.source.folder)
         if path in self._imports:
             return self._imports[path]
         if path.suffix != ".alg":
             raise AlgIOError(f"import needs an .alg file, not '{stmt.path}'", stmt.span)
-        if not path.is_file():
+        if missing(path):
             raise AlgIOError(f"no such file: '{stmt.path}' (looked in {path.parent})", stmt.span)
         env = self.prelude_env.child()
         self._imports[path] = ns = Namespace(stmt.alias, env)  # a cycle finds it half-built
         try:
-            self._run_library(Source(path.read_text(encoding="utf-8"), stmt.path, path), env, stmt.path)
+            self._run_library(Source.from_file(path, stmt.path), env, stmt.path)
         except AlgError as err:
             del self._imports[path]
+            if err.span is None:  # the file itself could not be read
+                raise err.at(stmt.span) from None
             raise err.with_note(f"while importing '{stmt.path}'", stmt.span) from None
         return ns
 
@@ -396,13 +396,8 @@ class Checker:
     # ---- checkpoints and sinks ----------------------------------------------------------
 
     def load(self, path: str, span: Span) -> Model:
-        p = Path(path).expanduser()
-        if not p.is_absolute():
-            p = self.base_dir / p
-        try:
-            st = p.stat()
-        except OSError:
-            raise AlgIOError(f"no such file or folder: '{path}' (looked in {p.parent})", span) from None
+        p = joined(path, self.base_dir)
+        st = stat_path(p, path, span)  # a NUL byte, a loop, a too-long path: said as such
         key = (p.resolve(), st.st_mtime_ns)
         source = self._sources.get(key)
         if source is None:

@@ -92,11 +92,11 @@ def convert(args: argparse.Namespace) -> int:
     """`alg convert mergekit CONFIG.yml`: no torch, no checkpoint read; errors point into
     the YAML like recipe errors do."""
     from .convert import mergekit_to_alg
+    from .io.files import missing, read_text
 
-    p = Path(args.file)
-    if not p.is_file():
+    if missing(args.file):
         raise UsageError(f"no such config file: '{args.file}'")
-    text = mergekit_to_alg(p.read_text(encoding="utf-8"), name=args.file)
+    text = mergekit_to_alg(read_text(Path(args.file), args.file, what="config file"), name=args.file)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
@@ -121,10 +121,11 @@ def options_from(args: argparse.Namespace) -> Options:
 
 
 def _load(path: str) -> Source:
-    p = Path(path)
-    if not p.is_file():
+    from .io.files import missing
+
+    if missing(path):
         raise UsageError(f"no such recipe file: '{path}'")
-    return Source.from_file(p)
+    return Source.from_file(path)  # a folder, a device, bad UTF-8...: an AlgIOError
 
 
 def _check_overrides(session: Any, options: Options) -> None:

@@ -36,6 +36,7 @@ from . import ast
 from .builtins import BUILTINS, Builtin, show
 from .errors import AlgError, AlgNameError, AlgSyntaxError, AlgTypeError, did_you_mean
 from .interpreter import Session
+from .io.files import joined, missing
 from .options import Options
 from .parser import parse, parse_expr
 from .plan import format_plan, plan_tensors
@@ -301,13 +302,11 @@ class Repl:
         if not arg.strip():
             self.write("usage: :load FILE")
             return
-        path = Path(arg.strip()).expanduser()
-        if not path.is_absolute():
-            path = self.session.checker.base_dir / path
-        if not path.is_file():
+        path = joined(arg.strip(), self.session.checker.base_dir)
+        if missing(path):
             self.write(f"alg: error: no such recipe file: '{arg.strip()}'")
             return
-        self._run(Source.from_file(path))
+        self._run(Source.from_file(path))  # an unreadable file is an AlgIOError
 
     # ---- readline ----------------------------------------------------------------------
 

@@ -29,9 +29,12 @@ class Source:
         self._line_starts = starts
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Source:
-        p = Path(path)
-        return cls(p.read_text(encoding="utf-8"), name=str(path), path=p)
+    def from_file(cls, path: str | Path, name: str | None = None) -> Source:
+        """A recipe file. It must be a regular UTF-8 file under the size limit; every
+        failure is an `AlgIOError` (see `algebra.io.files.read_source`)."""
+        from .io.files import read_source  # io imports errors, which imports this module
+
+        return read_source(path, name)
 
     def line_col(self, offset: int) -> tuple[int, int]:
         """1-based (line, column) of a character offset."""

@@ -12,15 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import AlgIOError
 from ..types import TensorSpec, code_of
-from .safetensors import SafetensorsFile
+from .files import kind_of, read_json, stat_path
+from .safetensors import SafetensorsFile, pickle_refusal
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -141,35 +142,49 @@ class MemorySource:
         return []
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AlgIOError(f"cannot read '{path}': {e}") from None
+def _read_config(path: Path) -> dict | None:
+    """config.json as an object, or None where there is none. One that exists but is not
+    a regular file holding a JSON object (a folder, `null`, a list) is an error, never
+    silently dropped."""
+    if not os.path.lexists(path):
+        return None
+    return read_json(path, what="config file")
+
+
+def _shard_name(index: Path, name: object, fname: object) -> str:
+    """A weight_map value: a relative file name inside the model folder."""
+    if not isinstance(name, str) or not isinstance(fname, str) or not fname:
+        raise AlgIOError(f"'{index}': weight_map maps {json.dumps(name)} to {json.dumps(fname)}; "
+                         "expected a tensor name and a file name")
+    if "\x00" in fname or os.path.isabs(fname) or ".." in Path(fname).parts:
+        raise AlgIOError(
+            f"'{index}' maps '{name}' to {json.dumps(fname)}, outside the model folder; a "
+            "shard must be a file inside the folder that holds the index"
+        )
+    return fname
 
 
 def open_checkpoint(path: str | Path) -> CheckpointSource:
     """Open a checkpoint from its headers. Raises `AlgIOError` (without a position)."""
     p = Path(path)
-    if not p.exists():
-        raise AlgIOError(f"no such file or folder: '{path}'")
-    if p.is_file():
-        if p.suffix == ".safetensors":
-            folder = p.parent
-            config_path = folder / "config.json"
-            config = _read_json(config_path) if config_path.is_file() else None
-            return CheckpointSource(p, [SafetensorsFile(p)], config, None)
+    mode = stat_path(p, str(path)).st_mode
+    if stat.S_ISREG(mode):
         if p.suffix in PICKLE_SUFFIXES:
-            raise _pickle_refusal(p)
+            raise pickle_refusal(p)
+        if p.suffix == ".safetensors":
+            config = _read_config(p.parent / "config.json")
+            return CheckpointSource(p, [SafetensorsFile(p)], config, None)
         raise AlgIOError(f"'{path}' is not a .safetensors file or a model folder")
-    config = _read_json(p / "config.json") if (p / "config.json").is_file() else None
+    if not stat.S_ISDIR(mode):
+        raise AlgIOError(f"'{path}' is {kind_of(mode)}, not a .safetensors file or a model folder")
+    config = _read_config(p / "config.json")
     index = p / INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+    if os.path.lexists(index):
+        weight_map = read_json(index, what="index file").get("weight_map")
         if not isinstance(weight_map, dict):
             raise AlgIOError(f"'{index}' has no weight_map")
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (p / n).is_file()]
+        names = sorted({_shard_name(index, k, v) for k, v in weight_map.items()})
+        missing = [n for n in names if not os.path.lexists(p / n)]
         if missing:
             raise AlgIOError(f"'{index}' lists '{missing[0]}', which is not in '{path}'")
         files = [SafetensorsFile(p / n) for n in names]
@@ -178,23 +193,16 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
             if name not in src.tensors:
                 raise AlgIOError(f"'{index}' maps '{name}' to '{fname}', which does not hold it")
         return src
-    shards = sorted(p.glob("*.safetensors"))
-    if (p / "model.safetensors").is_file():
+    if os.path.lexists(p / "model.safetensors"):
         shards = [p / "model.safetensors"]
+    else:
+        shards = sorted(p.glob("*.safetensors"))
     if not shards:
         pickles = sorted(q for q in p.iterdir() if q.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise _pickle_refusal(pickles[0])
+            raise pickle_refusal(pickles[0])
         raise AlgIOError(f"'{path}' holds no .safetensors file")
     return CheckpointSource(p, [SafetensorsFile(s) for s in shards], config, p)
-
-
-def _pickle_refusal(p: Path) -> AlgIOError:
-    return AlgIOError(
-        f"'{p}' is a pickle checkpoint; loading pickle can run arbitrary code, so alg refuses "
-        "it. Convert it to safetensors (for example: load it yourself with "
-        "torch.load(..., weights_only=True) and save with safetensors.torch.save_file)."
-    )
 
 
 # ---- content hashes -------------------------------------------------------------------

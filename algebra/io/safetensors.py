@@ -25,9 +25,19 @@ import torch
 
 from ..errors import AlgIOError
 from ..types import DTYPES, TensorSpec, itemsize, torch_dtype
+from .files import open_regular
 
 _MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
+
+
+def _parse_header(raw: bytes) -> dict | None:
+    """The header as a JSON object, or None when it is not one."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
 
 
 @dataclass(frozen=True)
@@ -38,9 +48,20 @@ class TensorInfo:
     end: int
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save zip archives start with PK; raw pickles with the PROTO opcode 0x80
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+def looks_like_pickle(head: bytes) -> bool:
+    """Whether a file's first bytes are those of a `torch.save` file: a zip archive (the
+    default since torch 1.6) or a raw pickle (the PROTO opcode 0x80 and a protocol 2-5).
+    Only asked of a file that does not parse as safetensors: a valid safetensors file can
+    start with these bytes too (its header length's low bytes)."""
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def pickle_refusal(p: Path) -> AlgIOError:
+    return AlgIOError(
+        f"'{p}' is a pickle checkpoint; loading pickle can run arbitrary code, so alg refuses "
+        "it. Convert it to safetensors (for example: load it yourself with "
+        "torch.load(..., weights_only=True) and save with safetensors.torch.save_file)."
+    )
 
 
 class SafetensorsFile:
@@ -48,34 +69,38 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self.size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+        fd = open_regular(self.path, what="safetensors file")
+        with os.fdopen(fd, "rb") as f:
+            try:
+                self.size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
-                if len(head) < 8:
-                    raise self._corrupt(f"only {len(head)} bytes long; not a safetensors file")
-                if _looks_like_pickle(head):
-                    raise AlgIOError(
-                        f"'{self.path}' is a pickle checkpoint; pickle can run code when "
-                        "loaded, so alg refuses it. Convert it to safetensors first."
-                    )
-                (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER or 8 + n > self.size:
-                    raise self._corrupt(
-                        f"header length {n} exceeds the file size {self.size} "
-                        "(truncated, or not a safetensors file)"
-                    )
-                raw = f.read(n)
-        except OSError as e:
-            raise AlgIOError(f"cannot read '{self.path}': {e.strerror}") from None
-        self.data_start = 8 + n
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._corrupt(f"header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                plausible = 0 <= n <= _MAX_HEADER and 8 + n <= self.size
+                raw = f.read(n) if plausible else b""
+            except OSError as e:
+                raise AlgIOError(f"cannot read '{self.path}': {e.strerror}") from None
+        header = _parse_header(raw) if plausible else None
+        if header is None:
+            # not safetensors: only now may its first bytes say what it is instead
+            if looks_like_pickle(head):
+                raise pickle_refusal(self.path)
+            if len(head) < 8:
+                raise self._corrupt(f"only {len(head)} bytes long; not a safetensors file")
+            if not plausible:
+                raise self._corrupt(
+                    f"header length {n} exceeds the file size {self.size} "
+                    "(truncated, or not a safetensors file)"
+                )
+            try:
+                json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise self._corrupt(f"header is not valid JSON ({e})") from None
             raise self._corrupt("header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        metadata = header.pop("__metadata__", None) or {}
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise self._corrupt("__metadata__ is not an object of strings")
+        self.metadata: dict[str, str] = metadata
         self.tensors: dict[str, TensorInfo] = {}
         data_len = self.size - self.data_start
         for name, entry in header.items():

@@ -9,12 +9,17 @@ are cached by (path, size, mtime): a vocabulary is read once per session.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import AlgIOError
+from .files import read_json, stat_path
+
+# Ids at or past this are refused: a vocabulary is held as a dense tuple of its ids, so
+# one hostile id must not cost gigabytes. The largest real vocabularies have ~262k tokens.
+MAX_TOKEN_ID = 1 << 24
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,11 +50,11 @@ def read_vocab(folder: Path | None) -> Vocab | None:
         return None
     for name in ("tokenizer.json", "vocab.json"):
         path = Path(folder) / name
-        if path.is_file():
+        if os.path.lexists(path):
             break
     else:
         return None
-    st = path.stat()
+    st = stat_path(path)
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     vocab = _CACHE.get(key)
     if vocab is None:
@@ -59,12 +64,32 @@ def read_vocab(folder: Path | None) -> Vocab | None:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AlgIOError(f"cannot read '{path}': {e}") from None
+    return read_json(path, what="tokenizer file", expect=None)
 
 
+def _malformed(parse):
+    """A parser whose every surprise in the file's shape is an `AlgIOError` naming it."""
+
+    def parse_checked(path: Path) -> Vocab:
+        try:
+            return parse(path)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise AlgIOError(f"'{path}' is malformed: {type(e).__name__}: {e}") from None
+
+    return parse_checked
+
+
+def _id(i: Any, path: Path) -> int:
+    """A token id: an integer in [0, MAX_TOKEN_ID)."""
+    if isinstance(i, bool) or not isinstance(i, int | str):
+        raise ValueError(f"token id {i!r} is not an integer")
+    i = int(i)
+    if not 0 <= i < MAX_TOKEN_ID:
+        raise AlgIOError(f"'{path}' gives a token the id {i}, outside [0, {MAX_TOKEN_ID})")
+    return i
+
+
+@_malformed
 def _parse_tokenizer_json(path: Path) -> Vocab:
     data = _load(path)
     model = data.get("model") if isinstance(data, dict) else None
@@ -74,29 +99,30 @@ def _parse_tokenizer_json(path: Path) -> Vocab:
     by_id: dict[int, str] = {}
     if isinstance(raw, dict):  # BPE, WordPiece, WordLevel
         for tok, i in raw.items():
-            by_id.setdefault(int(i), tok)
+            by_id.setdefault(_id(i, path), tok)
     elif isinstance(raw, list):  # Unigram: [[piece, score], ...], the id is the position
         for i, item in enumerate(raw):
-            by_id[i] = item[0] if isinstance(item, list) else str(item)
+            by_id[_id(i, path)] = item[0] if isinstance(item, list) else str(item)
     else:
         raise AlgIOError(f"'{path}': unsupported tokenizer model '{model.get('type')}' (no vocab)")
     added: dict[int, dict[str, Any]] = {}
     for item in data.get("added_tokens") or []:
-        i = int(item["id"])
+        i = _id(item["id"], path)
         by_id.setdefault(i, item["content"])
         added[i] = dict(item)
     return _vocab(by_id, added, path)
 
 
+@_malformed
 def _parse_vocab_json(path: Path) -> Vocab:
     raw = _load(path)
     if not isinstance(raw, dict):
         raise AlgIOError(f"'{path}' is not a token -> id mapping")
-    by_id = {int(i): tok for tok, i in raw.items()}
+    by_id = {_id(i, path): tok for tok, i in raw.items()}
     extra = path.parent / "added_tokens.json"
-    if extra.is_file():
+    if os.path.lexists(extra):
         for tok, i in _load(extra).items():
-            by_id.setdefault(int(i), tok)
+            by_id.setdefault(_id(i, extra), tok)
     return _vocab(by_id, {}, path)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..builtins import Call, builtin, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
+from ..io.files import absolute
 from ..types import type_name
 from ..values import Model, Sink
 from .data import Pairs, Responses, read_pairs, read_responses
@@ -63,8 +64,7 @@ class EvalRequest:
 
 
 def _path(call: Call, path: str) -> Path:
-    p = Path(path).expanduser()
-    return (p if p.is_absolute() else call.checker.base_dir / p).resolve()
+    return absolute(path, call.checker.base_dir)  # never raises: reading says what is wrong
 
 
 def _checkpoint(call: Call, m: Any, param: str) -> Model:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AlgIOError
+from ..io.files import read_text
 from ..source import Span
 
 Prompt = str | tuple  # text, or ((role, content), ...)
@@ -186,19 +187,19 @@ def show_prompt(prompt: Prompt, width: int = 60) -> str:
 
 
 def _rows(path: Path, label: str, span: Span | None):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AlgIOError(f"no such file: '{label}' (looked in {path.parent})", span) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AlgIOError(f"cannot read '{label}': {e}", span) from None
-    for n, line in enumerate(text.splitlines(), 1):
+    # a regular UTF-8 file under the size limit (algebra.io.files says why not, positioned)
+    text = read_text(path, label, span, "data file")
+    # JSONL rows end at "\n" only: str.splitlines() would also split inside a JSON string
+    # at U+2028, U+0085 or a form feed, which JSON allows unescaped
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise AlgIOError(f"{label}:{n}: not valid JSON ({e.msg} at column {e.colno})", span) from None
+        except RecursionError:
+            raise AlgIOError(f"{label}:{n}: JSON nested too deeply to read", span) from None
         if not isinstance(row, dict):
             raise AlgIOError(f"{label}:{n}: a row must be a JSON object, not {type(row).__name__}", span)
         yield n, row

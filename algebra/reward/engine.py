@@ -327,6 +327,7 @@ def score_command(session: Any, name: str, data: Path, out: Path) -> None:
     """`alg score RECIPE NAME --data FILE --out FILE`: NAME's rewards for FILE's rows, with
     its named sub-terms, as score() would write them. Paths are relative to the cwd."""
     from ..errors import AlgNameError, AlgTypeError
+    from ..io.files import absolute
     from ..values import Sink
     from .data import read_responses
 
@@ -342,7 +343,7 @@ def score_command(session: Any, name: str, data: Path, out: Path) -> None:
         raise AlgTypeError(f"'{name}' is a {type_name(r)}, not a Reward")
     terms = set(r.walk())
     names = [(n, v) for n, v in env.items() if isinstance(v, Reward) and v in terms and v != r]
-    req = ScoreRequest(r, read_responses(data.resolve(), str(data)), out.resolve(), names)
+    req = ScoreRequest(r, read_responses(absolute(data, Path.cwd()), str(data)), out.resolve(), names)
     run_sinks([Sink("score", None, req)], session.options)
 
 
