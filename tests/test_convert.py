@@ -304,15 +304,282 @@ def _model_paths(config: Path, family: dict[str, Path]) -> dict[str, str]:
     return paths
 
 
+# ---- every converted recipe runs, and equals mergekit's result -------------------------
+#
+# The reference below is written from mergekit 0.1.5's source (plan.py, config.py,
+# parameter_resolver.py, merge_methods/, sparsify.py), independently of the converter: the
+# plan (embeddings at t=0 from the first slice, layer j of an n-layer slice at t=j/(n-1),
+# or t=1 for one layer, final norm and head at t=0 from the last slice), the parameter
+# lookup (shared parameters by the output tensor's name, per-model ones by the input
+# tensor's name), each method's defaults and its arithmetic, in float64. As mergekit with
+# `dtype: float32` does, task vectors are taken in float32 (so that magnitude selection
+# sees the same numbers alg and mergekit see), everything after in float64.
+# DARE and DELLA draw random masks: their configs run at density 1 (no draw; the test
+# rewrites every density to 1), where mergekit's rescaling is the identity too.
+
+_MK_DEFAULTS = {  # mergekit 0.1.5's defaults (merge_methods/registry.py and signatures)
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False, "rescale": False},
+    "ties": {"normalize": True, "rescale": False},
+    "dare_linear": {"normalize": False, "rescale": True},
+    "dare_ties": {"normalize": False, "rescale": True},
+    "breadcrumbs": {"normalize": False, "rescale": False, "gamma": 0.01},
+    "breadcrumbs_ties": {"normalize": False, "rescale": False, "gamma": 0.01},
+    "della": {"normalize": True, "rescale": True, "epsilon": 0.15},
+    "della_linear": {"normalize": False, "rescale": True, "epsilon": 0.15},
+    "model_stock": {"filter_wise": False},
+    "nuslerp": {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+    "passthrough": {"scale": None},
+    "slerp": {},
+}
+_GTA = {"task_arithmetic": (None, False), "ties": ("magnitude", True), "dare_linear": ("random", False),
+        "dare_ties": ("random", True), "breadcrumbs": ("outliers", False),
+        "breadcrumbs_ties": ("outliers", True), "della": ("della", True), "della_linear": ("della", False)}
+_SHARED = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise", "nuslerp_flatten",
+           "nuslerp_row_wise", "select_topk"}
+
+
+def _mk_value(setting, name: str, t: float):
+    if isinstance(setting, dict):
+        setting = [setting]
+    return _mergekit_setting(setting, name, t)
+
+
+def _mk_param(cfg, slc, model, pname: str, name: str, t: float, method: str):
+    levels = []
+    if model is not None:
+        levels += [s.get("parameters") for s in slc["sources"] if s["model"] == model]
+    levels += [slc.get("parameters"), cfg.get("parameters")]
+    for lv in levels:
+        if lv and pname in lv:
+            v = _mk_value(lv[pname], name, t)
+            if v is not None:
+                return v
+    dflt = {"lambda": 1.0, "density": 1.0, "int8_mask": False, **_MK_DEFAULTS[method]}
+    if pname not in dflt:
+        raise KeyError(f"missing {pname} for {name}")
+    return dflt[pname]
+
+
+def _mk_sparsify(d, kind: str, density: float, gamma: float):
+    import torch
+
+    if kind is None or density >= 1:
+        return d
+    assert kind in ("magnitude", "outliers"), "random methods run at density 1"
+    n = d.numel()
+    w = d.abs().reshape(-1)
+    mask = torch.zeros(n, dtype=d.dtype)
+    if kind == "magnitude":
+        k = max(1, int(density * n))
+        mask[torch.argsort(w, descending=True)[:k]] = 1
+    else:
+        target, top = int(density * n), int(gamma * n)
+        bot = max(0, n - target - top)
+        mask[torch.argsort(w)[bot:bot + target]] = 1
+    return d * mask.reshape(d.shape)
+
+
+def _mk_slerp(t: float, a, b, eps=1e-8):
+    import torch
+
+    na, nb = a.norm(), b.norm()
+    na, nb = (na if na > eps else 1), (nb if nb > eps else 1)
+    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        return (1 - t) * a + t * b
+    th = torch.acos(dot)
+    return torch.sin((1 - t) * th) / torch.sin(th) * a + torch.sin(t * th) / torch.sin(th) * b
+
+
+def _mk_nuslerp(t: float, v0, v1, dim: int, flatten: bool, eps=1e-8):
+    import torch
+
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2
+    th = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    res = (torch.sin((1 - t) * th) * v0 + torch.sin(t * th) * v1) / torch.sin(th)
+    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
+    if dim != -1 and not flatten:
+        res = res.transpose(dim, -1)
+    return res.reshape(shape)
+
+
+def _mk_tensor(cfg, slc, out_name: str, in_names: list[str], t: float, states) -> "object":
+    """One output tensor of one mergekit config, in float64."""
+    import torch
+
+    method = cfg["merge_method"]
+    base_ref = slc.get("base_model") or cfg.get("base_model")
+    models = [s["model"] for s in slc["sources"]]
+    x32 = {m: states[m][n].float() for m, n in zip(models, in_names, strict=True)}
+    x = {m: v.double() for m, v in x32.items()}
+    name_of = dict(zip(models, in_names, strict=True))
+
+    def shared(p):
+        return _mk_param(cfg, slc, None, p, out_name, t, method)
+
+    def per(m, p):
+        return _mk_param(cfg, slc, m, p, name_of[m], t, method)
+
+    if method == "passthrough":
+        (m,) = models
+        s = per(m, "scale")
+        return x[m] if s is None else x[m] * s
+    if method == "linear":
+        ws = [per(m, "weight") for m in models]
+        out = sum(w * x[m] for w, m in zip(ws, models, strict=True))
+        return out / sum(ws) if shared("normalize") else out
+    others = [m for m in models if m != base_ref]
+    if method == "slerp":
+        return _mk_slerp(shared("t"), x[base_ref], x[others[0]])
+    if method == "nuslerp":
+        ws = [per(m, "weight") for m in others]
+        tt = 0.5 if abs(sum(ws)) < 1e-6 else ws[1] / sum(ws)
+        dim = 0 if shared("nuslerp_row_wise") else -1
+        flat = shared("nuslerp_flatten")
+        if base_ref in x:
+            b = x[base_ref]
+            return b + _mk_nuslerp(tt, x[others[0]] - b, x[others[1]] - b, dim, flat)
+        return _mk_nuslerp(tt, x[others[0]], x[others[1]], dim, flat)
+    if method == "model_stock":
+        w0 = x[base_ref]
+        ws = [x[m] for m in others]
+        if shared("filter_wise"):
+            flat = [w.unsqueeze(0) if w.dim() == 1 else w for w in [w0, *ws]]
+        else:
+            flat = [w.reshape(-1) for w in [w0, *ws]]
+        offs = [w - flat[0] for w in flat[1:]]
+        cos = []
+        for i, a in enumerate(offs):
+            for b in offs[i + 1:]:
+                cos.append(((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1))
+        c = torch.stack(cos).mean(0).unsqueeze(-1)
+        n = len(ws)
+        tt = n * c / (1 + (n - 1) * c)
+        return (tt * (sum(flat[1:]) / n) + (1 - tt) * flat[0]).reshape(w0.shape)
+    kind, consensus = _GTA[method]
+    base = x[base_ref]
+    deltas, ws = [], []
+    for m in others:
+        d = (x32[m] - x32[base_ref]).double()  # mergekit at dtype float32
+        gamma = per(m, "gamma") if "gamma" in _MK_DEFAULTS[method] else 0.0
+        d = _mk_sparsify(d, kind, per(m, "density"), gamma)
+        w = per(m, "weight")
+        deltas.append(d * w)
+        ws.append(torch.full_like(d, w))
+    D, W = torch.stack(deltas), torch.stack(ws)
+    if consensus:
+        majority = torch.where(D.sum(0) >= 0, 1.0, -1.0).double()
+        mask = (D.sign() == majority).double()
+        mixed = (D * mask).sum(0)
+        div = (W * mask).sum(0)
+        div[div == 0] = 1
+    else:
+        mixed = D.sum(0)
+        div = W.sum(0)
+        div[div.abs() < 1e-8] = 1
+    if shared("normalize"):
+        mixed = mixed / div
+    return base + shared("lambda") * mixed
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _mk_merge(cfg, states) -> dict:
+    """mergekit's plan for a Llama-shaped model: pre weights, layers slice by slice, post."""
+    from safetensors.torch import load_file  # noqa: F401  (states are loaded by the caller)
+
+    if "models" in cfg:
+        srcs = [{"model": m["model"], "parameters": m.get("parameters")} for m in cfg["models"]]
+        if cfg.get("base_model") and all(s["model"] != cfg["base_model"] for s in srcs):
+            srcs.append({"model": cfg["base_model"], "parameters": None})
+        n = 1 + max(int(_LAYER.match(k)[1]) for k in states[srcs[0]["model"]] if _LAYER.match(k))
+        for s in srcs:
+            s["layer_range"] = [0, n]
+        slices = [{"sources": srcs}]
+    else:
+        slices = cfg["slices"]
+    first = states[slices[0]["sources"][0]["model"]]
+    suffixes = sorted({m[2] for k in first if (m := _LAYER.match(k)) and m[1] == "0"})
+    pre = [k for k in first if not _LAYER.match(k) and "embed" in k]
+    post = [k for k in first if not _LAYER.match(k) and "embed" not in k]
+    out = {}
+    for k in pre:
+        out[k] = _mk_tensor(cfg, slices[0], k, [k] * len(slices[0]["sources"]), 0.0, states)
+    o = 0
+    for slc in slices:
+        n = slc["sources"][0]["layer_range"][1] - slc["sources"][0]["layer_range"][0]
+        for j in range(n):
+            t = j / (n - 1) if n > 1 else 1.0
+            for suf in suffixes:
+                ins = [f"model.layers.{s['layer_range'][0] + j}.{suf}" for s in slc["sources"]]
+                out[f"model.layers.{o + j}.{suf}"] = _mk_tensor(cfg, slc, f"model.layers.{o + j}.{suf}",
+                                                                ins, t, states)
+        o += n
+    for k in post:
+        out[k] = _mk_tensor(cfg, slices[-1], k, [k] * len(slices[-1]["sources"]), 0.0, states)
+    return out
+
+
+def _for_the_test(config: Path) -> tuple[str, list[dict]]:
+    """The config as the run test uses it: float32 throughout, densities of the random
+    methods at 1 (and DELLA's epsilon at 0, unused there)."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(config.read_text()) if d]
+    for d in docs:
+        d["dtype"] = "float32"
+        d.pop("out_dtype", None)
+        if d["merge_method"] in ("dare_linear", "dare_ties", "della", "della_linear"):
+            for lv in [d.get("parameters") or {}, *[(m.get("parameters") or {}) for m in d.get("models", [])]]:
+                if "density" in lv:
+                    lv["density"] = 1.0
+                if d["merge_method"].startswith("della") and lv is d.get("parameters"):
+                    # alg's della refuses density + epsilon > 1, where mergekit at density 1
+                    # keeps everything (docs/mergekit.md); at density 1 epsilon is unused
+                    lv["epsilon"] = 0.0
+    return yaml.safe_dump_all(docs, sort_keys=False), docs
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_converted_recipes_check(config, deep_family, tmp_path, capsys):
-    text = _convert(config, model_paths=_model_paths(config, deep_family))
+def test_converted_recipes_run_and_equal_mergekit(config, deep_family, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    text, docs = _for_the_test(config)
+    paths = _model_paths(config, deep_family)
     recipe = tmp_path / f"{config.stem}.alg"
-    recipe.write_text(text)
-    code = main(["check", str(recipe), "--device", "cpu"])
+    recipe.write_text(mergekit_to_alg(text, name=config.name, model_paths=paths))
+    out = tmp_path / "out"
+    code = main(["run", str(recipe), "--device", "cpu", "--set", f"out={out}"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "ok" in captured.out
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        got.update(load_file(f))
+
+    states = {r: {k: v for k, v in load_file(Path(p) / "model.safetensors").items()} for r, p in paths.items()}
+    for d in docs:
+        result = _mk_merge(d, states)
+        for key in ("out_path", "name"):
+            if key in d:
+                states[d[key]] = {k: v.float() for k, v in result.items()}
+    want = result
+    assert set(got) == set(want)
+    for k, w in want.items():
+        g = got[k]
+        assert g.dtype == torch.float32 and g.shape == w.shape, k
+        err = (g.double() - w).abs().max().item()
+        assert err <= 1e-5 * max(1.0, w.abs().max().item()), (k, err)
 
 
 def test_yaml_positions_survive_flow_and_block_styles():
