@@ -137,6 +137,172 @@ def test_names_never_shadow_keywords_builtins_or_library():
     parse(text)
 
 
+def test_signatures_read_without_torch_equal_the_registry():
+    """convert/signatures.py reads the @builtin headers from source; the imported registry
+    is the truth it must equal (names, parameters, defaults)."""
+    from algebra import check  # noqa: F401  (registers every builtin)
+    from algebra.builtins import BUILTINS
+    from algebra.convert.signatures import builtin_signatures
+
+    sigs = builtin_signatures()
+    shipped = {n: b for n, b in BUILTINS.items() if b.impl.__module__.startswith("algebra.")}
+    assert set(sigs) == set(shipped)
+    for name, b in shipped.items():
+        assert sigs[name].params == tuple(p.name for p in b.params), name
+        assert sigs[name].defaults == b.defaults, name
+        assert sigs[name].types == {p.name: str(p.type) for p in b.params if p.type is not None}, name
+
+
+def test_every_keyword_the_converter_writes_exists():
+    """A MkParam's keyword is a parameter of alg's function (else the converter would
+    refuse a setting alg supports, or write a call that does not check)."""
+    from algebra.convert.mergekit import METHODS
+    from algebra.convert.signatures import signature
+    from algebra.methods.sparse import METHODS as SPARSE
+
+    for mname, m in METHODS.items():
+        if m.base == "passthrough":  # stack(layers(...)), no function of its own
+            continue
+        sig = signature(m.func)
+        for p, spec in m.params.items():
+            if spec.keyword is not None and not (p == "normalize" and mname in (
+                    "task_arithmetic", "dare_linear", "breadcrumbs", "della_linear")):
+                # (those four have no normalize=: the converter divides the weights)
+                assert sig.has(spec.keyword), (mname, p, spec.keyword)
+        # alg's DARE and DELLA rescale what they drop, the others never do
+        assert m.rescales == (SPARSE.get(m.func, ("none",))[0] in ("dare", "della")), mname
+
+
+def _keyword_value(text: str, func: str, keyword: str):
+    """The value a converted recipe passes for `keyword` to `func`, or alg's default."""
+    from algebra.convert.signatures import signature
+
+    for stmt in parse(text).stmts:
+        v = getattr(stmt, "value", None)
+        if isinstance(v, ast.Call) and getattr(v.func, "id", None) == func:
+            for k in v.kwargs:
+                if k.name == keyword:
+                    return ast.literal_value(k.value)
+            return signature(func).default(keyword)
+    raise AssertionError(f"no {func}() call in\n{text}")
+
+
+_GTA_YAML = ("models:\n  - model: a/base\n  - model: a/one\n    parameters: {{weight: 0.5, density: 1.0}}\n"
+             "  - model: a/two\n    parameters: {{weight: 0.3, density: 1.0}}\n"
+             "merge_method: {method}\nbase_model: a/base\n{params}")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_normalize_is_mergekits_default_or_as_written(method, setting):
+    """Issue 8: dare_ties/breadcrumbs_ties default to normalize: false in mergekit, and an
+    explicit normalize: is honoured both ways, never refused."""
+    mk_default = {"ties": True, "dare_ties": False, "breadcrumbs_ties": False, "della": True}[method]
+    params = "" if setting is None else f"parameters:\n  normalize: {str(setting).lower()}\n"
+    if method == "della":
+        params = (params or "parameters:\n") + "  epsilon: 0.0\n"
+    text = mergekit_to_alg(_GTA_YAML.format(method=method, params=params))
+    want = mk_default if setting is None else setting
+    assert _keyword_value(text, method, "normalize") is want
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"])
+@pytest.mark.parametrize("setting", [True, False])
+def test_normalize_without_a_keyword_divides_the_weights(method, setting):
+    """alg's function has no normalize=: true divides plain-number weights by their sum."""
+    eps = "  epsilon: 0.0\n" if method == "della_linear" else ""
+    text = mergekit_to_alg(_GTA_YAML.format(
+        method=method, params=f"parameters:\n  normalize: {str(setting).lower()}\n{eps}"))
+    weights = [_eval(item, "x", 0.0) for item in _calls(text)["weights"].items]
+    assert weights == pytest.approx([0.5 / 0.8, 0.3 / 0.8] if setting else [0.5, 0.3])
+
+
+def test_nuslerp_flatten_and_row_wise_and_multislerp_normalize_weights():
+    two = ("models:\n  - model: a/one\n    parameters: {weight: 1.0}\n"
+           "  - model: a/two\n    parameters: {weight: 3.0}\n")
+    text = mergekit_to_alg(two + "merge_method: nuslerp\nparameters: {nuslerp_flatten: false}\n")
+    assert "nuslerp(one, two, 0.75, flatten=false)" in text
+    text = mergekit_to_alg(two + "merge_method: nuslerp\n"
+                           "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n")
+    assert "nuslerp(one, two, 0.75, flatten=false, row_wise=true)" in text
+    # row_wise without flatten: false is ignored by mergekit, so it must not reach alg
+    text = mergekit_to_alg(two + "merge_method: nuslerp\nparameters: {nuslerp_row_wise: true}\n")
+    assert "nuslerp(one, two, 0.75)" in text and "ignores nuslerp_row_wise" in text
+    text = mergekit_to_alg(two + "merge_method: multislerp\nparameters: {normalize_weights: false}\n")
+    assert _keyword_value(text, "multislerp", "normalize") is False
+
+
+def test_gradients_follow_mergekits_rule():
+    """Issue 8: mergekit evaluates everything outside the layer stack (the head and final
+    norm too) at t=0 and a one-layer slice at t=1; alg's own ramp keeps its rule."""
+    from algebra.arch import Arch
+    from algebra.schedule import Ramp
+
+    class FakeArch(Arch):
+        def __init__(self, n):
+            object.__setattr__(self, "n_layers", n)
+            object.__setattr__(self, "layer_of", {f"model.layers.{i}.mlp.w": i for i in range(n)})
+
+        def depth(self, name):
+            i = self.layer_of.get(name)
+            if i is not None:
+                return i / (self.n_layers - 1) if self.n_layers > 1 else 0.0
+            return 0.0 if "embed" in name else 1.0
+
+    mk, own = Ramp((0.2, 0.6, 1.0), "mergekit"), Ramp((0.2, 0.6, 1.0))
+    a5 = FakeArch(5)
+    for name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        assert mk.at(name, a5) == 0.2
+    assert own.at("lm_head.weight", a5) == 1.0 and own.at("model.embed_tokens.weight", a5) == 0.2
+    for i in range(5):
+        t = i / 4
+        want = 0.2 + t * 2 * 0.4 if t <= 0.5 else 0.6 + (t - 0.5) * 2 * 0.4
+        assert mk.at(f"model.layers.{i}.mlp.w", a5) == pytest.approx(want)
+        assert own.at(f"model.layers.{i}.mlp.w", a5) == pytest.approx(want)
+    assert mk.at("model.layers.0.mlp.w", FakeArch(1)) == 1.0
+    assert own.at("model.layers.0.mlp.w", FakeArch(1)) == 0.2
+    assert repr(mk) == 'ramp(0.2, 0.6, 1, rule="mergekit")'
+    text = mergekit_to_alg(_GTA_YAML.format(method="ties", params="").replace(
+        "weight: 0.5", "weight: [0.5, 1]"))
+    assert 'ramp(0.5, 1, rule="mergekit")' in text
+
+
+def test_ramp_rule_is_checked():
+    from algebra.errors import AlgTypeError
+    from algebra.interpreter import Interpreter
+
+    with pytest.raises(AlgTypeError, match="rule must be one of 'alg', 'mergekit'"):
+        Interpreter().eval('ramp(0, 1, rule="mergekt")')
+
+
+MERGEKIT_PYTHON = Path(os.environ.get("MERGEKIT_PYTHON", "/work/venvs/mergekit/bin/python"))
+
+
+@pytest.mark.skipif(not MERGEKIT_PYTHON.exists(), reason="no mergekit venv (set MERGEKIT_PYTHON)")
+def test_method_table_matches_the_installed_mergekit():
+    """The converter's copy of mergekit's methods (parameters, defaults, scopes) equals
+    the registry of a real mergekit, when one is installed in a venv of its own."""
+    import json
+
+    from algebra.convert.mergekit import METHODS, REQUIRED
+
+    code = (
+        "import json\nfrom mergekit.merge_methods.registry import registered_methods\n"
+        "from mergekit.merge_methods.base import MISSING, ParameterScope\nout = {}\n"
+        "for m in registered_methods():\n"
+        "    out[m.spec.name] = {p.name: [None if p.default is MISSING else p.default, "
+        "p.scope == ParameterScope.SHARED] for p in m.spec.parameters}\n"
+        "print(json.dumps(out))\n"
+    )
+    run = subprocess.run([str(MERGEKIT_PYTHON), "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    real = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, m in METHODS.items():
+        assert name in real, name
+        ours = {p: [None if s.default is REQUIRED else s.default, s.shared] for p, s in m.params.items()}
+        assert ours == real[name], name
+
+
 def test_dtypes_are_the_ones_save_accepts():
     from algebra.types import DTYPE_ALIASES
 
@@ -284,8 +450,20 @@ def deep_family(tmp_path_factory):
     """Models deep enough for the configs' layer ranges (40 layers), kept narrow."""
     from algebra.tiny import build_family
 
-    return build_family(tmp_path_factory.mktemp("deep"), hidden=16, layers=40,
-                        names=("base", "math", "rl1", "rl2"))
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    family = build_family(tmp_path_factory.mktemp("deep"), hidden=16, layers=40,
+                          names=("base", "math", "rl1", "rl2"))
+    # tiny's fine-tunes keep the base's norm weights (all ones): give them their own, so that
+    # the final norm has a task vector and mergekit's gradient rule shows on it too
+    for i, n in enumerate(("math", "rl1", "rl2")):
+        f = family[n] / "model.safetensors"
+        state = load_file(f)
+        g = torch.Generator().manual_seed(100 + i)
+        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() == 1 else v
+                   for k, v in state.items()}, f, metadata={"format": "pt"})
+    return family
 
 
 def _model_paths(config: Path, family: dict[str, Path]) -> dict[str, str]:

@@ -103,7 +103,9 @@ _EPSILON = MkParam(0.15, False, "epsilon")
 METHODS: dict[str, Method] = {
     "linear": Method("linear", "none", {"weight": MkParam(REQUIRED, False, "weights"),
                                         "normalize": MkParam(True, True, "normalize")}),
-    "task_arithmetic": Method("task_arithmetic", "required", _gta(False, False)),
+    # (task_arithmetic accepts density but sparsifies nothing: nothing to write)
+    "task_arithmetic": Method("task_arithmetic", "required",
+                              {**_gta(False, False), "density": MkParam(1.0, False)}),
     "ties": Method("ties", "required", _gta(True, False)),
     "dare_linear": Method("dare_linear", "required", _gta(False, True), rescales=True, seeded=True),
     "dare_ties": Method("dare_ties", "required", _gta(False, True), rescales=True, seeded=True),
@@ -835,7 +837,7 @@ class _Converter:
                               f"(mergekit's default, rescale: {_show(method.params['rescale'].default)})")
         self.int8(slc, gparams)
         lead = [f"weights={self.per_model_arg('weights', ws, others, tag)}"]
-        if "density" in method.params and method.takes("density"):
+        if method.takes(method.params["density"].keyword):
             ds = [self.per_model("density", s, slc, gparams, P("1.0", 1.0)) for s in others]
             lead.append(f"density={self.per_model_arg('density', ds, others, tag)}")
         for pname in ("gamma", "epsilon"):
