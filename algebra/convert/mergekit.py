@@ -170,6 +170,7 @@ class OutSlice:
     base_node: Y | None
     node: Y
     sliced: bool
+    offset: int = 0  # the output layer number of its first layer (earlier slices' lengths)
 
 
 def mergekit_to_alg(
@@ -211,6 +212,7 @@ def _comment(text: str, width: int = 92) -> str:
                                    subsequent_indent="#   "))
 
 
+_LAYER_NUMBER = re.compile(r"(^|\.)\d+(\.|$)")  # a filter naming a layer: "layers.3.", ".12"
 _REGEX_META = re.compile(r"[.^$*+?{}\[\]\\|()]")
 
 
@@ -223,6 +225,7 @@ class _Converter:
         self.results: dict[str, str] = {}  # mega: a document's name / out_path -> variable
         self.loads: list[str] = []
         self.lines: list[str] = []
+        self.numbering = 0  # the first layer number of the names mergekit's filters see
 
     def note(self, text: str) -> None:
         self.lines.append(_comment(text))
@@ -437,7 +440,9 @@ class _Converter:
             if len(lengths) > 1:
                 raise m["sources"].error("all sources of a slice must span the same number of layers")
             out.append(OutSlice(sources, self.params_map(m.get("parameters")), sb or base_ref,
-                                sb_node if sb else base_node, s, sliced=True))
+                                sb_node if sb else base_node, s, sliced=True,
+                                offset=sum(o.sources[0].layer_range[1] - o.sources[0].layer_range[0]
+                                           for o in out)))
         if not out:
             raise top["slices"].error("slices is empty")
         return out
@@ -556,6 +561,13 @@ class _Converter:
                     f"'{name}' has no value for tensors that match none of its filters; add an "
                     f"entry without filter (- value: ...) as the default"
                 )
+            if self.numbering and _LAYER_NUMBER.search(pattern):
+                raise f.error(
+                    f"filter '{pattern}' names a layer number, which alg cannot match as "
+                    f"mergekit does here: mergekit matches '{name}' against tensor names whose "
+                    f"layers count from {self.numbering} in this slice, alg's layers(...) counts "
+                    "them from 0"
+                )
             pat = re.escape(pattern) if _REGEX_META.search(pattern) else pattern
             acc = P(f"where({_q(pat)}, {val.text}, {acc.text})", node=c)
         assert acc is not None
@@ -601,12 +613,16 @@ class _Converter:
 
     def scalar_global(self, name: str, slc: OutSlice, gparams: Y | None, default: P | None,
                       missing: Y) -> P:
+        # mergekit matches a shared parameter's filters against the output tensor's name
+        self.numbering = slc.offset
         return self.chain(name, [self.lookup(slc.params, name), self.lookup(gparams, name)],
                           default, missing)
 
     def per_model(self, name: str, src: Src, slc: OutSlice, gparams: Y | None,
                   default: P | None) -> P:
         levels = [self.lookup(src.params, name), self.lookup(slc.params, name), self.lookup(gparams, name)]
+        # mergekit matches a per-model parameter's filters against that model's tensor name
+        self.numbering = src.layer_range[0] if src.layer_range else 0
         return self.chain(name, levels, default, src.node, src.ref)
 
     def bind(self, arg: str, p: P, tag: str = "") -> str:
