@@ -2,14 +2,19 @@
 
 A pure function from config text to recipe text; it reads no checkpoint, so it cannot know
 a model's layer count and never needs to: mergekit's `layer_range` maps to `layers(m, s, e)`
-as written, gradients to `ramp(...)`, filters to `where(...)`.
+as written, gradients to `ramp(..., rule="mergekit")`, filters to `where(...)`.
 
 Policy:
 - Faithful or refused. Every key is either translated to the alg expression that means the
   same, recorded in a `# note:` comment (a key mergekit itself ignores, a setting alg does
   not need), or refused with a `ConvertError` positioned at the YAML node. A mergekit
   parameter that alg's function cannot express with a value other than mergekit's default
-  (dare_ties with `normalize: true`, `rescale: false`, ...) is an error, never dropped.
+  (DARE with `rescale: false`, a gradient `gamma`, ...) is an error, never dropped.
+- Defaults: `METHODS` holds mergekit's side (each parameter's default and scope, and the
+  keyword of alg's function that takes it); alg's side (which keywords exist, their
+  defaults, whether they take per-tensor values) is read from the builtins' declarations
+  by `signatures.py`. A keyword is written exactly when mergekit's value for it (the
+  config's, else mergekit's default) differs from alg's default.
 - mergekit's parameter lookup is reproduced exactly: for each tensor, the first level
   that yields a value wins (slice source, output slice, top level, then the method's
   default); inside a level, conditional entries are tried in order, the first whose
