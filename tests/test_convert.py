@@ -448,10 +448,10 @@ def test_lookup_matches_mergekit(levels, default):
 @pytest.fixture(scope="module")
 def deep_family(tmp_path_factory):
     """Models deep enough for the configs' layer ranges (40 layers), kept narrow."""
-    from algebra.tiny import build_family
-
     import torch
     from safetensors.torch import load_file, save_file
+
+    from algebra.tiny import build_family
 
     family = build_family(tmp_path_factory.mktemp("deep"), hidden=16, layers=40,
                           names=("base", "math", "rl1", "rl2"))
@@ -590,7 +590,7 @@ def _mk_nuslerp(t: float, v0, v1, dim: int, flatten: bool, eps=1e-8):
     return res.reshape(shape)
 
 
-def _mk_tensor(cfg, slc, out_name: str, in_names: list[str], t: float, states) -> "object":
+def _mk_tensor(cfg, slc, out_name: str, in_names: list[str], t: float, states) -> object:
     """One output tensor of one mergekit config, in float64."""
     import torch
 
@@ -674,7 +674,6 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def _mk_merge(cfg, states) -> dict:
     """mergekit's plan for a Llama-shaped model: pre weights, layers slice by slice, post."""
-    from safetensors.torch import load_file  # noqa: F401  (states are loaded by the caller)
 
     if "models" in cfg:
         srcs = [{"model": m["model"], "parameters": m.get("parameters")} for m in cfg["models"]]

@@ -31,7 +31,6 @@ import re
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from ..errors import did_you_mean
