@@ -717,13 +717,16 @@ def _for_the_test(config: Path) -> tuple[str, list[dict]]:
         d["dtype"] = "float32"
         d.pop("out_dtype", None)
         if d["merge_method"] in ("dare_linear", "dare_ties", "della", "della_linear"):
-            for lv in [d.get("parameters") or {}, *[(m.get("parameters") or {}) for m in d.get("models", [])]]:
+            if d["merge_method"].startswith("della"):
+                # alg's della refuses density + epsilon > 1, where mergekit at density 1
+                # keeps everything (docs/mergekit.md); at density 1 epsilon is unused
+                d["parameters"] = {**(d.get("parameters") or {}), "epsilon": 0.0}
+            models = [m.get("parameters") or {} for m in d.get("models", [])]
+            for lv in [d.get("parameters") or {}, *models]:
                 if "density" in lv:
                     lv["density"] = 1.0
-                if d["merge_method"].startswith("della") and lv is d.get("parameters"):
-                    # alg's della refuses density + epsilon > 1, where mergekit at density 1
-                    # keeps everything (docs/mergekit.md); at density 1 epsilon is unused
-                    lv["epsilon"] = 0.0
+            for lv in models:
+                lv.pop("epsilon", None)  # a model's own epsilon: unused at density 1 too
     return yaml.safe_dump_all(docs, sort_keys=False), docs
 
 
