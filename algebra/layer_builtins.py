@@ -10,24 +10,30 @@ from __future__ import annotations
 from typing import Any
 
 from .builtins import Call, builtin
-from .errors import AlgTypeError
-from .schedule import Ramp, Schedule, Where, as_param, compile_pattern
+from .errors import AlgTypeError, did_you_mean
+from .schedule import RAMP_RULES, Ramp, Schedule, Where, as_param, compile_pattern
 from .surgery import layer_stack, stack, take_layers
 from .values import Model
 
 
 @builtin(
-    "ramp(values: List[Scalar])",
+    'ramp(values: List[Scalar], rule: String = "alg")',
     "A value per layer, piecewise linear over depth: ramp(v0, ..., vk) puts k+1 evenly "
     "spaced knots from the first layer to the last, and layer i of L gets the "
     "interpolation at i/(L-1) (mergekit's gradient lists). Outside the layer stack, the "
     "input embeddings (and their norm; a tied head, which is the embedding) get v0; the "
     "final norm, the output head and every other tensor after the layers get vk. Usable "
     "wherever a Param is: lerp(a, b, ramp(0, 1)), ramp(1, 0.5) * m, merge(rm, lm, "
-    "ramp(0.1, 0.5)). Also ramp([v0, ..., vk]).",
+    "ramp(0.1, 0.5)). Also ramp([v0, ..., vk]). rule=\"mergekit\" follows mergekit's "
+    "gradients instead (what `alg convert mergekit` writes): every tensor outside the stack "
+    "gets v0, and a stack of one layer gets vk.",
     variadic=True,
 )
-def _ramp(call: Call, values: tuple) -> Schedule:
+def _ramp(call: Call, values: tuple, rule: str = "alg") -> Schedule:
+    if rule not in RAMP_RULES:
+        raise call.error(AlgTypeError, f"ramp(): rule must be one of "
+                         f"{', '.join(map(repr, RAMP_RULES))}, not '{rule}'"
+                         f"{did_you_mean(rule, RAMP_RULES)}", "rule")
     if len(values) < 2:
         raise call.error(
             AlgTypeError,
@@ -35,7 +41,7 @@ def _ramp(call: Call, values: tuple) -> Schedule:
             f"{len(values)}; for one value everywhere write the number itself",
             "values",
         )
-    return Ramp(tuple(float(v) for v in values))
+    return Ramp(tuple(float(v) for v in values), rule)
 
 
 @builtin(

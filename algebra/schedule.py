@@ -10,6 +10,12 @@ gives one number per tensor of a checkpoint:
                             the input embeddings (and their norm) get v0; the final norm,
                             the output head and every other tensor after the stack get vk.
                             A tied head is the embedding, so it gets v0.
+    ramp(..., rule="mergekit")
+                            mergekit's own rule, which `alg convert mergekit` writes:
+                            layer i of L at i/(L-1) as above, but a stack of one
+                            layer gets vk (mergekit's t = 1) and every tensor outside
+                            the stack, after it as well as before, gets v0 (mergekit
+                            evaluates them at t = 0).
     where(p, x, y)          x for tensors whose name matches the regular expression p
                             (a plain substring such as "self_attn" is one), y elsewhere;
                             x and y may be schedules themselves.
@@ -84,18 +90,28 @@ class Schedule:
         return self if op == "+" else combine("mul", -1.0, self)
 
 
+RAMP_RULES = ("alg", "mergekit")
+
+
 @dataclass(frozen=True)
 class Ramp(Schedule):
     values: tuple[float, ...]
+    rule: str = "alg"  # one of RAMP_RULES
 
     def at(self, name: str, arch: Arch) -> float:
+        if self.rule == "mergekit":
+            i = arch.layer_of.get(name)
+            if i is None:
+                return self.values[0]
+            return interpolate(self.values, i / (arch.n_layers - 1) if arch.n_layers > 1 else 1.0)
         return interpolate(self.values, arch.depth(name))
 
     def uses_depth(self) -> bool:
         return True
 
     def __repr__(self) -> str:
-        return f"ramp({', '.join(_num(v) for v in self.values)})"
+        rule = "" if self.rule == "alg" else f', rule="{self.rule}"'
+        return f"ramp({', '.join(_num(v) for v in self.values)}{rule})"
 
 
 @dataclass(frozen=True)
@@ -253,6 +269,6 @@ def schedules_in(params: tuple) -> list[Schedule]:
 
 
 __all__ = [
-    "Arith", "Ramp", "Schedule", "Where", "as_param", "combine", "interpolate", "is_param",
+    "RAMP_RULES", "Arith", "Ramp", "Schedule", "Where", "as_param", "combine", "interpolate", "is_param",
     "neg", "recip", "resolve", "resolve_params", "schedules_in",
 ]

@@ -2,14 +2,19 @@
 
 A pure function from config text to recipe text; it reads no checkpoint, so it cannot know
 a model's layer count and never needs to: mergekit's `layer_range` maps to `layers(m, s, e)`
-as written, gradients to `ramp(...)`, filters to `where(...)`.
+as written, gradients to `ramp(..., rule="mergekit")`, filters to `where(...)`.
 
 Policy:
 - Faithful or refused. Every key is either translated to the alg expression that means the
   same, recorded in a `# note:` comment (a key mergekit itself ignores, a setting alg does
   not need), or refused with a `ConvertError` positioned at the YAML node. A mergekit
   parameter that alg's function cannot express with a value other than mergekit's default
-  (dare_ties with `normalize: true`, `rescale: false`, ...) is an error, never dropped.
+  (DARE with `rescale: false`, a gradient `gamma`, ...) is an error, never dropped.
+- Defaults: `METHODS` holds mergekit's side (each parameter's default and scope, and the
+  keyword of alg's function that takes it); alg's side (which keywords exist, their
+  defaults, whether they take per-tensor values) is read from the builtins' declarations
+  by `signatures.py`. A keyword is written exactly when mergekit's value for it (the
+  config's, else mergekit's default) differs from alg's default.
 - mergekit's parameter lookup is reproduced exactly: for each tensor, the first level
   that yields a value wins (slice source, output slice, top level, then the method's
   default); inside a level, conditional entries are tried in order, the first whose
@@ -26,10 +31,12 @@ import re
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import did_you_mean
 from ..source import Source
 from ._yaml import ConvertError, Y, documents
+from .signatures import function_names, keywords, save_dtypes, signature
 
 TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
@@ -41,68 +48,97 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 COND_KEYS = ("filter", "value")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 
-# dtype names `save` accepts (mirrors algebra.types.DTYPE_ALIASES; a test keeps them equal
-# without this module importing torch)
-DTYPES = ("float64", "fp64", "double", "float32", "fp32", "float", "float16", "fp16", "half",
-          "bfloat16", "bf16")
+# dtype names `save` accepts, keywords, and the names a recipe variable must not take
+# (builtins, library functions and `out`): read from alg's own declarations (signatures.py)
+DTYPES = save_dtypes()
+KEYWORDS = keywords()
+FUNCTIONS = tuple(sorted(function_names()))
+RESERVED = frozenset(KEYWORDS) | function_names() | {"out"}
 
-# names a recipe variable must not take: keywords, builtins and library functions
-KEYWORDS = ("def", "use", "import", "as", "lambda", "for", "in", "if", "true", "false", "none")
-FUNCTIONS = (
-    "load", "save", "print", "info", "range", "str", "len", "fold", "assert_close", "merge",
-    "slerp", "lerp", "task_vector", "liti", "ema", "linear", "task_arithmetic", "ties",
-    "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-    "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "ramp", "where",
-    "layers", "stack", "align", "out",
-    # reward functions (algebra/reward/)
-    "reward", "responses", "pairs", "logsig", "sigmoid", "exp", "log", "clip", "min", "max",
-    "sum", "mean", "quantile", "refusal", "baseline", "generate", "normalize", "score",
-    "evaluate",
-)
+REQUIRED = object()  # a mergekit parameter without a default
+
+
+@dataclass(frozen=True)
+class MkParam:
+    """One parameter of a mergekit method: mergekit's default (from mergekit's source),
+    its scope, and the keyword of alg's function that takes it (None: it has none).
+    alg's default for that keyword is read from the function's signature."""
+
+    default: Any
+    shared: bool  # mergekit resolves it once per tensor (True) or per input model (False)
+    keyword: str | None = None
 
 
 @dataclass(frozen=True)
 class Method:
     """What alg needs to know of one mergekit merge method."""
 
-    func: str
+    func: str  # alg's function of the same meaning
     base: str  # "required" | "pair" (base + exactly one other) | "optional" | "none" | "passthrough"
-    params: tuple[str, ...]  # the parameters mergekit's method reads
-    normalize: bool | None = None  # mergekit's default, for methods that read `normalize`
-    rescale: bool | None = None
-    consensus: bool = False  # TIES sign election: normalizing is by a masked sum
-    sparsify: bool = False  # reads density
-    scale_arg: bool = False  # the alg function takes scale= (mergekit's lambda)
-    normalize_arg: bool = False  # the alg function takes normalize=
+    params: dict[str, MkParam]  # mergekit's parameters
+    rescales: bool = False  # alg's function rescales what it drops (alg's dare/della do)
     seeded: bool = False  # random masks: alg seeds them, mergekit does not
 
+    def alg_default(self, keyword: str) -> Any:
+        return signature(self.func).default(keyword)
 
-_GTA = ("weight", "density", "normalize", "rescale", "int8_mask", "lambda")
+    def takes(self, keyword: str | None) -> bool:
+        return keyword is not None and signature(self.func).has(keyword)
+
+
+def _gta(normalize: bool, rescale: bool, **extra: MkParam) -> dict[str, MkParam]:
+    """mergekit's GeneralizedTaskArithmeticMerge parameters (default_normalize,
+    default_rescale per method; gamma/epsilon for breadcrumbs/della)."""
+    return {
+        "int8_mask": MkParam(False, True),
+        "normalize": MkParam(normalize, True, "normalize"),
+        "rescale": MkParam(rescale, True),
+        "lambda": MkParam(1.0, True, "scale"),
+        "weight": MkParam(REQUIRED, False, "weights"),
+        "density": MkParam(1.0, False, "density"),
+        **extra,
+    }
+
+
+_GAMMA = MkParam(0.01, False, "gamma")
+_EPSILON = MkParam(0.15, False, "epsilon")
+# mergekit 0.1.5's registry (merge_methods/registry.py and each method's signature);
+# tests/test_convert.py compares this table with an installed mergekit when there is one
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", "none", ("weight", "normalize"), normalize=True, normalize_arg=True),
-    "task_arithmetic": Method("task_arithmetic", "required", _GTA, False, False, scale_arg=True),
-    "ties": Method("ties", "required", _GTA, True, False, consensus=True, sparsify=True,
-                   scale_arg=True, normalize_arg=True),
-    "dare_linear": Method("dare_linear", "required", _GTA, False, True, sparsify=True, seeded=True),
-    "dare_ties": Method("dare_ties", "required", _GTA, False, True, consensus=True, sparsify=True,
-                        seeded=True),
-    "breadcrumbs": Method("breadcrumbs", "required", (*_GTA, "gamma"), False, False, sparsify=True),
-    "breadcrumbs_ties": Method("breadcrumbs_ties", "required", (*_GTA, "gamma"), False, False,
-                               consensus=True, sparsify=True),
-    "della": Method("della", "required", (*_GTA, "epsilon"), True, True, consensus=True,
-                    sparsify=True, seeded=True),
-    "della_linear": Method("della_linear", "required", (*_GTA, "epsilon"), False, True,
-                           sparsify=True, seeded=True),
-    "model_stock": Method("model_stock", "required", ("filter_wise",)),
-    "sce": Method("sce", "required", ("select_topk", "int8_mask")),
-    "nuslerp": Method("nuslerp", "optional", ("weight", "nuslerp_flatten", "nuslerp_row_wise")),
-    "multislerp": Method("multislerp", "optional", ("weight", "normalize_weights", "eps")),
-    "karcher": Method("karcher", "none", ("max_iter", "tol")),
-    "nearswap": Method("nearswap", "pair", ("t",)),
-    "slerp": Method("slerp", "pair", ("t",)),
-    "passthrough": Method("passthrough", "passthrough", ("scale",)),
+    "linear": Method("linear", "none", {"weight": MkParam(REQUIRED, False, "weights"),
+                                        "normalize": MkParam(True, True, "normalize")}),
+    # (task_arithmetic accepts density but sparsifies nothing: nothing to write)
+    "task_arithmetic": Method("task_arithmetic", "required",
+                              {**_gta(False, False), "density": MkParam(1.0, False)}),
+    "ties": Method("ties", "required", _gta(True, False)),
+    "dare_linear": Method("dare_linear", "required", _gta(False, True), rescales=True, seeded=True),
+    "dare_ties": Method("dare_ties", "required", _gta(False, True), rescales=True, seeded=True),
+    "breadcrumbs": Method("breadcrumbs", "required", _gta(False, False, gamma=_GAMMA)),
+    "breadcrumbs_ties": Method("breadcrumbs_ties", "required", _gta(False, False, gamma=_GAMMA)),
+    "della": Method("della", "required", _gta(True, True, epsilon=_EPSILON), rescales=True, seeded=True),
+    "della_linear": Method("della_linear", "required", _gta(False, True, epsilon=_EPSILON),
+                           rescales=True, seeded=True),
+    "model_stock": Method("model_stock", "required",
+                          {"filter_wise": MkParam(False, True, "filter_wise")}),
+    "sce": Method("sce", "required", {"int8_mask": MkParam(False, True),
+                                      "select_topk": MkParam(1.0, True, "topk")}),
+    "nuslerp": Method("nuslerp", "optional", {
+        "weight": MkParam(REQUIRED, False),
+        "nuslerp_row_wise": MkParam(False, True, "row_wise"),
+        "nuslerp_flatten": MkParam(True, True, "flatten"),
+    }),
+    "multislerp": Method("multislerp", "optional", {
+        "weight": MkParam(REQUIRED, False, "weights"),
+        "normalize_weights": MkParam(True, True, "normalize"),
+        "eps": MkParam(1e-8, True),
+    }),
+    "karcher": Method("karcher", "none", {"max_iter": MkParam(10, True, "max_iter"),
+                                          "tol": MkParam(1e-5, True, "tol")}),
+    "nearswap": Method("nearswap", "pair", {"t": MkParam(REQUIRED, True, "t")}),
+    "slerp": Method("slerp", "pair", {"t": MkParam(REQUIRED, True, "t")}),
+    "passthrough": Method("passthrough", "passthrough", {"scale": MkParam(None, False)}),
 }
-ALL_PARAMS = sorted({p for m in METHODS.values() for p in m.params} | {"gamma", "epsilon", "embed_slerp"})
+ALL_PARAMS = sorted({p for m in METHODS.values() for p in m.params} | {"embed_slerp"})
 UNSUPPORTED_METHODS = {
     "arcee_fusion": "arcee_fusion (importance scores from KL divergence) is not supported by alg",
 }
@@ -138,6 +174,7 @@ class OutSlice:
     base_node: Y | None
     node: Y
     sliced: bool
+    offset: int = 0  # the output layer number of its first layer (earlier slices' lengths)
 
 
 def mergekit_to_alg(
@@ -179,6 +216,7 @@ def _comment(text: str, width: int = 92) -> str:
                                    subsequent_indent="#   "))
 
 
+_LAYER_NUMBER = re.compile(r"(^|\.)\d+(\.|$)")  # a filter naming a layer: "layers.3.", ".12"
 _REGEX_META = re.compile(r"[.^$*+?{}\[\]\\|()]")
 
 
@@ -186,11 +224,12 @@ class _Converter:
     def __init__(self, source: Source, model_paths: dict[str, str]):
         self.source = source
         self.model_paths = model_paths
-        self.used: set[str] = set(KEYWORDS) | set(FUNCTIONS)
+        self.used: set[str] = set(RESERVED)
         self.models: dict[str, str] = {}  # model reference -> variable
         self.results: dict[str, str] = {}  # mega: a document's name / out_path -> variable
         self.loads: list[str] = []
         self.lines: list[str] = []
+        self.numbering = 0  # the first layer number of the names mergekit's filters see
 
     def note(self, text: str) -> None:
         self.lines.append(_comment(text))
@@ -405,7 +444,9 @@ class _Converter:
             if len(lengths) > 1:
                 raise m["sources"].error("all sources of a slice must span the same number of layers")
             out.append(OutSlice(sources, self.params_map(m.get("parameters")), sb or base_ref,
-                                sb_node if sb else base_node, s, sliced=True))
+                                sb_node if sb else base_node, s, sliced=True,
+                                offset=sum(o.sources[0].layer_range[1] - o.sources[0].layer_range[0]
+                                           for o in out)))
         if not out:
             raise top["slices"].error("slices is empty")
         return out
@@ -524,6 +565,13 @@ class _Converter:
                     f"'{name}' has no value for tensors that match none of its filters; add an "
                     f"entry without filter (- value: ...) as the default"
                 )
+            if self.numbering and _LAYER_NUMBER.search(pattern):
+                raise f.error(
+                    f"filter '{pattern}' names a layer number, which alg cannot match as "
+                    f"mergekit does here: mergekit matches '{name}' against tensor names whose "
+                    f"layers count from {self.numbering} in this slice, alg's layers(...) counts "
+                    "them from 0"
+                )
             pat = re.escape(pattern) if _REGEX_META.search(pattern) else pattern
             acc = P(f"where({_q(pat)}, {val.text}, {acc.text})", node=c)
         assert acc is not None
@@ -538,7 +586,7 @@ class _Converter:
             nums = [self.number(name, i) for i in items]
             if len(nums) == 1:
                 return P(_num(nums[0]), nums[0], y)
-            return P(f"ramp({', '.join(_num(v) for v in nums)})", node=y)
+            return P(f"ramp({', '.join(_num(v) for v in nums)}, rule=\"mergekit\")", node=y)
         if y.is_map:
             raise y.error(f"'{name}': a conditional value cannot nest another")
         v = self.number(name, y)
@@ -569,12 +617,16 @@ class _Converter:
 
     def scalar_global(self, name: str, slc: OutSlice, gparams: Y | None, default: P | None,
                       missing: Y) -> P:
+        # mergekit matches a shared parameter's filters against the output tensor's name
+        self.numbering = slc.offset
         return self.chain(name, [self.lookup(slc.params, name), self.lookup(gparams, name)],
                           default, missing)
 
     def per_model(self, name: str, src: Src, slc: OutSlice, gparams: Y | None,
                   default: P | None) -> P:
         levels = [self.lookup(src.params, name), self.lookup(slc.params, name), self.lookup(gparams, name)]
+        # mergekit matches a per-model parameter's filters against that model's tensor name
+        self.numbering = src.layer_range[0] if src.layer_range else 0
         return self.chain(name, levels, default, src.node, src.ref)
 
     def bind(self, arg: str, p: P, tag: str = "") -> str:
@@ -597,18 +649,75 @@ class _Converter:
         return var
 
     def ignored(self, method: Method, mname: str, slc: OutSlice, gparams: Y | None) -> None:
-        seen = []
+        seen, per_model = [], []
         for lv in [*(s.params for s in slc.sources), slc.params, gparams]:
             if lv is None:
                 continue
             for k, _, _ in lv.items():
                 if k not in method.params and k not in seen:
                     seen.append(k)
+        for s in slc.sources:
+            for k, _, _ in (s.params.items() if s.params is not None else ()):
+                if k in method.params and method.params[k].shared and k not in per_model:
+                    per_model.append(k)
         if seen:
-            self.note(f"mergekit's {mname} does not read {', '.join(seen)}; "
-                              "left out")
+            self.note(f"mergekit's {mname} does not read {', '.join(seen)}; left out")
+        if per_model:
+            self.note(f"mergekit reads {', '.join(per_model)} once per tensor, from the slice or "
+                      "top-level parameters, never a model's; the model-level value is left out")
 
     # ---- one merge -----------------------------------------------------------------------
+
+    def keyword(self, method: Method, mk: str, p: P, tag: str, kw: list[str], node: Y | None) -> None:
+        """Write `keyword=value` for mergekit parameter `mk` when its value is not alg's
+        default; refuse a value alg's function cannot take."""
+        spec = method.params[mk]
+        sig = signature(method.func)
+        if not method.takes(spec.keyword):
+            if p.num is not None and p.num == spec.default:
+                return
+            raise (node or p.node).error(f"{mk}: {p.text} is not supported: alg's {method.func} has no "
+                                         f"counterpart of it (mergekit's default is {_show(spec.default)})")
+        if p.num is not None and p.num == sig.default(spec.keyword):
+            return
+        if p.num is None and not sig.per_tensor(spec.keyword):
+            raise (node or p.node).error(f"'{mk}' varies over tensors here, but alg's {method.func} "
+                                         f"takes one number for {spec.keyword}=")
+        kw.append(f"{spec.keyword}={self.bind(spec.keyword, p, tag=tag)}")
+
+    def boolean(self, method: Method, mk: str, slc: OutSlice, gparams: Y | None, kw: list[str]) -> bool:
+        """A shared true/false parameter: written as alg's keyword when it is not alg's
+        default; refused when alg's function has no keyword and does not do that."""
+        spec = method.params[mk]
+        v, node = self.flag(mk, slc, gparams, spec.default)
+        if method.takes(spec.keyword):
+            if v != method.alg_default(spec.keyword):
+                kw.append(f"{spec.keyword}={_show(v)}")
+        elif v != spec.default and node is not None:
+            raise node.error(f"{mk}: {_show(v)} is not supported for {method.func}: alg's "
+                             f"{method.func} has no {mk}= and does what mergekit's default "
+                             f"({mk}: {_show(spec.default)}) does")
+        return v
+
+    def number_param(self, method: Method, mk: str, slc: OutSlice, gparams: Y | None, tag: str,
+                     kw: list[str], others: list[Src] | None = None) -> None:
+        """A numeric parameter with a default: shared (slice, top level) or, when mergekit
+        reads it per model (gamma, epsilon), one value that every model must agree on."""
+        spec = method.params[mk]
+        dflt = P(_num(spec.default), spec.default)
+        if spec.shared or others is None:
+            p = self.scalar_global(mk, slc, gparams, dflt, slc.node)
+            node = self.lookup(slc.params, mk) or self.lookup(gparams, mk)
+        else:
+            ps = [self.per_model(mk, s, slc, gparams, dflt) for s in others]
+            for q, s in zip(ps[1:], others[1:], strict=True):
+                if q.text != ps[0].text:
+                    raise (self.lookup(s.params, mk) or s.node).error(
+                        f"'{mk}' differs between models; alg's {method.func} takes one value for all")
+            p = ps[0]
+            node = next((y for s in others for y in [self.lookup(s.params, mk)] if y is not None),
+                        None) or self.lookup(slc.params, mk) or self.lookup(gparams, mk)
+        self.keyword(method, mk, p, tag, kw, node)
 
     def merge(self, method: Method, slc: OutSlice, gparams: Y | None, tokenizer: str | None,
               tag: str, method_y: Y) -> str:
@@ -632,7 +741,7 @@ class _Converter:
                 others = [s for s in srcs if s.ref != slc.base_ref]
                 if base.params is not None:
                     self.note(f"{mname} does not read the parameters of "
-                                      f"base_model {slc.base_ref}")
+                              f"base_model {slc.base_ref}")
             elif slc.sliced:
                 raise slc.base_node.error(
                     f"base_model {slc.base_ref} is not one of this slice's sources; list it there "
@@ -659,145 +768,119 @@ class _Converter:
             t = self.scalar_global("t", slc, gparams, None, method_y)
             pos = [base.expr, others[0].expr, self.bind("t", t, tag=tag)]
         elif mname == "linear":
-            ws = weights()
-            kw.append(f"weights={self.per_model_arg('weights', ws, others, tag)}")
-            norm, _ = self.flag("normalize", slc, gparams, True)
-            if not norm:
-                kw.append("normalize=false")
+            kw.append(f"weights={self.per_model_arg('weights', weights(), others, tag)}")
+            self.boolean(method, "normalize", slc, gparams, kw)
             pos = [ms]
         elif mname == "model_stock":
-            fw, _ = self.flag("filter_wise", slc, gparams, False)
             if len(others) < 2:
                 raise slc.node.error("model_stock needs at least two models besides base_model")
-            if fw:
-                kw.append("filter_wise=true")
+            self.boolean(method, "filter_wise", slc, gparams, kw)
             pos = [base.expr, ms]
         elif mname == "sce":
-            topk = self.scalar_global("select_topk", slc, gparams, P("1.0", 1.0), method_y)
-            if topk.num != 1.0:
-                kw.append(f"topk={self.bind('topk', topk, tag=tag)}")
+            self.number_param(method, "select_topk", slc, gparams, tag, kw)
             self.int8(slc, gparams)
             pos = [base.expr, ms]
         elif mname == "karcher":
-            for pname, default in (("max_iter", 10), ("tol", 1e-5)):
-                v = self.scalar_global(pname, slc, gparams, P(_num(default), default), method_y)
-                if v.num != default:
-                    kw.append(f"{pname}={v.text}")
+            for pname in ("max_iter", "tol"):
+                self.number_param(method, pname, slc, gparams, tag, kw)
             pos = [ms]
         elif mname == "nuslerp":
             if len(others) != 2:
                 raise slc.node.error(f"nuslerp merges exactly two models (plus an optional "
                                      f"base_model), got {len(others)}")
-            for pname, default in (("nuslerp_flatten", True), ("nuslerp_row_wise", False)):
-                v, node = self.flag(pname, slc, gparams, default)
-                if v != default:
-                    raise node.error(f"{pname}: {str(v).lower()} is not supported: alg's nuslerp "
-                                     "interpolates whole tensors (mergekit's default)")
+            if self.boolean(method, "nuslerp_flatten", slc, gparams, kw):
+                row_wise, _ = self.flag("nuslerp_row_wise", slc, gparams, False)
+                if row_wise:
+                    self.note("mergekit ignores nuslerp_row_wise while nuslerp_flatten is true "
+                              "(the whole tensor is one vector); left out")
+            else:
+                self.boolean(method, "nuslerp_row_wise", slc, gparams, kw)
             wa, wb = weights()
             if wa.num is not None and wb.num is not None:
                 total = wa.num + wb.num
                 t = P(_num(0.5 if abs(total) < 1e-6 else wb.num / total))
                 self.note(f"t = weight of the second / sum of weights "
-                                  f"({_num(wb.num)} / ({_num(wa.num)} + {_num(wb.num)}))")
+                          f"({_num(wb.num)} / ({_num(wa.num)} + {_num(wb.num)}))")
             else:
                 t = P(f"{wb.text} / ({wa.text} + {wb.text})")
             pos = [others[0].expr, others[1].expr, self.bind("t", t, tag=tag)]
             if base is not None:
-                kw.append(f"base={base.expr}")
+                kw.insert(0, f"base={base.expr}")
         elif mname == "multislerp":
             kw.append(f"weights={self.per_model_arg('weights', weights(), others, tag)}")
-            nw, node = self.flag("normalize_weights", slc, gparams, True)
-            if not nw:
-                raise node.error("normalize_weights: false is not supported: alg's multislerp "
-                                 "normalizes the weights (mergekit's default)")
-            eps = self.lookup(slc.params, "eps") or self.lookup(gparams, "eps")
-            if eps is not None and self.number("eps", eps) != 1e-8:
-                raise eps.error("eps other than mergekit's 1e-8 is not supported by alg's multislerp")
-            pos = [ms]
             if base is not None:
                 kw.append(f"base={base.expr}")
+            self.boolean(method, "normalize_weights", slc, gparams, kw)
+            eps = self.lookup(slc.params, "eps") or self.lookup(gparams, "eps")
+            if eps is not None and self.number("eps", eps) != method.params["eps"].default:
+                raise eps.error("eps other than mergekit's 1e-8 is not supported by alg's multislerp")
+            pos = [ms]
         else:
             pos = self.gta(method, mname, base, others, slc, gparams, tag, kw, weights)
         if tokenizer is not None:
             kw.append(f"tokenizer={tokenizer}")
-        call = _call(mname, [*pos, *kw])
-        if "lambda" in method.params and not method.scale_arg:
-            lam = self.scalar_global("lambda", slc, gparams, P("1.0", 1.0), method_y)
-            lam = self.same_per_model("lambda", others, slc, lam)
-            if lam.num != 1.0:
-                b = base.expr
-                inner = self.fresh(f"{mname}_merge{tag}")
-                self.lines.append(f"{inner} = {call}")
-                self.note("mergekit's lambda scales the merged task vector: "
-                          "base + lambda * (merge - base)")
-                call = f"{b} + {self.bind('lam', lam, tag=tag)} * ({inner} - {b})"
-        return call
-
-    def same_per_model(self, name: str, others: list[Src], slc: OutSlice, fallback: P) -> P:
-        """A parameter mergekit reads per model but alg takes once: the models must agree."""
-        vals = []
-        for s in others:
-            y = self.lookup(s.params, name)
-            vals.append((self.chain(name, [y], None, s.node) if y is not None else fallback, y))
-        first = vals[0][0]
-        for v, y in vals[1:]:
-            if v.text != first.text:
-                raise (y or slc.node).error(
-                    f"'{name}' differs between models; alg's function takes one value for all"
-                )
-        return first
+        return _call(mname, [*pos, *kw])
 
     def int8(self, slc: OutSlice, gparams: Y | None) -> None:
         v, _ = self.flag("int8_mask", slc, gparams, False)
         if v:
             self.note("int8_mask only saves mergekit memory; alg streams, so it "
-                              "has no counterpart")
+                      "has no counterpart")
 
     def gta(self, method: Method, mname: str, base: Src, others: list[Src], slc: OutSlice,
             gparams: Y | None, tag: str, kw: list[str], weights) -> list[str]:
         ws = weights()
-        norm, norm_node = self.flag("normalize", slc, gparams, method.normalize)
-        if norm != method.normalize:
-            if method.normalize_arg:
-                kw.append(f"normalize={str(norm).lower()}")
-            elif norm and not method.consensus and all(w.num is not None for w in ws):
-                total = sum(w.num for w in ws)
-                if abs(total) >= 1e-8:
-                    ws = [P(f"{w.text} / {_num(total)}", w.num / total) for w in ws]
-                self.note("normalize: true divides the weights by their sum")
-            else:
-                why = ("the sign election masks the sum" if method.consensus
-                       else "the weights are per-layer values")
+        norm_spec = method.params["normalize"]
+        norm, norm_node = self.flag("normalize", slc, gparams, norm_spec.default)
+        norm_kw: list[str] = []
+        if method.takes(norm_spec.keyword):
+            if norm != method.alg_default(norm_spec.keyword):
+                norm_kw.append(f"normalize={_show(norm)}")
+        elif norm:
+            # alg's function adds the weighted task vectors unnormalized: divide the weights
+            # by their sum (mergekit divides by 1 where that sum is below 1e-8)
+            if not all(w.num is not None for w in ws):
                 raise norm_node.error(
-                    f"normalize: {str(norm).lower()} is not supported for {mname} ({why}); alg's "
-                    f"{mname} uses mergekit's default, normalize: {str(method.normalize).lower()}"
+                    f"normalize: true is not supported for {mname} with per-layer or per-tensor "
+                    f"weights: alg's {mname} has no normalize=, and the converter divides only "
+                    "plain-number weights by their sum"
                 )
-        rescale, rnode = self.flag("rescale", slc, gparams, method.rescale)
-        if rescale != method.rescale:
-            raise rnode.error(f"rescale: {str(rescale).lower()} is not supported for {mname}; "
-                              f"alg's {mname} uses mergekit's default, rescale: "
-                              f"{str(method.rescale).lower()}")
+            total = sum(w.num for w in ws)
+            if abs(total) >= 1e-8:
+                ws = [P(f"{w.text} / {_num(total)}", w.num / total) for w in ws]
+            self.note("normalize: true divides the weights by their sum")
+        rescale, rnode = self.flag("rescale", slc, gparams, method.params["rescale"].default)
+        if rescale != method.rescales:
+            assert rnode is not None
+            raise rnode.error(f"rescale: {_show(rescale)} is not supported for {mname}; alg's "
+                              f"{mname} {'always rescales' if method.rescales else 'never rescales'} "
+                              f"(mergekit's default, rescale: {_show(method.params['rescale'].default)})")
         self.int8(slc, gparams)
         lead = [f"weights={self.per_model_arg('weights', ws, others, tag)}"]
-        if method.sparsify:
+        if method.takes(method.params["density"].keyword):
             ds = [self.per_model("density", s, slc, gparams, P("1.0", 1.0)) for s in others]
             lead.append(f"density={self.per_model_arg('density', ds, others, tag)}")
-        for pname, default in (("gamma", 0.01), ("epsilon", 0.15)):
+        for pname in ("gamma", "epsilon"):
             if pname in method.params:
-                g = self.scalar_global(pname, slc, gparams, P(_num(default), default), slc.node)
-                g = self.same_per_model(pname, others, slc, g)
-                if g.num != default:
-                    lead.append(f"{pname}={self.bind(pname, g, tag=tag)}")
-        if method.scale_arg:
-            lam = self.scalar_global("lambda", slc, gparams, P("1.0", 1.0), slc.node)
-            lam = self.same_per_model("lambda", others, slc, lam)
-            if lam.num != 1.0:
-                lead.append(f"scale={self.bind('scale', lam, tag=tag)}")
+                self.number_param(method, pname, slc, gparams, tag, lead, others)
+        lead += norm_kw
+        self.number_param(method, "lambda", slc, gparams, tag, lead)
         if method.seeded:
             self.note(f"mergekit draws {mname}'s random masks unseeded; alg seeds "
-                              "them (seed=0), so the result is reproducible but not mergekit's draw")
+                      "them (seed=0), so the result is reproducible but not mergekit's draw")
         kw[:0] = lead
         return [base.expr, "[" + ", ".join(s.expr for s in others) + "]"]
+
+
+def _show(v: Any) -> str:
+    """A value as alg writes it."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if v is REQUIRED:
+        return "required"
+    return _num(v) if isinstance(v, int | float) else str(v)
 
 
 __all__ = ["METHODS", "mergekit_to_alg"]
