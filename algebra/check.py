@@ -72,6 +72,7 @@ class SaveRequest:
     shard_bytes: int
     overwrite: bool
     span: Span
+    guard: Any = None  # io.target.OverwriteGuard: re-checked right before replacing
 
 
 @dataclass
@@ -98,6 +99,9 @@ class Checker:
         self._depth = 0
         self._sinks: list[Sink] = []
         self._save_paths: dict[Path, Span] = {}
+        # what this program reads and writes: a path written must not also be read
+        self._reads: list[tuple[Path, Span | None, str]] = []
+        self._writes: list[tuple[Path, Span | None, str]] = []
         self.used_overrides: set[str] = set()
         self.prelude_env = self._library_env("prelude", None)
         self.env = self.prelude_env.child()
@@ -117,14 +121,14 @@ class Checker:
     def check(self, program: ast.Program, env: Env | None = None) -> Checked:
         """Check a whole program; its sinks run only if all of it checks."""
         env = env or self.env
-        self._sinks, self._save_paths = [], {}
+        self._sinks, self._save_paths, self._reads, self._writes = [], {}, [], []
         token = _WARN.set(self.warning)
         try:
             return self._check(program, env)
         finally:
             _WARN.reset(token)
             # a failed entry (REPL) must not keep its sinks or reserve its save paths
-            self._sinks, self._save_paths = [], {}
+            self._sinks, self._save_paths, self._reads, self._writes = [], {}, [], []
 
     def _check(self, program: ast.Program, env: Env) -> Checked:
         out = Checked()
@@ -194,6 +198,7 @@ class Checker:
         if not path.is_absolute():
             path = stmt.span.source.folder / path
         path = path.resolve()
+        self.note_read(path, stmt.span, "imported")
         if path in self._imports:
             return self._imports[path]
         if path.suffix != ".alg":
@@ -404,6 +409,7 @@ class Checker:
         except OSError:
             raise AlgIOError(f"no such file or folder: '{path}' (looked in {p.parent})", span) from None
         key = (p.resolve(), st.st_mtime_ns)
+        self.note_read(key[0], span, "loaded")
         source = self._sources.get(key)
         if source is None:
             try:
@@ -413,25 +419,84 @@ class Checker:
             self._sources[key] = source
         return bind_source(source, span)
 
+    # ---- reads and writes ----------------------------------------------------------------
+
+    def note_read(self, path: Path, span: Span | None, what: str) -> None:
+        """Record that the program reads `path` (resolved). A path an earlier statement
+        writes may not be read: every header is read at check time, before any write."""
+        from .io.target import overlap
+
+        for w, wspan, wwhat in self._writes:
+            if overlap(path, w):
+                rel = "is" if path == w else ("is inside" if w in path.parents else "holds")
+                err = AlgIOError(
+                    f"'{path}' {rel} '{w}', which this recipe writes ({wwhat}); a recipe must not "
+                    "read a path it also writes: alg reads every input's header before the first "
+                    "write, so the read would see the old file", span)
+                raise err.with_note("written here", wspan)
+        self._reads.append((path, span, what))
+
+    def note_write(self, paths: list[Path], span: Span | None, what: str, shown: str) -> None:
+        """Record that the program writes `paths` (one target, lexical and resolved); an
+        earlier read of the same path, or of one inside or around it, is an error."""
+        from .io.target import overlap
+
+        for r, rspan, rwhat in self._reads:
+            if any(overlap(r, w) for w in paths):
+                err = AlgIOError(
+                    f"{what} to '{shown}' would change '{r}', which this recipe reads; a recipe must "
+                    "not write a path it also reads: alg reads every input's header before the "
+                    "first write, so the result would mix old and new files", span)
+                raise err.with_note(f"{rwhat} here", rspan)
+        self._writes.extend((w, span, what) for w in dict.fromkeys(paths))
+
     def add_save(self, m: Model, path: str, dtype: str | None, shard_bytes: int, overwrite: bool, call: Call) -> None:
-        p = Path(path).expanduser()
-        target = (p if p.is_absolute() else self.base_dir / p).resolve()
-        if target in self._save_paths:
-            raise AlgIOError(f"'{path}' is already the target of another save", call.at("path")).with_note(
-                "the other save is here", self._save_paths[target]
-            )
+        import os
+
+        from .io import target as tio
+        from .plan import output_nbytes
+
+        at = call.at("path")
+        target = tio.target_path(path, self.base_dir)
+        real = target.resolve()
+        for t in (target, real):
+            if t in self._save_paths:
+                raise AlgIOError(f"'{path}' is already the target of another save", at).with_note(
+                    "the other save is here", self._save_paths[t]
+                )
+        inputs = []
         for node in m.node.walk():
             if node.op == "load" and isinstance(node.params[0], CheckpointSource):
                 src = node.params[0].path.resolve()
-                if src == target or target in src.parents:
-                    raise AlgIOError(f"save to '{path}' would overwrite its own input", call.at("path"))
-        if target.exists() and not (overwrite or self.options.force):
-            raise AlgIOError(
-                f"'{path}' already exists; pass overwrite=true to save(), or --force to alg run",
-                call.at("path"),
-            )
-        self._save_paths[target] = call.span
-        request = SaveRequest(m, target, dtype, shard_bytes, overwrite or self.options.force, call.span)
+                inputs.append(src)
+                if tio.overlap(src, real) or tio.overlap(src, target):
+                    how = ("overwrite" if src in (real, target) else "write inside"
+                           if src in real.parents else "replace a folder holding")
+                    err = AlgIOError(f"save to '{path}' would {how} its own input", at)
+                    raise err.with_note("the input is loaded here", node.span) if node.span else err
+        force = overwrite or self.options.force
+        guard = tio.OverwriteGuard(path, self.base_dir, [r for r, _, _ in self._reads] + inputs, [self.base_dir])
+        if os.path.lexists(target):
+            if not force:
+                raise AlgIOError(
+                    f"'{path}' already exists; pass overwrite=true to save(), or --force to alg run", at
+                )
+            reason = guard.refusal(target)
+            if reason is not None:
+                raise AlgIOError(f"refusing to replace '{path}': {reason}", at)
+        self.note_write([target, real], at, "save", path)
+        problem = tio.unwritable(target.parent)
+        if problem is not None:
+            raise AlgIOError(f"cannot save to '{path}': {problem}", at)
+        free = tio.free_bytes(target.parent)
+        need = output_nbytes(m, dtype)
+        if free is not None and free < need:
+            from .types import human_bytes
+
+            self.warning(f"only {human_bytes(free)} free where '{path}' is written; the save needs "
+                         f"{human_bytes(need)}", at)
+        self._save_paths[target] = self._save_paths[real] = call.span
+        request = SaveRequest(m, target, dtype, shard_bytes, force, call.span, guard)
         self._sinks.append(Sink("save", call.span, request))
 
 

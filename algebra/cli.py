@@ -29,6 +29,46 @@ class UsageError(Exception):
     pass
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the main thread is, so a save in progress cleans up
+    exactly as it does for SIGINT (its temporary folder is removed). Not a
+    KeyboardInterrupt: the REPL, which survives ^C, must still stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """Handle SIGTERM and SIGHUP like SIGINT; returns the handlers they replace."""
+    import signal
+
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                old[sig] = signal.signal(sig, _on_signal)
+            except (ValueError, OSError):  # not the main thread: leave the default
+                pass
+    return old
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    old = _install_signal_handlers()
+    try:
+        return _main(argv)
+    finally:  # main() may be called in process (tests, embedding): give the handlers back
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """`name=value`: value is an alg literal (0.3, "x", true, [1, 2]); anything that does
     not parse as one is taken as a string, so --set out=models/x needs no quotes."""
@@ -133,7 +173,7 @@ def _check_overrides(session: Any, options: Options) -> None:
             raise UsageError(f"--set {name}: the recipe has no name '{name}'")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
@@ -183,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alg: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    except Terminated as e:
+        import signal
+
+        print(f"alg: stopped by {signal.Signals(e.signum).name}; no partial output was left behind",
+              file=sys.stderr)
+        return 128 + e.signum
 
 
 __all__ = ["main", "parse_set"]
