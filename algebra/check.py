@@ -198,7 +198,7 @@ class Checker:
         if not path.is_absolute():
             path = stmt.span.source.folder / path
         path = path.resolve()
-        self.note_read(path, stmt.span, "imported")
+        self.note_read(path, stmt.span, "imported", stmt.path)
         if path in self._imports:
             return self._imports[path]
         if path.suffix != ".alg":
@@ -404,12 +404,12 @@ class Checker:
         p = Path(path).expanduser()
         if not p.is_absolute():
             p = self.base_dir / p
+        self.note_read(p.resolve(), span, "loaded", path)  # before the stat: it may be written later
         try:
             st = p.stat()
         except OSError:
             raise AlgIOError(f"no such file or folder: '{path}' (looked in {p.parent})", span) from None
         key = (p.resolve(), st.st_mtime_ns)
-        self.note_read(key[0], span, "loaded")
         source = self._sources.get(key)
         if source is None:
             try:
@@ -421,18 +421,24 @@ class Checker:
 
     # ---- reads and writes ----------------------------------------------------------------
 
-    def note_read(self, path: Path, span: Span | None, what: str) -> None:
-        """Record that the program reads `path` (resolved). A path an earlier statement
-        writes may not be read: every header is read at check time, before any write."""
+    def note_read(self, path: Path, span: Span | None, what: str, shown: str | None = None) -> None:
+        """Record that the program reads `path` (resolved; `shown` as the recipe wrote it).
+        A path an earlier statement writes may not be read: every header is read at check
+        time, before the first write, so the read would see the old file."""
         from .io.target import overlap
 
+        shown = shown or str(path)
         for w, wspan, wwhat in self._writes:
             if overlap(path, w):
-                rel = "is" if path == w else ("is inside" if w in path.parents else "holds")
-                err = AlgIOError(
-                    f"'{path}' {rel} '{w}', which this recipe writes ({wwhat}); a recipe must not "
-                    "read a path it also writes: alg reads every input's header before the first "
-                    "write, so the read would see the old file", span)
+                if path == w:
+                    head = f"'{shown}' is written earlier in this recipe ({wwhat})"
+                elif w in path.parents:
+                    head = f"'{shown}' is inside '{w}', which this recipe writes earlier ({wwhat})"
+                else:
+                    head = f"'{shown}' holds '{w}', which this recipe writes earlier ({wwhat})"
+                err = AlgIOError(f"{head}; a recipe must not read a path it also writes: alg reads "
+                                 "every header before the first write, so this read would see the "
+                                 "old file", span)
                 raise err.with_note("written here", wspan)
         self._reads.append((path, span, what))
 
@@ -442,11 +448,19 @@ class Checker:
         from .io.target import overlap
 
         for r, rspan, rwhat in self._reads:
-            if any(overlap(r, w) for w in paths):
+            for w in paths:
+                if not overlap(r, w):
+                    continue
+                if r == w:
+                    how = f"would replace '{r}'"
+                elif r in w.parents:
+                    how = f"would write inside '{r}'"
+                else:
+                    how = f"would replace a folder holding '{r}'"
                 err = AlgIOError(
-                    f"{what} to '{shown}' would change '{r}', which this recipe reads; a recipe must "
-                    "not write a path it also reads: alg reads every input's header before the "
-                    "first write, so the result would mix old and new files", span)
+                    f"{what} to '{shown}' {how}, which this recipe reads; a recipe must not write a "
+                    "path it also reads: alg reads every header before the first write, so the "
+                    "result would mix old and new files", span)
                 raise err.with_note(f"{rwhat} here", rspan)
         self._writes.extend((w, span, what) for w in dict.fromkeys(paths))
 
@@ -474,6 +488,7 @@ class Checker:
                            if src in real.parents else "replace a folder holding")
                     err = AlgIOError(f"save to '{path}' would {how} its own input", at)
                     raise err.with_note("the input is loaded here", node.span) if node.span else err
+        self.note_write([target, real], at, "save", path)
         force = overwrite or self.options.force
         guard = tio.OverwriteGuard(path, self.base_dir, [r for r, _, _ in self._reads] + inputs, [self.base_dir])
         if os.path.lexists(target):
@@ -484,7 +499,6 @@ class Checker:
             reason = guard.refusal(target)
             if reason is not None:
                 raise AlgIOError(f"refusing to replace '{path}': {reason}", at)
-        self.note_write([target, real], at, "save", path)
         problem = tio.unwritable(target.parent)
         if problem is not None:
             raise AlgIOError(f"cannot save to '{path}': {problem}", at)

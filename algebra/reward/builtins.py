@@ -76,7 +76,7 @@ def _checkpoint(call: Call, m: Any, param: str) -> Model:
 def _read_path(call: Call, path: str, param: str) -> Path:
     """A data file the recipe reads (recorded: a recipe may not read what it writes)."""
     p = _path(call, path)
-    call.checker.note_read(p, call.at(param), f"{call.name}() reads it")
+    call.checker.note_read(p, call.at(param), f"{call.name}() reads it", path)
     return p
 
 
