@@ -123,8 +123,8 @@ def test_score_output_read_later_is_refused(ws):
     )
     r = alg("check", "r.alg", cwd=ws)
     assert r.returncode == 1
-    assert "r.alg:3:20: error: 'scored.jsonl' is written earlier in this recipe (score())" in r.stderr
-    assert "r.alg:2:43: note: written here" in r.stderr
+    assert "r.alg:3:19: error: 'scored.jsonl' is written earlier in this recipe (score())" in r.stderr
+    assert "r.alg:2:42: note: written here" in r.stderr
 
 
 # ---- 2. what overwrite may replace ---------------------------------------------------------
