@@ -9,7 +9,8 @@
     alg convert mergekit CONFIG.yml [-o OUT.alg]   a mergekit config as an alg recipe
 
 Exit status: 0 on success, 1 for an error in the recipe or its inputs (printed as
-`file:line:col: error: ...` without a traceback), 2 for bad command-line usage.
+`file:line:col: error: ...` without a traceback), 2 for bad command-line usage, 128 + the
+signal's number for SIGINT, SIGTERM and SIGHUP (a save in progress leaves nothing behind).
 """
 
 from __future__ import annotations

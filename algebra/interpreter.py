@@ -198,9 +198,8 @@ class Result:
 
     def save(self, path: str | Path, dtype: str | None = None, shard_size: str | int = "5GB",
              overwrite: bool = False) -> Path:
-        from .types import DTYPE_ALIASES
-
         from .io import target as tio
+        from .types import DTYPE_ALIASES
 
         target = tio.target_path(str(path), Path.cwd())
         force = overwrite or self._interp.options.force

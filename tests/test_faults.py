@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import quiet_interpreter
 
 from algebra.errors import AlgError
-
-from conftest import quiet_interpreter
 
 ALG = [sys.executable, "-m", "algebra"]
 

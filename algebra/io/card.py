@@ -13,7 +13,6 @@ from typing import Any
 from .. import __version__
 from ..types import dtype_name, human_bytes
 
-
 CARD_MARK = "Made by [alg]"  # how a later save knows an earlier alg output
 
 
