@@ -418,3 +418,24 @@ def test_check_refuses_a_path_under_a_file(tiny, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     _refused(tmp_path, 'save(load("tiny/base"), "notes.txt/out")',
              "cannot save to 'notes.txt/out': '.*notes.txt' is a file, not a folder")
+
+
+def test_stale_temps_rules(tmp_path):
+    """Dead process: its temp folders and files go; an old output it had moved aside, with
+    nothing in its place, is put back. A live process's temp folder stays."""
+    from algebra.io.target import remove_stale_temps
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".m.alg-tmp-{dead.pid}").mkdir()
+    (tmp_path / f".m.alg-old-{dead.pid}").mkdir()
+    (tmp_path / f".m.alg-old-{dead.pid}" / "config.json").write_text("{}")
+    (tmp_path / "n").mkdir()
+    (tmp_path / f".n.alg-old-{dead.pid}").mkdir()
+    (tmp_path / f".s.jsonl.alg-tmp-{dead.pid}").write_text("x")
+    (tmp_path / f".k.alg-tmp-{os.getpid()}").mkdir()
+    (tmp_path / ".notes.alg-tmp-x").mkdir()  # not a pid: not ours
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".k.alg-tmp-{os.getpid()}", ".notes.alg-tmp-x", "m", "n"]
+    assert (tmp_path / "m" / "config.json").is_file()

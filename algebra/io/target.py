@@ -32,7 +32,7 @@ MODEL_FILES = frozenset({"config.json", GENERATION_CONFIG, CARD_NAME, *TOKENIZER
 MODEL_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 TMP_TAG, OLD_TAG = "alg-tmp", "alg-old"
-_TEMP_RE = re.compile(rf"^\.(?P<name>.+)\.(?:{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)$")
+_TEMP_RE = re.compile(rf"^\.(?P<name>.+)\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)$")
 
 
 def temp_name(target: Path, tag: str = TMP_TAG, pid: int | None = None) -> Path:
@@ -141,16 +141,24 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove the temporary folders of saves into `folder` whose process is gone (a run
-    killed with SIGKILL cannot clean up after itself). A live process's are kept."""
+    killed with SIGKILL cannot clean up after itself). A live process's are kept. A run
+    killed between moving an old output aside and renaming the new one into place left
+    the old one as `.NAME.alg-old-PID` and no NAME: it is put back, not removed."""
     removed = []
     try:
-        entries = list(folder.iterdir())
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
     except OSError:
         return removed
     for entry in entries:
         m = _TEMP_RE.match(entry.name)
         if m is None or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
             continue
+        if m["tag"] == OLD_TAG and not os.path.lexists(folder / m["name"]):
+            try:
+                entry.rename(folder / m["name"])
+                continue
+            except OSError:
+                pass
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
