@@ -421,10 +421,11 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         card_io.write_card(tmp / "README.md", sp, recipe_text, hashes)
         _replace(tmp, target, sp)
     except BaseException as exc:
-        for w in writers.values():
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        tio.remove_created(created)
+        with tio.signals_held():
+            for w in writers.values():
+                w.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tio.remove_created(created)
         if isinstance(exc, OSError):
             msg = tio.describe_os_error(exc, target, sp.tensor_plan.nbytes)
             raise AlgIOError(f"{msg}; nothing was left behind", sp.span) from None

@@ -18,10 +18,12 @@ OSError met while writing (disk full, read-only file system) as a user error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 from .card import is_alg_card
@@ -168,6 +170,22 @@ def remove_stale_temps(folder: Path) -> list[Path]:
                 continue
         removed.append(entry)
     return removed
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP while cleaning up, so a second signal cannot cut
+    the cleanup short; they are delivered when it is done."""
+    sigs = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def make_parents(folder: Path) -> list[Path]:

@@ -326,8 +326,9 @@ def _atomic_write(path: Path, text: str, binary: bytes | None = None) -> None:
             tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        tio.remove_created(created)
+        with tio.signals_held():
+            tmp.unlink(missing_ok=True)
+            tio.remove_created(created)
         if isinstance(exc, OSError):
             raise AlgIOError(f"{tio.describe_os_error(exc, path)}; nothing was left behind") from None
         raise
