@@ -73,6 +73,7 @@ class SaveRequest:
     shard_bytes: int
     overwrite: bool
     span: Span
+    guard: Any = None  # io.target.OverwriteGuard: re-checked right before replacing
 
 
 @dataclass
@@ -99,6 +100,9 @@ class Checker:
         self._depth = 0
         self._sinks: list[Sink] = []
         self._save_paths: dict[Path, Span] = {}
+        # what this program reads and writes: a path written must not also be read
+        self._reads: list[tuple[Path, Span | None, str]] = []
+        self._writes: list[tuple[Path, Span | None, str]] = []
         self.used_overrides: set[str] = set()
         self.prelude_env = self._library_env("prelude", None)
         self.env = self.prelude_env.child()
@@ -118,14 +122,14 @@ class Checker:
     def check(self, program: ast.Program, env: Env | None = None) -> Checked:
         """Check a whole program; its sinks run only if all of it checks."""
         env = env or self.env
-        self._sinks, self._save_paths = [], {}
+        self._sinks, self._save_paths, self._reads, self._writes = [], {}, [], []
         token = _WARN.set(self.warning)
         try:
             return self._check(program, env)
         finally:
             _WARN.reset(token)
             # a failed entry (REPL) must not keep its sinks or reserve its save paths
-            self._sinks, self._save_paths = [], {}
+            self._sinks, self._save_paths, self._reads, self._writes = [], {}, [], []
 
     def _check(self, program: ast.Program, env: Env) -> Checked:
         out = Checked()
@@ -192,6 +196,7 @@ class Checker:
 
     def _import(self, stmt: ast.Import) -> Namespace:
         path = absolute(stmt.path, stmt.span.source.folder)
+        self.note_read(path, stmt.span, "imported", stmt.path)
         if path in self._imports:
             return self._imports[path]
         if path.suffix != ".alg":
@@ -397,6 +402,7 @@ class Checker:
 
     def load(self, path: str, span: Span) -> Model:
         p = joined(path, self.base_dir)
+        self.note_read(absolute(path, self.base_dir), span, "loaded", path)  # before the stat: it may be written later
         st = stat_path(p, path, span)  # a NUL byte, a loop, a too-long path: said as such
         key = (p.resolve(), st.st_mtime_ns)
         source = self._sources.get(key)
@@ -408,25 +414,98 @@ class Checker:
             self._sources[key] = source
         return bind_source(source, span)
 
+    # ---- reads and writes ----------------------------------------------------------------
+
+    def note_read(self, path: Path, span: Span | None, what: str, shown: str | None = None) -> None:
+        """Record that the program reads `path` (resolved; `shown` as the recipe wrote it).
+        A path an earlier statement writes may not be read: every header is read at check
+        time, before the first write, so the read would see the old file."""
+        from .io.target import overlap
+
+        shown = shown or str(path)
+        for w, wspan, wwhat in self._writes:
+            if overlap(path, w):
+                if path == w:
+                    head = f"'{shown}' is written earlier in this recipe ({wwhat})"
+                elif w in path.parents:
+                    head = f"'{shown}' is inside '{w}', which this recipe writes earlier ({wwhat})"
+                else:
+                    head = f"'{shown}' holds '{w}', which this recipe writes earlier ({wwhat})"
+                err = AlgIOError(f"{head}; a recipe must not read a path it also writes: alg reads "
+                                 "every header before the first write, so this read would see the "
+                                 "old file", span)
+                raise err.with_note("written here", wspan)
+        self._reads.append((path, span, what))
+
+    def note_write(self, paths: list[Path], span: Span | None, what: str, shown: str) -> None:
+        """Record that the program writes `paths` (one target, lexical and resolved); an
+        earlier read of the same path, or of one inside or around it, is an error."""
+        from .io.target import overlap
+
+        for r, rspan, rwhat in self._reads:
+            for w in paths:
+                if not overlap(r, w):
+                    continue
+                if r == w:
+                    how = f"would replace '{r}'"
+                elif r in w.parents:
+                    how = f"would write inside '{r}'"
+                else:
+                    how = f"would replace a folder holding '{r}'"
+                err = AlgIOError(
+                    f"{what} to '{shown}' {how}, which this recipe reads; a recipe must not write a "
+                    "path it also reads: alg reads every header before the first write, so the "
+                    "result would mix old and new files", span)
+                raise err.with_note(f"{rwhat} here", rspan)
+        self._writes.extend((w, span, what) for w in dict.fromkeys(paths))
+
     def add_save(self, m: Model, path: str, dtype: str | None, shard_bytes: int, overwrite: bool, call: Call) -> None:
-        p = Path(path).expanduser()
-        target = (p if p.is_absolute() else self.base_dir / p).resolve()
-        if target in self._save_paths:
-            raise AlgIOError(f"'{path}' is already the target of another save", call.at("path")).with_note(
-                "the other save is here", self._save_paths[target]
-            )
+        import os
+
+        from .io import target as tio
+        from .plan import output_nbytes
+
+        at = call.at("path")
+        target = tio.target_path(path, self.base_dir)
+        real = target.resolve()
+        for t in (target, real):
+            if t in self._save_paths:
+                raise AlgIOError(f"'{path}' is already the target of another save", at).with_note(
+                    "the other save is here", self._save_paths[t]
+                )
+        inputs = []
         for node in m.node.walk():
             if node.op == "load" and isinstance(node.params[0], CheckpointSource):
                 src = node.params[0].path.resolve()
-                if src == target or target in src.parents:
-                    raise AlgIOError(f"save to '{path}' would overwrite its own input", call.at("path"))
-        if target.exists() and not (overwrite or self.options.force):
-            raise AlgIOError(
-                f"'{path}' already exists; pass overwrite=true to save(), or --force to alg run",
-                call.at("path"),
-            )
-        self._save_paths[target] = call.span
-        request = SaveRequest(m, target, dtype, shard_bytes, overwrite or self.options.force, call.span)
+                inputs.append(src)
+                if tio.overlap(src, real) or tio.overlap(src, target):
+                    how = ("overwrite" if src in (real, target) else "write inside"
+                           if src in real.parents else "replace a folder holding")
+                    err = AlgIOError(f"save to '{path}' would {how} its own input", at)
+                    raise err.with_note("the input is loaded here", node.span) if node.span else err
+        self.note_write([target, real], at, "save", path)
+        force = overwrite or self.options.force
+        guard = tio.OverwriteGuard(path, self.base_dir, [r for r, _, _ in self._reads] + inputs, [self.base_dir])
+        if os.path.lexists(target):
+            if not force:
+                raise AlgIOError(
+                    f"'{path}' already exists; pass overwrite=true to save(), or --force to alg run", at
+                )
+            reason = guard.refusal(target)
+            if reason is not None:
+                raise AlgIOError(f"refusing to replace '{path}': {reason}", at)
+        problem = tio.unwritable(target.parent)
+        if problem is not None:
+            raise AlgIOError(f"cannot save to '{path}': {problem}", at)
+        free = tio.free_bytes(target.parent)
+        need = output_nbytes(m, dtype)
+        if free is not None and free < need:
+            from .types import human_bytes
+
+            self.warning(f"only {human_bytes(free)} free where '{path}' is written; the save needs "
+                         f"{human_bytes(need)}", at)
+        self._save_paths[target] = self._save_paths[real] = call.span
+        request = SaveRequest(m, target, dtype, shard_bytes, force, call.span, guard)
         self._sinks.append(Sink("save", call.span, request))
 
 

@@ -9,7 +9,8 @@
     alg convert mergekit CONFIG.yml [-o OUT.alg]   a mergekit config as an alg recipe
 
 Exit status: 0 on success, 1 for an error in the recipe or its inputs (printed as
-`file:line:col: error: ...` without a traceback), 2 for bad command-line usage.
+`file:line:col: error: ...` without a traceback), 2 for bad command-line usage, 128 + the
+signal's number for SIGINT, SIGTERM and SIGHUP (a save in progress leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -27,6 +28,46 @@ from .source import Source
 
 class UsageError(Exception):
     pass
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the main thread is, so a save in progress cleans up
+    exactly as it does for SIGINT (its temporary folder is removed). Not a
+    KeyboardInterrupt: the REPL, which survives ^C, must still stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """Handle SIGTERM and SIGHUP like SIGINT; returns the handlers they replace."""
+    import signal
+
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                old[sig] = signal.signal(sig, _on_signal)
+            except (ValueError, OSError):  # not the main thread: leave the default
+                pass
+    return old
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    old = _install_signal_handlers()
+    try:
+        return _main(argv)
+    finally:  # main() may be called in process (tests, embedding): give the handlers back
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -134,7 +175,7 @@ def _check_overrides(session: Any, options: Options) -> None:
             raise UsageError(f"--set {name}: the recipe has no name '{name}'")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
@@ -184,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alg: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    except Terminated as e:
+        import signal
+
+        print(f"alg: stopped by {signal.Signals(e.signum).name}; no partial output was left behind",
+              file=sys.stderr)
+        return 128 + e.signum
 
 
 __all__ = ["main", "parse_set"]

@@ -375,28 +375,34 @@ def new_evaluator(options: Options) -> Evaluator:
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
          evaluator: Evaluator | None = None) -> Path:
-    """Write a SavePlan to a temporary folder and rename it into place."""
+    """Write a SavePlan to a temporary folder and rename it into place. On any failure
+    (a signal, a full disk, a read-only folder) the temporary folder and the parent
+    folders this save created are removed; an OSError becomes an AlgIOError."""
+    from .io import target as tio
+
     target = sp.target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.alg-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = tio.temp_name(target)
+    created: list[Path] = []
     writers: dict[str, ShardWriter] = {}
     hashes: list = []
     hasher = None
-    if input_hashes is not None:
-        # hashing the inputs for the model card overlaps the computation
-        def hash_inputs() -> None:
-            try:  # on Linux this lowers this thread only: the computation keeps the cores
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            except (AttributeError, OSError):
-                pass
-            hashes.extend(input_hashes())
-
-        hasher = threading.Thread(target=hash_inputs, daemon=True)
-        hasher.start()
     try:
+        created = tio.make_parents(target.parent)
+        tio.remove_stale_temps(target.parent)  # left by runs killed with SIGKILL
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        if input_hashes is not None:
+            # hashing the inputs for the model card overlaps the computation
+            def hash_inputs() -> None:
+                try:  # on Linux this lowers this thread only: the computation keeps the cores
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                except (AttributeError, OSError):
+                    pass
+                hashes.extend(input_hashes())
+
+            hasher = threading.Thread(target=hash_inputs, daemon=True)
+            hasher.start()
         by_name: dict[str, ShardWriter] = {}
         for fname, layout, names in sp.shards:
             w = ShardWriter(tmp / fname, layout)
@@ -413,11 +419,16 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         if hasher is not None:
             hasher.join()
         card_io.write_card(tmp / "README.md", sp, recipe_text, hashes)
-        _replace(tmp, target, sp.overwrite)
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _replace(tmp, target, sp)
+    except BaseException as exc:
+        with tio.signals_held():
+            for w in writers.values():
+                w.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            tio.remove_created(created)
+        if isinstance(exc, OSError):
+            msg = tio.describe_os_error(exc, target, sp.tensor_plan.nbytes)
+            raise AlgIOError(f"{msg}; nothing was left behind", sp.span) from None
         raise
     return target
 
@@ -439,13 +450,26 @@ def _write_metadata(sp: SavePlan, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
-def _replace(tmp: Path, target: Path, overwrite: bool) -> None:
-    if target.exists():
-        if not overwrite:
-            raise AlgIOError(f"'{target}' appeared while alg was writing it; not overwritten")
-        old = target.parent / f".{target.name}.alg-old-{os.getpid()}"
-        target.rename(old)
+def _replace(tmp: Path, target: Path, sp: SavePlan) -> None:
+    """Rename the finished `tmp` into place. An existing target is judged again (the disk
+    may have changed since the check): only what overwrite may replace is replaced, and a
+    symlink target is replaced itself, never the folder it points to."""
+    from .io import target as tio
+
+    if not os.path.lexists(target):
         tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    if not sp.overwrite:
+        raise AlgIOError(f"'{target}' appeared while alg was writing it; not overwritten", sp.span)
+    reason = sp.guard.refusal(target) if sp.guard is not None else None
+    if reason is not None:
+        raise AlgIOError(f"refusing to replace '{target}': {reason}", sp.span)
+    old = tio.temp_name(target, tio.OLD_TAG)
+    tio.remove_target(target, old)
+    try:
         tmp.rename(target)
+    except BaseException:
+        if old.exists() and not os.path.lexists(target):
+            old.rename(target)  # put the old folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,6 +13,7 @@ device, without a round trip through disk. The CLI and the REPL are thin shells 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -197,13 +198,22 @@ class Result:
 
     def save(self, path: str | Path, dtype: str | None = None, shard_size: str | int = "5GB",
              overwrite: bool = False) -> Path:
+        from .io import target as tio
         from .types import DTYPE_ALIASES
 
-        target = Path(path).expanduser().resolve()
-        if target.exists() and not (overwrite or self._interp.options.force):
-            raise AlgIOError(f"'{path}' already exists; pass overwrite=True")
+        target = tio.target_path(str(path), Path.cwd())
+        force = overwrite or self._interp.options.force
+        inputs = [n.params[0].path.resolve() for n in self.model.node.walk()
+                  if n.op == "load" and hasattr(n.params[0], "path")]
+        guard = tio.OverwriteGuard(str(path), Path.cwd().resolve(), inputs, [])
+        if os.path.lexists(target):
+            if not force:
+                raise AlgIOError(f"'{path}' already exists; pass overwrite=True")
+            reason = guard.refusal(target)
+            if reason is not None:
+                raise AlgIOError(f"refusing to replace '{path}': {reason}")
         req = SaveRequest(self.model, target, DTYPE_ALIASES[dtype.lower()] if dtype else None,
-                          parse_size(shard_size), overwrite, None)
+                          parse_size(shard_size), force, None, guard)
         sp = plan_save(req, self._interp.options)
         return execute.save(sp, self._interp.options, self._source_text, _hasher(self.model))
 

@@ -106,6 +106,7 @@ class SavePlan:
     span: Any
     overwrite: bool = False
     notes: list[str] = field(default_factory=list)
+    guard: Any = None  # io.target.OverwriteGuard: what overwrite may replace
 
     @property
     def peak_bytes(self) -> int:
@@ -189,10 +190,21 @@ def plan_tensors(model: Model, options: Options, out_dtype: str | None = None,
     cs = 8 if options.compute_dtype == "float64" else 4
     outs = []
     for name, spec in model.type.tensors.items():
-        dtype = out_code if spec.is_float else spec.dtype
-        outs.append(OutTensor(name, TensorSpec(spec.shape, dtype), exprs[name]))
+        outs.append(OutTensor(name, output_spec(spec, out_code), exprs[name]))
     steps, peak = order_steps(outs, options.chunk_elems, cs)
     return TensorPlan(model, out_code, outs, steps, peak, options.compute_dtype, options.chunk_elems)
+
+
+def output_spec(spec: TensorSpec, out_code: str) -> TensorSpec:
+    """A tensor as saved: floats in the output dtype, integer buffers as they are."""
+    return TensorSpec(spec.shape, out_code if spec.is_float else spec.dtype)
+
+
+def output_nbytes(model: Model, out_dtype: str | None = None) -> int:
+    """The bytes of weights a save of `model` writes (what `alg check` compares with the
+    free space at the target)."""
+    code = out_dtype or model.type.dtype
+    return sum(output_spec(s, code).nbytes for s in model.type.tensors.values())
 
 
 def order_steps(outs: list[OutTensor], chunk_elems: int, cs: int) -> tuple[list[Step], int]:
@@ -241,7 +253,7 @@ def plan_save(request, options: Options, lowerer: Lowerer | None = None) -> Save
     shards = shard(tp.tensors, request.shard_bytes)
     config = output_config(model.type, tp.out_dtype)
     return SavePlan(tp, request.path, shards, config, request.span, request.overwrite,
-                    list(model.type.notes))
+                    list(model.type.notes), getattr(request, "guard", None))
 
 
 def shard(outs: list[OutTensor], shard_bytes: int) -> list[tuple[str, ShardLayout, list[str]]]:

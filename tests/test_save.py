@@ -96,7 +96,7 @@ def test_failure_leaves_nothing(family, tmp_path):
     with pytest.raises(AlgError, match="not finite"):
         interp.eval(f'b = load("{family["base"]}"); save(1 / (b - b), "out/x")')
     assert not (tmp_path / "out" / "x").exists()
-    assert [p for p in (tmp_path / "out").iterdir()] == []
+    assert not (tmp_path / "out").exists()  # the parent folder the save made goes too
 
 
 def test_existing_output_refused_then_replaced(family, tmp_path, read):
@@ -107,8 +107,12 @@ def test_existing_output_refused_then_replaced(family, tmp_path, read):
     with pytest.raises(AlgError, match="already exists"):
         interp.eval(f'save(load("{family["base"]}") * 2, "out")')
     assert (target / "keep.txt").read_text() == "mine"
+    # overwrite replaces only a model folder: this one holds a file of the user's
+    with pytest.raises(AlgError, match="holds 'keep.txt', which is not a model file"):
+        interp.eval(f'save(load("{family["base"]}") * 2, "out", overwrite=true)')
+    assert (target / "keep.txt").read_text() == "mine"
+    (target / "keep.txt").rename(target / "config.json")
     interp.eval(f'save(load("{family["base"]}") * 2, "out", overwrite=true)')
-    assert not (target / "keep.txt").exists()
     base = read(family["base"])
     assert torch.equal(read(target)["model.norm.weight"], base["model.norm.weight"] * 2)
     # --force is the same as overwrite=true

@@ -13,6 +13,18 @@ from typing import Any
 from .. import __version__
 from ..types import dtype_name, human_bytes
 
+CARD_MARK = "Made by [alg]"  # how a later save knows an earlier alg output
+
+
+def is_alg_card(path: Path) -> bool:
+    """Whether `path` is the card of an alg output (so overwrite may replace its folder)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return any(line.startswith(CARD_MARK) for line in head.splitlines())
+
 
 def write_card(path: Path, sp: Any, recipe_text: str, hashes: list[tuple[str, list[tuple[str, str]]]]) -> None:
     tp = sp.tensor_plan
@@ -27,7 +39,7 @@ def write_card(path: Path, sp: Any, recipe_text: str, hashes: list[tuple[str, li
         "",
         f"# {sp.target.name}",
         "",
-        f"Made by [alg](https://github.com/) {__version__}, a model-algebra language, from the recipe below.",
+        f"{CARD_MARK}(https://github.com/) {__version__}, a model-algebra language, from the recipe below.",
         "",
         f"- architecture: {t.architecture}",
         f"- tensors: {len(tp.tensors)}, {human_bytes(tp.nbytes)} as {dtype_name(tp.out_dtype)}",

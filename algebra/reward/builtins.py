@@ -73,15 +73,22 @@ def _checkpoint(call: Call, m: Any, param: str) -> Model:
     return m
 
 
+def _read_path(call: Call, path: str, param: str) -> Path:
+    """A data file the recipe reads (recorded: a recipe may not read what it writes)."""
+    p = _path(call, path)
+    call.checker.note_read(p, call.at(param), f"{call.name}() reads it", path)
+    return p
+
+
 def _responses(call: Call, data: Any, param: str) -> Responses | Generated:
     if isinstance(data, str):
-        return read_responses(_path(call, data), data, call.at(param))
+        return read_responses(_read_path(call, data, param), data, call.at(param))
     return data
 
 
 def _pairs(call: Call, data: Any, param: str) -> Pairs:
     if isinstance(data, str):
-        return read_pairs(_path(call, data), data, call.at(param))
+        return read_pairs(_read_path(call, data, param), data, call.at(param))
     return data
 
 
@@ -92,6 +99,7 @@ def _out(call: Call, out: str, suffix: str, param: str = "out") -> Path:
                          f"{suffix}, not '{target.name}'", param)
     if target.is_dir():
         raise call.error(AlgIOError, f"'{out}' is a folder", param)
+    call.checker.note_write([target], call.at(param), f"{call.name}()", out)
     return target
 
 
@@ -219,14 +227,14 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
          "Prompts with responses, from JSONL rows with 'prompt' and 'response' (several "
          "responses per prompt allowed). A prompt is text or a list of chat messages.")
 def _responses_builtin(call: Call, path: str) -> Responses:
-    return read_responses(_path(call, path), path, call.at("path"))
+    return read_responses(_read_path(call, path, "path"), path, call.at("path"))
 
 
 @builtin("pairs(path: String)",
          "Preference pairs, from JSONL rows with 'prompt', 'chosen', 'rejected' and optional "
          "'subset' and 'id'.")
 def _pairs_builtin(call: Call, path: str) -> Pairs:
-    return read_pairs(_path(call, path), path, call.at("path"))
+    return read_pairs(_read_path(call, path, "path"), path, call.at("path"))
 
 
 # ---- pointwise algebra --------------------------------------------------------------------
@@ -391,7 +399,7 @@ def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: floa
 def _prompt_rows(call: Call, path: str) -> tuple:
     from .data import _field, _rows
 
-    p = _path(call, path)
+    p = _read_path(call, path, "prompts")
     return tuple(_field(row, "prompt", path, n, call.at("prompts"), "prompt") for n, row in _rows(p, path, call.at("prompts")))
 
 
@@ -412,10 +420,10 @@ def _named_terms(call: Call, r: Reward) -> list[tuple[str, Reward]]:
          "Write data's rows to out (JSONL) with a 'reward' field, and a field for each named "
          "sub-term of r (a top-level name bound to a reward that r uses).")
 def _score(call: Call, r: Reward, data: Any, out: str) -> None:
-    target = _out(call, out, ".jsonl")
     data = _responses(call, data, "data")
-    if isinstance(data, Responses) and _path(call, data.label) == target:
+    if isinstance(data, Responses) and _path(call, data.label) == _path(call, out):
         raise call.error(AlgIOError, "score() would overwrite its own input", "out")
+    target = _out(call, out, ".jsonl")
     call.checker.add_sink(Sink("score", call.span, ScoreRequest(r, data, target, _named_terms(call, r))))
 
 

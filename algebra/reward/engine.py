@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -357,16 +356,28 @@ def _finite(values: np.ndarray, what: str, points: Points, lines: list[int] | No
 
 
 def _atomic_write(path: Path, text: str, binary: bytes | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.alg-tmp-{os.getpid()}"
+    """Write to a temporary name and rename; on failure (a signal, a full disk) nothing is
+    left, parent folders it made included, and an OSError is an AlgIOError."""
+    from ..errors import AlgIOError
+    from ..io import target as tio
+
+    tmp = tio.temp_name(path)
+    created: list[Path] = []
     try:
+        created = tio.make_parents(path.parent)
+        tio.remove_stale_temps(path.parent)
         if binary is not None:
             tmp.write_bytes(binary)
         else:
             tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with tio.signals_held():
+            tmp.unlink(missing_ok=True)
+            tio.remove_created(created)
+        if isinstance(exc, OSError):
+            raise AlgIOError(f"{tio.describe_os_error(exc, path)}; nothing was left behind") from None
+        raise
 
 
 def _write_scores(run: RewardRun, req: ScoreRequest, span) -> None:
