@@ -48,7 +48,7 @@ from .errors import (
 )
 from .graph import Node
 from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
-from .io.files import absolute, joined, missing, stat_path
+from .io.files import absolute, joined, missing, resolved, stat_path
 from .options import Options
 from .parser import parse
 from .resources import stdlib_dir, stdlib_names
@@ -466,8 +466,8 @@ class Checker:
         from .plan import output_nbytes
 
         at = call.at("path")
-        target = tio.target_path(path, self.base_dir)
-        real = target.resolve()
+        target = tio.target_path(path, self.base_dir, at)
+        real = resolved(target, path, at)
         for t in (target, real):
             if t in self._save_paths:
                 raise AlgIOError(f"'{path}' is already the target of another save", at).with_note(

@@ -201,7 +201,7 @@ class Result:
         from .io import target as tio
         from .types import DTYPE_ALIASES
 
-        target = tio.target_path(str(path), Path.cwd())
+        target = tio.target_path(str(path), Path.cwd())  # a bad path: an AlgIOError
         force = overwrite or self._interp.options.force
         inputs = [n.params[0].path.resolve() for n in self.model.node.walk()
                   if n.op == "load" and hasattr(n.params[0], "path")]

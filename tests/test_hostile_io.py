@@ -479,3 +479,19 @@ def test_deeply_nested_data_row_is_an_error(tmp_path):
     path.write_text("[" * 100000 + "]" * 100000 + "\n")
     with pytest.raises(AlgIOError, match="d.jsonl:1:"):
         read_pairs(path, "d.jsonl")
+
+
+def test_bad_output_paths_are_positioned_errors(tmp_path, family):
+    """Paths that are written go through the same rules as those read: a NUL byte or a
+    symlink loop on the way is said at the path argument (it was a ValueError or a
+    RuntimeError traceback from `Path.resolve`)."""
+    model(tmp_path / "m")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    cases = [("a\\u0000b", "contains a NUL byte"), ("loop/x", "goes through a symlink loop")]
+    for path, said in cases:
+        err = check_error(f'save(load("m"), "{path}")', tmp_path, f'"{path}"')
+        assert said in err.message, (path, err.message)
+    for path, said in [("a\\u0000b.jsonl", "contains a NUL byte"), ("loop/o.jsonl", "goes through a symlink loop")]:
+        err = check_error(f'score(reward("{family["rm"]}"), "d.jsonl", "{path}")', tmp_path, f'"{path}"')
+        assert said in err.message, (path, err.message)

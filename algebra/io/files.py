@@ -80,6 +80,18 @@ def absolute(text: str | os.PathLike, base: Path) -> Path:
     return resolved
 
 
+def resolved(p: Path, label: str, span: Span | None = None) -> Path:
+    """`p.resolve()`, its failures (a NUL byte, a symlink loop, a too-long path) said as
+    user errors at `span`: for paths that are written, where nothing reads them first."""
+    check_path_text(p, label, span)
+    try:
+        return p.resolve()
+    except RuntimeError:  # a symlink loop, before Python 3.13
+        raise AlgIOError(f"{_show(label)} goes through a symlink loop", span) from None
+    except OSError as e:
+        raise path_error(p, e, label, span) from None
+
+
 def missing(p: str | os.PathLike) -> bool:
     """Whether nothing at all is at `p` (not even a dangling symlink). False for a path
     that cannot be asked about (a NUL byte, too long, a loop): reading it says why."""

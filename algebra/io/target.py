@@ -26,8 +26,10 @@ import shutil
 import signal
 from pathlib import Path
 
+from ..source import Span
 from .card import is_alg_card
 from .checkpoint import GENERATION_CONFIG, TOKENIZER_FILES
+from .files import joined, resolved
 
 CARD_NAME = "README.md"
 MODEL_FILES = frozenset({"config.json", GENERATION_CONFIG, CARD_NAME, *TOKENIZER_FILES})
@@ -41,14 +43,14 @@ def temp_name(target: Path, tag: str = TMP_TAG, pid: int | None = None) -> Path:
     return target.parent / f".{target.name}.{tag}-{os.getpid() if pid is None else pid}"
 
 
-def target_path(path: str, base_dir: Path) -> Path:
+def target_path(path: str, base_dir: Path, span: Span | None = None) -> Path:
     """The absolute path a save writes: relative to `base_dir`, its folder resolved, its
-    last component not (a symlink named as the target is replaced, not followed)."""
-    raw = Path(path).expanduser()
-    raw = raw if raw.is_absolute() else base_dir / raw
+    last component not (a symlink named as the target is replaced, not followed). A path
+    no system call can take (NUL, a loop, too long) is a user error at `span`."""
+    raw = joined(path, base_dir)
     if raw.name in ("", ".."):
-        return raw.resolve()
-    return raw.parent.resolve() / raw.name
+        return resolved(raw, path, span)
+    return resolved(raw.parent, path, span) / raw.name
 
 
 def _symlink_on_the_way(path: str, base_dir: Path) -> Path | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..builtins import Call, builtin, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
-from ..io.files import absolute
+from ..io.files import absolute, joined, resolved
 from ..types import type_name
 from ..values import Model, Sink
 from .data import Pairs, Responses, read_pairs, read_responses
@@ -93,7 +93,7 @@ def _pairs(call: Call, data: Any, param: str) -> Pairs:
 
 
 def _out(call: Call, out: str, suffix: str, param: str = "out") -> Path:
-    target = _path(call, out)
+    target = resolved(joined(out, call.checker.base_dir), out, call.at(param))
     if target.suffix != suffix:
         raise call.error(AlgTypeError, f"{call.name}() writes {suffix}, so its output path must end in "
                          f"{suffix}, not '{target.name}'", param)
