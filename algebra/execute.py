@@ -374,8 +374,9 @@ def new_evaluator(options: Options) -> Evaluator:
 
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
-         evaluator: Evaluator | None = None) -> Path:
-    """Write a SavePlan to a temporary folder and rename it into place."""
+         evaluator: Evaluator | None = None, base_dir: Path | None = None) -> Path:
+    """Write a SavePlan to a temporary folder and rename it into place. `input_hashes`
+    gives the card's inputs (card.describe_inputs); `base_dir` is the recipe's folder."""
     target = sp.target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.alg-tmp-{os.getpid()}"
@@ -412,7 +413,7 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         _write_metadata(sp, tmp)
         if hasher is not None:
             hasher.join()
-        card_io.write_card(tmp / "README.md", sp, recipe_text, hashes)
+        card_io.write_card(tmp / "README.md", sp, recipe_text, hashes, base_dir)
         _replace(tmp, target, sp.overwrite)
     except BaseException:
         for w in writers.values():
