@@ -122,7 +122,12 @@ def _save(model, tok, folder: Path) -> None:
 
 
 def build(root: Path) -> dict[str, float]:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
