@@ -374,10 +374,11 @@ def new_evaluator(options: Options) -> Evaluator:
 
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
-         evaluator: Evaluator | None = None) -> Path:
-    """Write a SavePlan to a temporary folder and rename it into place. On any failure
-    (a signal, a full disk, a read-only folder) the temporary folder and the parent
-    folders this save created are removed; an OSError becomes an AlgIOError."""
+         evaluator: Evaluator | None = None, base_dir: Path | None = None) -> Path:
+    """Write a SavePlan to a temporary folder and rename it into place. `input_hashes`
+    gives the card's inputs (card.describe_inputs); `base_dir` is the recipe's folder. On
+    any failure (a signal, a full disk, a read-only folder) the temporary folder and the
+    parent folders this save created are removed; an OSError becomes an AlgIOError."""
     from .io import target as tio
 
     target = sp.target
@@ -418,7 +419,7 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         _write_metadata(sp, tmp)
         if hasher is not None:
             hasher.join()
-        card_io.write_card(tmp / "README.md", sp, recipe_text, hashes)
+        card_io.write_card(tmp / "README.md", sp, recipe_text, hashes, base_dir)
         _replace(tmp, target, sp)
     except BaseException as exc:
         with tio.signals_held():

@@ -69,7 +69,8 @@ class Session:
                 req: SaveRequest = sink.value
                 sp = plan_save(req, self.options, lowerer)
                 t0 = time.perf_counter()
-                execute.save(sp, self.options, sink.span.source.text, _hasher(req.model), evaluator)
+                execute.save(sp, self.options, sink.span.source.text, _hasher(req.model, self.checker.base_dir),
+                             evaluator, self.checker.base_dir)
                 dt = time.perf_counter() - t0
                 self.options.out(
                     f"wrote {_rel(req.path)}: {len(sp.tensor_plan.tensors)} tensors, "
@@ -128,13 +129,16 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def _hasher(model: Model):
-    """A function hashing the files of a model's on-disk inputs (run beside the save)."""
+def _hasher(model: Model, base_dir: Path | None):
+    """A function describing a model's on-disk inputs for its card, their files hashed
+    (run beside the save)."""
     g = graph.build([model.node])
     sources = [n.params[0] for n in graph.inputs(g) if isinstance(n.params[0], CheckpointSource)]
 
     def run() -> list:
-        return [(s.label, s.file_hashes()) for s in sources]
+        from .io.card import describe_inputs
+
+        return describe_inputs(sources, base_dir)
 
     return run
 
@@ -215,7 +219,9 @@ class Result:
         req = SaveRequest(self.model, target, DTYPE_ALIASES[dtype.lower()] if dtype else None,
                           parse_size(shard_size), force, None, guard)
         sp = plan_save(req, self._interp.options)
-        return execute.save(sp, self._interp.options, self._source_text, _hasher(self.model))
+        base_dir = self._interp.session.checker.base_dir
+        return execute.save(sp, self._interp.options, self._source_text, _hasher(self.model, base_dir),
+                            base_dir=base_dir)
 
 
 def _with_device(opts: Options, device: str) -> Options:

@@ -84,11 +84,83 @@ def test_card_has_recipe_and_input_hashes(family, tmp_path):
     recipe = f'# my recipe\nsave(lerp(load("{family["base"]}"), load("{family["math"]}"), 0.25), "out")'
     _interp(tmp_path).eval(recipe)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert recipe in card
+    # the recipe, its inputs' absolute paths shown by name (they lie outside its folder)
+    assert '# my recipe\nsave(lerp(load("base"), load("math"), 0.25), "out")' in card
     for name in ("base", "math"):
         digest = hashlib.sha256((family[name] / "model.safetensors").read_bytes()).hexdigest()
-        assert digest in card
+        assert f"| `{name}` | `model.safetensors` | `{digest}` |" in card
     assert "LlamaForCausalLM" in card
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card[4 : card.index("\n---\n", 4)])
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def test_card_has_no_machine_paths_and_no_placeholder_link(family, tmp_path):
+    # inputs inside the recipe's folder (relative), one given by an absolute path inside it,
+    # and one outside it (absolute); the save target absolute too
+    _link(family["base"], tmp_path / "models" / "base")
+    _link(family["math"], tmp_path / "models" / "math")
+    recipe = (f'a = load("models/base")\nb = load("{tmp_path}/models/math")\nc = load("{family["rl1"]}")\n'
+              f'save(merge(a, b, 0.5) + 0.1 * (c - a), "{tmp_path}/out/m")')
+    _interp(tmp_path).eval(recipe)
+    card = (tmp_path / "out" / "m" / "README.md").read_text()
+    for machine in (str(tmp_path), str(family["base"].parent), str(Path.home()), "/tmp/"):
+        assert machine not in card
+    assert "https://github.com/)" not in card and "](" not in card  # no placeholder link
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    digests = {n: hashlib.sha256((family[n] / "model.safetensors").read_bytes()).hexdigest()
+               for n in ("base", "math", "rl1")}
+    assert sorted(rows) == sorted([
+        f"| `models/base` | `model.safetensors` | `{digests['base']}` |",
+        f"| `models/math` | `model.safetensors` | `{digests['math']}` |",
+        f"| `rl1` | `model.safetensors` | `{digests['rl1']}` |",
+    ])
+    assert 'b = load("models/math")' in card and 'c = load("rl1")' in card and '"out/m")' in card
+    assert 'load("models/base")' in card.split("- expression:")[1].splitlines()[0]
+    assert "base_model" not in _front_matter(card)  # no input names a Hub id
+
+
+def test_card_base_model_from_hub_named_folders_and_name_or_path(family, tmp_path):
+    import shutil
+
+    # a folder given as org/name, a Hub cache snapshot, and a copy whose config names the
+    # Hub id it was loaded from (transformers' `_name_or_path`); a machine path there is no id
+    _link(family["base"], tmp_path / "HuggingFaceTB" / "SmolLM2-135M")
+    _link(family["rl1"], tmp_path / "hub" / "models--org--rl-one" / "snapshots" / "abc123")
+    for name, named in (("math", "someone/math-7b"), ("rl2", str(family["rl2"]))):
+        shutil.copytree(family[name], tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg["_name_or_path"] = named
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    _interp(tmp_path).eval(
+        'a = load("HuggingFaceTB/SmolLM2-135M")\n'
+        'save(ties(a, [load("math"), load("hub/models--org--rl-one/snapshots/abc123"), load("rl2")], [1, 1, 1], 0.5), "out")')
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert _front_matter(card)["base_model"] == ["HuggingFaceTB/SmolLM2-135M", "someone/math-7b", "org/rl-one"]
+    assert str(family["rl2"]) not in card
+    # one Hub input: a single value
+    _interp(tmp_path).eval('save(load("HuggingFaceTB/SmolLM2-135M") * 1, "out1")')
+    assert _front_matter((tmp_path / "out1" / "README.md").read_text())["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+
+
+@pytest.mark.parametrize("s, ok", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", True), ("org/name.v1", True), ("a/b", True),
+    ("org/name/extra", False), ("/abs/path", False), ("org", False), ("org/-bad", False),
+    ("org/na..me", False), ("org/na--me", False), ("./x", False), (None, False), ("../x", False),
+])
+def test_hub_id_rule(s, ok):
+    from algebra.io.card import is_hub_id
+
+    assert is_hub_id(s) is ok
 
 
 def test_failure_leaves_nothing(family, tmp_path):
