@@ -95,9 +95,15 @@ class Evaluator:
     def coef(self, c) -> float:
         return coef_value(c, self.results)
 
-    def eval(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
+    def eval(self, e: TExpr, e0: int, e1: int, guard: bool = True) -> torch.Tensor:
         """Elements [e0, e1) of `e`, flat, in the compute dtype on the device. The result is
-        a pool buffer (the caller gives it back) or a view of an input (never written)."""
+        a pool buffer (the caller gives it back) or a view of an input (never written).
+
+        Every input chunk is checked finite where it is read (`check_inputs`): a sign
+        election, a top-k or a mask would absorb a nan silently. With guard=False the
+        caller checks the result itself, so inputs that reach it only through linear
+        nodes (Lin, Slice, Cat, Rows: an inf or nan there always makes the result
+        non-finite) are not summed twice; a Map's arguments are always checked."""
         n = e1 - e0
         if isinstance(e, Leaf):
             x = e.source.read(e.name, e0, e1)
@@ -107,20 +113,20 @@ class Evaluator:
                 buf = self.pool.take(n, self.dtype)
                 buf.copy_(x)
                 x = buf
-            # every input chunk is checked where it is read, whatever consumes it (a sign
-            # election or a top-k would absorb a nan silently): a sum first, exact only if
-            # that is not finite (or overflows, which the exact check clears), like outputs
-            if self.check_inputs and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            # a sum first, exact only if that is not finite (or overflows, which the exact
+            # check clears), as for outputs: one cheap pass in the common case
+            if guard and self.check_inputs and not bool(torch.isfinite(x.sum())) \
+                    and not bool(torch.isfinite(x).all()):
                 raise _nonfinite_input(e, x, e0)
             return x
         if isinstance(e, Slice):
-            return self.eval(e.expr, e.start + e0, e.start + e1)
+            return self.eval(e.expr, e.start + e0, e.start + e1, guard)
         if isinstance(e, Lin):
             acc = self.pool.take(n, self.dtype)
             if not e.terms:
                 return acc.fill_(self.coef(e.const))
             for i, (c, x) in enumerate(e.terms):
-                v = self.eval(x, e0, e1)
+                v = self.eval(x, e0, e1, guard)
                 if i == 0:
                     torch.mul(v, self.coef(c), out=acc)
                 else:
@@ -152,7 +158,7 @@ class Evaluator:
             for part in e.parts:
                 lo, hi = max(e0, pos), min(e1, pos + part.numel)
                 if lo < hi:
-                    pieces.append(self.eval(part, lo - pos, hi - pos))
+                    pieces.append(self.eval(part, lo - pos, hi - pos, guard))
                 pos += part.numel
             out = self.pool.take(n, self.dtype)
             torch.cat(pieces, out=out)
@@ -160,10 +166,10 @@ class Evaluator:
                 self.pool.give(piece)
             return out
         if isinstance(e, Rows):
-            return self._rows(e, e0, e1)
+            return self._rows(e, e0, e1, guard)
         raise AssertionError(f"unknown expression {e!r}")
 
-    def _rows(self, e: Rows, e0: int, e1: int) -> torch.Tensor:
+    def _rows(self, e: Rows, e0: int, e1: int, guard: bool) -> torch.Tensor:
         """A row gather: each run that meets [e0, e1) reads one contiguous range of each
         of its sources and accumulates it into its slice of the output chunk."""
         out = self.pool.take(e1 - e0, self.dtype)
@@ -180,7 +186,7 @@ class Evaluator:
                 dst.zero_()
             for k, (c, x, src) in enumerate(terms):
                 shift = (src - start) * L
-                v = self.eval(x, lo + shift, hi + shift)
+                v = self.eval(x, lo + shift, hi + shift, guard)
                 if k == 0 and c == 1.0:
                     dst.copy_(v)
                 elif k == 0:
@@ -294,7 +300,7 @@ def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, 
     pool = ev.host if on_host else ev.pool
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
-        value = ev.eval(out.expr, e0, e1)
+        value = ev.eval(out.expr, e0, e1, guard=not options.check_finite)
         if value.dtype == target and value.device == pool.device:
             data = value
         else:
@@ -305,6 +311,7 @@ def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, 
         # which the exact check then clears): one cheap pass in the common case
         if options.check_finite and data.is_floating_point() and not bool(torch.isfinite(data.sum())):
             if not bool(torch.isfinite(data).all()):
+                ev.eval(out.expr, e0, e1)  # every input checked: raises if one holds the inf or nan
                 raise _nonfinite(out.name, data, e0, code)
         write(out.name, e0, data)
         pool.give(data)
@@ -328,7 +335,7 @@ def _nonfinite_input(leaf: Leaf, x: torch.Tensor, e0: int) -> NonFiniteInput:
 
 
 def _nonfinite(name: str, data: torch.Tensor, e0: int, code: str) -> AlgRuntimeError:
-    # every input chunk was checked when read (Evaluator.eval): the result itself overflowed
+    # every input of the chunk has been checked (Evaluator.eval): the result itself overflowed
     bad = int((~torch.isfinite(data)).nonzero()[0]) + e0
     return AlgRuntimeError(f"tensor '{name}' of the result is not finite at element {bad}: "
                            f"the result overflows {dtype_name(code)} or divides by zero")

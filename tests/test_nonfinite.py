@@ -65,6 +65,7 @@ METHODS = [
     "ema([m2, m1], 0.5)",
     "ties(m1, [m2, b], 1, 0.5)",  # the bad input as the base
     "layers(m1, 0, 2)",  # a plain copy
+    "stack(layers(m1, 1, 2), layers(m2, 0, 2))",  # the input's tensor is layer 0 of the result
 ]
 
 
