@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import __version__
 from ..types import dtype_name, human_bytes
+from .remote_code import card_note
 
 
 def write_card(path: Path, sp: Any, recipe_text: str, hashes: list[tuple[str, list[tuple[str, str]]]]) -> None:
@@ -52,4 +53,5 @@ def write_card(path: Path, sp: Any, recipe_text: str, hashes: list[tuple[str, li
     if sp.notes:
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in sp.notes]
+    lines += card_note(path.parent)  # custom code named by the saved config: data only
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

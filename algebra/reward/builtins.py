@@ -17,6 +17,7 @@ from typing import Any
 
 from ..builtins import Call, builtin, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
+from ..io.remote_code import code_markers
 from ..types import type_name
 from ..values import Model, Sink
 from .data import Pairs, Responses, read_pairs, read_responses
@@ -71,6 +72,17 @@ def _checkpoint(call: Call, m: Any, param: str) -> Model:
     if isinstance(m, str):
         return call.checker.load(m, call.at(param))
     return m
+
+
+def _no_custom_code(call: Call, folder: Path, param: str) -> None:
+    """Refuse a checkpoint whose folder asks transformers to run its own Python: alg never
+    runs a checkpoint's code (io/remote_code.py)."""
+    markers = code_markers(folder)
+    if markers:
+        raise call.error(AlgIOError, f"{call.name}() would load this checkpoint with transformers, but "
+                         f"'{folder}' asks to run its own Python ({', '.join(markers)}); alg never runs a "
+                         "checkpoint's code. Use a checkpoint of a standard transformers architecture, "
+                         "without these entries", param)
 
 
 def _responses(call: Call, data: Any, param: str) -> Responses | Generated:
@@ -184,6 +196,7 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
     if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise call.error(AlgIOError, "reward() needs the model's tokenizer, but its checkpoint has no "
                          "tokenizer files; load it from a Hugging Face folder", "m")
+    _no_custom_code(call, folder, "m")
     if template is not None:
         _check_template(call, template)
         fmt = TextFormat("format", template)
@@ -330,6 +343,7 @@ def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: floa
     if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise call.error(AlgIOError, "generate() needs the policy's tokenizer; load it from a Hugging "
                          "Face folder", "policy")
+    _no_custom_code(call, folder, "policy")
     if isinstance(prompts, str):
         prompts = _prompt_rows(call, prompts)
     elif isinstance(prompts, Responses | Pairs):

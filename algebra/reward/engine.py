@@ -46,7 +46,7 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     primary = model.type.primary
     if model.node.op == "load" and getattr(primary, "folder", None) is not None:
-        m = auto.from_pretrained(primary.folder, dtype=dtype)
+        m = auto.from_pretrained(primary.folder, dtype=dtype, trust_remote_code=False)
     else:
         from transformers.initialization import no_init_weights
 
@@ -54,9 +54,9 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
         from ..plan import plan_tensors
 
         state = materialize(plan_tensors(model, options), options, torch.device("cpu"))
-        config = AutoConfig.from_pretrained(primary.folder)
+        config = AutoConfig.from_pretrained(primary.folder, trust_remote_code=False)
         with no_init_weights():  # parameters are replaced below; skip their random init
-            m = auto.from_config(config, dtype=dtype)
+            m = auto.from_config(config, dtype=dtype, trust_remote_code=False)
         m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                           assign=True, strict=True)
         del state
@@ -122,7 +122,8 @@ class RewardRun:
                 dtype = scoring_dtype(g.model, self.options, self.device)
                 holder.append(load_model(g.model, self.options, self.device, dtype, causal=True))
                 self.loads += 1
-                return holder[0], AutoTokenizer.from_pretrained(g.model.type.primary.folder), self.device
+                tok = AutoTokenizer.from_pretrained(g.model.type.primary.folder, trust_remote_code=False)
+                return holder[0], tok, self.device
 
             t0 = time.perf_counter()
             self.generated[g], sampled = resolve(g, policy_hash, load)
