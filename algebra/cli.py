@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .errors import AlgError
-from .options import Options
+from .options import MIN_CHUNK_ELEMS, Options, chunk_problem
 from .source import Source
 
 
@@ -90,7 +90,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
     p.add_argument("--chunk", type=int, default=None, metavar="N",
-                   help="elements per streamed chunk (default 1048576)")
+                   help=f"elements per streamed chunk (default {Options.chunk_elems}, at least {MIN_CHUNK_ELEMS})")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a top-level name of the recipe (repeatable)")
 
@@ -149,8 +149,9 @@ def options_from(args: argparse.Namespace) -> Options:
     overrides = dict(parse_set(s) for s in args.set)
     kw: dict[str, Any] = {}
     if args.chunk is not None:
-        if args.chunk < 1:
-            raise UsageError("--chunk must be a positive number of elements")
+        problem = chunk_problem(args.chunk, "--chunk")
+        if problem:
+            raise UsageError(problem)
         kw["chunk_elems"] = args.chunk
     return Options(
         device=args.device,

@@ -90,19 +90,19 @@ def _verify(path: Path, models: Path) -> str:
     config = json.loads((path / "config.json").read_text())
     arch = config["architectures"][0]
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     text = "What is 12 plus 30? The answer is 42."
     ids = tok(text, return_tensors="pt")
     with torch.no_grad():
         if arch.endswith("ForSequenceClassification"):
-            model = AutoModelForSequenceClassification.from_pretrained(path)
-            base = AutoModelForSequenceClassification.from_pretrained(models / "rm")
+            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
+            base = AutoModelForSequenceClassification.from_pretrained(models / "rm", trust_remote_code=False)
             score = float(model(**ids).logits[0, 0])
             before = float(base(**ids).logits[0, 0])
             what = f"reward {score:+.4f} (the unmerged rm gives {before:+.4f})"
         else:
-            model = AutoModelForCausalLM.from_pretrained(path)
-            init = AutoModelForCausalLM.from_pretrained(models / "sft").state_dict()
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+            init = AutoModelForCausalLM.from_pretrained(models / "sft", trust_remote_code=False).state_dict()
             moved = max(float((t - init[n]).abs().max()) for n, t in model.state_dict().items())
             loss = float(model(**ids, labels=ids["input_ids"]).loss)
             what = f"loss {loss:.4f} on a sample sentence; weights moved up to {moved:.2e} from sft"

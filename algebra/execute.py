@@ -33,7 +33,7 @@ from .lower import Cat, Leaf, Lin, Map, Reduction, Rows, Slice, Sym, TExpr, coef
 from .ops import OPS
 from .options import Options
 from .plan import INDEX_NAME, SavePlan, Step, TensorPlan, row_length, write_chunk
-from .types import dtype_name, torch_dtype
+from .types import code_of, dtype_name, torch_dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,9 +84,10 @@ class ChunkPool:
 class Evaluator:
     """Evaluates tensor expressions chunk by chunk on one device, in pooled buffers."""
 
-    def __init__(self, device: torch.device, compute_dtype: torch.dtype):
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype, check_inputs: bool = True):
         self.device = device
         self.dtype = compute_dtype
+        self.check_inputs = check_inputs  # refuse an input chunk holding inf or nan (Options.check_finite)
         self.pool = ChunkPool(device)
         self.host = self.pool if device.type == "cpu" else ChunkPool(torch.device("cpu"))
         self.results: dict[Any, Any] = {}  # reduction (or Solve) -> its value
@@ -94,27 +95,38 @@ class Evaluator:
     def coef(self, c) -> float:
         return coef_value(c, self.results)
 
-    def eval(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
+    def eval(self, e: TExpr, e0: int, e1: int, guard: bool = True) -> torch.Tensor:
         """Elements [e0, e1) of `e`, flat, in the compute dtype on the device. The result is
-        a pool buffer (the caller gives it back) or a view of an input (never written)."""
+        a pool buffer (the caller gives it back) or a view of an input (never written).
+
+        Every input chunk is checked finite where it is read (`check_inputs`): a sign
+        election, a top-k or a mask would absorb a nan silently. With guard=False the
+        caller checks the result itself, so inputs that reach it only through linear
+        nodes (Lin, Slice, Cat, Rows: an inf or nan there always makes the result
+        non-finite) are not summed twice; a Map's arguments are always checked."""
         n = e1 - e0
         if isinstance(e, Leaf):
             x = e.source.read(e.name, e0, e1)
             if not x.is_floating_point():
                 return x.to(self.device)  # integer buffers are copied as stored
-            if x.dtype == self.dtype and x.device == self.device:
-                return x
-            buf = self.pool.take(n, self.dtype)
-            buf.copy_(x)
-            return buf
+            if x.dtype != self.dtype or x.device != self.device:
+                buf = self.pool.take(n, self.dtype)
+                buf.copy_(x)
+                x = buf
+            # a sum first, exact only if that is not finite (or overflows, which the exact
+            # check clears), as for outputs: one cheap pass in the common case
+            if guard and self.check_inputs and not bool(torch.isfinite(x.sum())) \
+                    and not bool(torch.isfinite(x).all()):
+                raise _nonfinite_input(e, x, e0)
+            return x
         if isinstance(e, Slice):
-            return self.eval(e.expr, e.start + e0, e.start + e1)
+            return self.eval(e.expr, e.start + e0, e.start + e1, guard)
         if isinstance(e, Lin):
             acc = self.pool.take(n, self.dtype)
             if not e.terms:
                 return acc.fill_(self.coef(e.const))
             for i, (c, x) in enumerate(e.terms):
-                v = self.eval(x, e0, e1)
+                v = self.eval(x, e0, e1, guard)
                 if i == 0:
                     torch.mul(v, self.coef(c), out=acc)
                 else:
@@ -146,7 +158,7 @@ class Evaluator:
             for part in e.parts:
                 lo, hi = max(e0, pos), min(e1, pos + part.numel)
                 if lo < hi:
-                    pieces.append(self.eval(part, lo - pos, hi - pos))
+                    pieces.append(self.eval(part, lo - pos, hi - pos, guard))
                 pos += part.numel
             out = self.pool.take(n, self.dtype)
             torch.cat(pieces, out=out)
@@ -154,10 +166,10 @@ class Evaluator:
                 self.pool.give(piece)
             return out
         if isinstance(e, Rows):
-            return self._rows(e, e0, e1)
+            return self._rows(e, e0, e1, guard)
         raise AssertionError(f"unknown expression {e!r}")
 
-    def _rows(self, e: Rows, e0: int, e1: int) -> torch.Tensor:
+    def _rows(self, e: Rows, e0: int, e1: int, guard: bool) -> torch.Tensor:
         """A row gather: each run that meets [e0, e1) reads one contiguous range of each
         of its sources and accumulates it into its slice of the output chunk."""
         out = self.pool.take(e1 - e0, self.dtype)
@@ -174,7 +186,7 @@ class Evaluator:
                 dst.zero_()
             for k, (c, x, src) in enumerate(terms):
                 shift = (src - start) * L
-                v = self.eval(x, lo + shift, hi + shift)
+                v = self.eval(x, lo + shift, hi + shift, guard)
                 if k == 0 and c == 1.0:
                     dst.copy_(v)
                 elif k == 0:
@@ -198,7 +210,7 @@ class Evaluator:
         """Run a streamed reduction (`Reduction.run`) and keep its value for the run."""
         value = r.run(self, chunk)
         if not _all_finite(value):
-            raise AlgRuntimeError(f"the {r.label} reduction is not finite: an input holds inf or nan")
+            raise AlgRuntimeError(f"the {r.label} reduction is not finite: it overflows or divides by zero")
         self.results[r] = value
 
 
@@ -265,7 +277,10 @@ def run_tensor_plan(
         except AlgRuntimeError as err:
             err.at(span)
             for node in tp.model.node.walk():
-                if node.op in ("div", "rdiv") and node.span is not None:
+                if isinstance(err, NonFiniteInput):
+                    if node.op == "load" and node.params[0] is err.source and node.span is not None:
+                        err.with_note("the input, loaded here", node.span)
+                elif node.op in ("div", "rdiv") and node.span is not None:
                     err.with_note("a division that can produce inf or nan", node.span)
             raise err from None
         finally:
@@ -285,7 +300,7 @@ def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, 
     pool = ev.host if on_host else ev.pool
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
-        value = ev.eval(out.expr, e0, e1)
+        value = ev.eval(out.expr, e0, e1, guard=not options.check_finite)
         if value.dtype == target and value.device == pool.device:
             data = value
         else:
@@ -296,24 +311,34 @@ def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, 
         # which the exact check then clears): one cheap pass in the common case
         if options.check_finite and data.is_floating_point() and not bool(torch.isfinite(data.sum())):
             if not bool(torch.isfinite(data).all()):
-                raise _nonfinite(out.name, out.expr, data, e0, code, ev)
+                ev.eval(out.expr, e0, e1)  # every input checked: raises if one holds the inf or nan
+                raise _nonfinite(out.name, data, e0, code)
         write(out.name, e0, data)
         pool.give(data)
 
 
-def _nonfinite(name: str, expr: TExpr, data: torch.Tensor, e0: int, code: str, ev: Evaluator) -> AlgRuntimeError:
+class NonFiniteInput(AlgRuntimeError):
+    """An input holds inf or nan: alg refuses it, whatever the recipe computes from it."""
+
+
+def _nonfinite_input(leaf: Leaf, x: torch.Tensor, e0: int) -> NonFiniteInput:
+    """The error for an input chunk `x` (elements e0.. of `leaf`, in the compute dtype)
+    that is not finite: the tensor, the input, the first bad element and its stored value."""
+    i = int((~torch.isfinite(x)).nonzero()[0])
+    stored = float(leaf.source.read(leaf.name, e0 + i, e0 + i + 1).to(torch.float64)[0])
+    why = f"it holds {stored}" if not _finite(stored) else (
+        f"it holds {stored:g}, beyond {dtype_name(code_of(x.dtype))}'s range (--float64 computes in float64)")
+    err = NonFiniteInput(f"tensor '{leaf.name}' of input '{leaf.source.label}' is not finite at element "
+                         f"{e0 + i}: {why}; alg refuses non-finite inputs")
+    err.source = leaf.source
+    return err
+
+
+def _nonfinite(name: str, data: torch.Tensor, e0: int, code: str) -> AlgRuntimeError:
+    # every input of the chunk has been checked (Evaluator.eval): the result itself overflowed
     bad = int((~torch.isfinite(data)).nonzero()[0]) + e0
-    culprits = []
-    for leaf in leaves(expr):
-        if bad >= leaf.numel:  # a row gather reads other ranges than it writes
-            continue
-        x = leaf.source.read(leaf.name, bad, bad + 1).to(torch.float64)
-        if not bool(torch.isfinite(x).all()):
-            culprits.append(f"input {leaf!r} holds {float(x[0])}")
-    why = "; ".join(culprits) if culprits else (
-        f"the result overflows {dtype_name(code)} or divides by zero"
-    )
-    return AlgRuntimeError(f"tensor '{name}' of the result is not finite at element {bad}: {why}")
+    return AlgRuntimeError(f"tensor '{name}' of the result is not finite at element {bad}: "
+                           f"the result overflows {dtype_name(code)} or divides by zero")
 
 
 # ---- sinks ------------------------------------------------------------------------------
@@ -370,7 +395,7 @@ def materialize(tp: TensorPlan, options: Options, device: torch.device | None = 
 def new_evaluator(options: Options) -> Evaluator:
     """One per run: reductions that several sinks share are computed once."""
     dtype = torch.float64 if options.compute_dtype == "float64" else torch.float32
-    return Evaluator(resolve_device(options.device), dtype)
+    return Evaluator(resolve_device(options.device), dtype, options.check_finite)
 
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,

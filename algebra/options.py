@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import Diagnostic
 
@@ -15,8 +15,26 @@ def _print_warning(d: Diagnostic) -> None:
     print(d.format(), file=sys.stderr)
 
 
+# The smallest chunk (elements) a run may stream: below it the per-chunk overhead is all
+# there is (`--chunk 1` took over 10 minutes on a 215k-element model), and its buffers are
+# a few times 16 KiB already, so nothing is saved by going lower.
+MIN_CHUNK_ELEMS = 4096
+
+
+def chunk_problem(n: int, what: str = "chunk_elems") -> str | None:
+    """Why `n` is not a usable chunk size (None when it is), with the way out."""
+    floor = Options.min_chunk
+    if n < floor:
+        return (f"{what} must be a positive number of elements, at least {floor}, not {n}: smaller "
+                f"chunks only add per-chunk overhead (the default is {Options.chunk_elems})")
+    return None
+
+
 @dataclass
 class Options:
+    # the floor chunk_elems is held to: MIN_CHUNK_ELEMS (tests/conftest.py lowers it to
+    # exercise chunk boundaries on tiny models)
+    min_chunk: ClassVar[int] = MIN_CHUNK_ELEMS
     device: str = "auto"  # cpu | cuda | cuda:N | auto
     force: bool = False  # save over existing folders
     compute_dtype: str = "float32"  # float32 | float64
@@ -29,5 +47,6 @@ class Options:
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "float64"):
             raise ValueError(f"compute_dtype must be float32 or float64, not {self.compute_dtype!r}")
-        if self.chunk_elems < 1:
-            raise ValueError("chunk_elems must be positive")
+        problem = chunk_problem(self.chunk_elems)
+        if problem:
+            raise ValueError(problem)

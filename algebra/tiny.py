@@ -239,7 +239,7 @@ def build_reward_models(root: Path, *, hidden: int = 64, layers: int = 2, seed: 
     root = Path(root)
     fam = build_family(root / "_family", hidden=hidden, layers=layers, seed=seed, names=("policy", "rm", "lm"))
     harmless = root / "rm-harmless"
-    rm = LlamaForSequenceClassification.from_pretrained(fam["rm"])
+    rm = LlamaForSequenceClassification.from_pretrained(fam["rm"], trust_remote_code=False)
     state = perturb(rm.state_dict(), seed + 500, 0.05)
     g = torch.Generator().manual_seed(seed + 501)
     state["score.weight"] = torch.randn(state["score.weight"].shape, generator=g) * state["score.weight"].std()
@@ -247,7 +247,7 @@ def build_reward_models(root: Path, *, hidden: int = 64, layers: int = 2, seed: 
     rm.save_pretrained(harmless)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(fam["rm"]).save_pretrained(harmless)
+    AutoTokenizer.from_pretrained(fam["rm"], trust_remote_code=False).save_pretrained(harmless)
     out = {"rm-harmless": harmless}
     for name, new in (("rm", "rm-helpful"), ("policy", "policy"), ("lm", "lm")):
         out[new] = fam[name].rename(root / new)

@@ -17,6 +17,12 @@ from safetensors.torch import load_file
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# In-process tests exercise chunk boundaries on tiny models with chunks far below the floor
+# users get (algebra.options.MIN_CHUNK_ELEMS); tests/test_trust.py checks that floor.
+from algebra.options import Options  # noqa: E402
+
+Options.min_chunk = 1
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _alg_cache(tmp_path_factory):

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..types import dtype_name, human_bytes
+from .remote_code import card_note
 
 CARD_MARK = "Made by alg"  # how a later save knows an earlier alg output
 _OLD_MARK = "Made by [alg]"  # the same line before cards lost their link
@@ -149,4 +150,5 @@ def write_card(path: Path, sp: Any, recipe_text: str, inputs: list[CardInput],
     if sp.notes:
         lines += ["", "## Notes", ""]
         lines += [f"- {_strip_paths(n, inputs, base_dir)}" for n in sp.notes]
+    lines += card_note(path.parent)  # custom code named by the saved config: data only
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

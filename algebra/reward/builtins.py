@@ -18,6 +18,7 @@ from typing import Any
 from ..builtins import Call, builtin, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
 from ..io.files import absolute, joined, resolved
+from ..io.remote_code import code_markers
 from ..types import type_name
 from ..values import Model, Sink
 from .data import Pairs, Responses, read_pairs, read_responses
@@ -78,6 +79,20 @@ def _read_path(call: Call, path: str, param: str) -> Path:
     p = _path(call, path)
     call.checker.note_read(p, call.at(param), f"{call.name}() reads it", path)
     return p
+
+
+def _no_custom_code(call: Call, model: Model, param: str) -> None:
+    """Refuse a checkpoint whose folders ask transformers to run their own Python (its
+    primary input's config, its tokenizer's files): alg never runs a checkpoint's code
+    (io/remote_code.py)."""
+    folders = [getattr(model.type.primary, "folder", None), _tokenizer_dir(model)]
+    for folder in dict.fromkeys(f for f in folders if f is not None):
+        markers = code_markers(folder)
+        if markers:
+            raise call.error(AlgIOError, f"{call.name}() would load this checkpoint with transformers, but "
+                             f"'{folder}' asks to run its own Python ({', '.join(markers)}); alg never runs a "
+                             "checkpoint's code. Use a checkpoint of a standard transformers architecture, "
+                             "without these entries", param)
 
 
 def _responses(call: Call, data: Any, param: str) -> Responses | Generated:
@@ -209,6 +224,7 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
     if folder is None:
         raise call.error(AlgIOError, "reward() needs the model's tokenizer, but its checkpoint has no "
                          "tokenizer files; load it from a Hugging Face folder", "m")
+    _no_custom_code(call, model, "m")
     if template is not None:
         _check_template(call, template)
         kind, text = "format", template
@@ -379,6 +395,7 @@ def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: floa
     if _tokenizer_dir(model) is None:
         raise call.error(AlgIOError, "generate() needs the policy's tokenizer; load it from a Hugging "
                          "Face folder", "policy")
+    _no_custom_code(call, model, "policy")
     if isinstance(prompts, str):
         prompts = _prompt_rows(call, prompts)
     elif isinstance(prompts, Responses | Pairs):

@@ -52,7 +52,7 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     primary = model.type.primary
     if model.node.op == "load" and getattr(primary, "folder", None) is not None:
-        m = auto.from_pretrained(primary.folder, dtype=dtype)
+        m = auto.from_pretrained(primary.folder, dtype=dtype, trust_remote_code=False)
     else:
         from transformers.initialization import no_init_weights
 
@@ -64,10 +64,10 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
             raise AlgRuntimeError(f"{model.node.describe()} has no config.json to build a model from")
         with tempfile.TemporaryDirectory(prefix="alg-config-") as tmp:  # as its saved folder has it
             (Path(tmp) / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
-            config = AutoConfig.from_pretrained(tmp)
+            config = AutoConfig.from_pretrained(tmp, trust_remote_code=False)
         state = materialize(plan_tensors(model, options), options, torch.device("cpu"))
         with no_init_weights():  # parameters are replaced below; skip their random init
-            m = auto.from_config(config, dtype=dtype)
+            m = auto.from_config(config, dtype=dtype, trust_remote_code=False)
         try:
             m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                               assign=True, strict=True)
@@ -140,7 +140,7 @@ class RewardRun:
             dtype = scoring_dtype(g.model, self.options, self.device)
             holder.append(load_model(g.model, self.options, self.device, dtype, causal=True))
             self.loads += 1
-            return holder[0], AutoTokenizer.from_pretrained(tokenizer_folder(g.model)), self.device
+            return holder[0], AutoTokenizer.from_pretrained(tokenizer_folder(g.model), trust_remote_code=False), self.device
 
         t0 = time.perf_counter()
         part = g if prompts == g.spec.prompts else Generated(g.node, replace(g.spec, prompts=prompts), g.label, g.model)

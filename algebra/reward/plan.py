@@ -137,7 +137,7 @@ def tokenizer_for(leaf: ModelReward):
     folder = str(tokenizer_folder(leaf.model))
     tok = _TOKENIZERS.get(folder)
     if tok is None:
-        tok = _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder)
+        tok = _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         tok.truncation_side = "left"  # the score is read at the end: keep the response's end
     return tok
 
