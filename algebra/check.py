@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ MAX_EVAL_DEPTH = 3000  # expressions under evaluation at once: nesting times cal
 MAX_STEPS = 2_000_000  # expression evaluations, plus the items of every list built; STEPS_ENV
 MAX_SIZE = 1_000_000  # items of one list (nested lists' items count too), characters of a string; SIZE_ENV
 LOAD_STEPS = 500  # what one load() costs of the step budget (a file system look-up)
+# checkpoint operations applied one on top of another (a + b + ... or a fold): running
+# one walks the chain recursively (lower.py), so a longer chain is refused here
+MAX_CHAIN = 200
 # Python frames that one level of evaluation may take, to size the recursion limit
 _FRAMES_PER_LEVEL = 5
 
@@ -131,6 +135,7 @@ class Checker:
         self._steps = 0
         self._checking = False
         self._stmt_span: Span | None = None
+        self._chain: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Node -> chain length
         self.max_steps = _budget(STEPS_ENV, MAX_STEPS)
         self.max_size = _budget(SIZE_ENV, MAX_SIZE)
         self._sinks: list[Sink] = []
@@ -331,6 +336,29 @@ class Checker:
             self.charge(total, span)
         return value
 
+    def model_built(self, m: Model, span: Span | None) -> Model:
+        """A checkpoint value just built: charge its check (a walk of its tensor table) and
+        refuse a chain of operations longer than MAX_CHAIN."""
+        self.charge(len(m.type.tensors), span)
+        chain = self._chain
+        todo = [m.node]
+        while todo:
+            n = todo[-1]
+            if n in chain:
+                todo.pop()
+                continue
+            missing = [a for a in n.args if a not in chain]
+            if missing:
+                todo.extend(missing)
+                continue
+            chain[n] = 1 + max((chain[a] for a in n.args), default=0)
+            todo.pop()
+        if chain[m.node] > MAX_CHAIN:
+            raise AlgLimitError(f"this checkpoint is the result of more than {MAX_CHAIN} operations applied "
+                                "one on top of another, more than alg computes; combine the parts in "
+                                "fewer steps (e.g. linear([...], weights) instead of a + b + c ...)", span)
+        return m
+
     def _too_big(self, n: int, text: bool, span: Span | None) -> AlgLimitError:
         what = f"this string would have {n:,} characters" if text else (
             f"this list would have more than {self.max_size:,} items (nested lists' items count)")
@@ -416,7 +444,7 @@ class Checker:
         if hook is not None:  # a value type with its own algebra (see `alg_binop`)
             return hook(v, e.op, e.span)
         if isinstance(v, Model):
-            return v if e.op == "+" else model_neg(v, e.span)
+            return v if e.op == "+" else self.model_built(model_neg(v, e.span), e.span)
         if isinstance(v, int | float) and not isinstance(v, bool):
             return v if e.op == "+" else -v
         raise AlgTypeError(f"cannot apply unary '{e.op}' to {type_name(v)}", e.span)
@@ -448,7 +476,7 @@ class Checker:
                 if result is not NotImplemented:
                     return result
         if isinstance(left, Model) or isinstance(right, Model):
-            return model_arith(op, left, right, e.span, e.left.span, e.right.span)
+            return self.model_built(model_arith(op, left, right, e.span, e.left.span, e.right.span), e.span)
         num = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
         if num(left) and num(right):
             if op == "div" and right == 0:
@@ -485,8 +513,8 @@ class Checker:
         if isinstance(func, Builtin):
             values, spans = bind(func.name, func.params, func.defaults, args, kwargs, span)
             result = func.impl(Call(self, span, spans, func.name), **values)
-            if isinstance(result, Model):  # checking a checkpoint op walks its tensor table
-                self.charge(len(result.type.tensors), span)
+            if isinstance(result, Model):
+                self.model_built(result, span)
             elif isinstance(result, tuple | str):
                 self.sized(result, span)
             return result
