@@ -619,6 +619,7 @@ def _info(call: Call, m: Model) -> None:
 @builtin("range(start: Scalar, stop: Scalar | None = none, step: Scalar = 1)",
          "Numbers from start up to (not including) stop; floats allowed, e.g. range(0, 1.01, 0.1).")
 def _range(call: Call, start: float, stop: float | None, step: float) -> tuple:
+    bound = "stop" if stop is not None else "start"  # the argument that is the upper bound
     if stop is None:
         start, stop = 0, start
     if step == 0:
@@ -627,7 +628,7 @@ def _range(call: Call, start: float, stop: float | None, step: float) -> tuple:
     limit = call.checker.max_size
     if not count <= limit:
         raise call.error(AlgLimitError, f"range() would make more than {limit:,} values (the size "
-                         f"budget; {SIZE_ENV} raises it)", "stop")
+                         f"budget; {SIZE_ENV} raises it)", bound)
     n = math.ceil(count - 1e-9)
     integral = all(isinstance(v, int) for v in (start, stop, step))
     out = []
