@@ -223,3 +223,11 @@ def test_sizes_must_be_finite():
         with pytest.raises(ValueError, match="positive, finite"):
             parse_size(bad)
     assert parse_size("1.5KB") == 1500
+
+
+def test_a_per_layer_value_that_overflows_is_not_a_division(check_in):
+    from algebra.errors import AlgTypeError
+
+    with pytest.raises(AlgTypeError, match="is not finite for tensor") as e:
+        check_in("save(ramp(1e308, 1) * 10 * a, 'out/x')")
+    assert "ramp(1e+308, 1)" in e.value.message and e.value.span is not None
