@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ast
 from .ast import literal_value
-from .errors import AlgError, AlgShapeError, AlgTypeError, did_you_mean
+from .errors import SIZE_ENV, AlgError, AlgLimitError, AlgShapeError, AlgTypeError, did_you_mean
 from .graph import Node
 from .schedule import Schedule, as_param, is_param, neg, recip
 from .source import Span
@@ -36,9 +37,38 @@ if TYPE_CHECKING:
 # ---- types --------------------------------------------------------------------------
 
 # Param: a number or a per-layer/per-tensor value (ramp, where; see schedule.py), for
-# method weights; Scalar stays strict where a real number is required (range, seed, rtol)
-TYPE_NAMES = ("Any", "Scalar", "Param", "Schedule", "String", "Bool", "None", "Checkpoint",
+# method weights; Scalar stays strict where a real number is required (range, rtol); Int is
+# a Scalar that is a whole number in INT_RANGE (seeds, counts, layer indices), bound as an int
+TYPE_NAMES = ("Any", "Scalar", "Int", "Param", "Schedule", "String", "Bool", "None", "Checkpoint",
               "Function", "List", "Module")
+
+# Every number of alg is finite and at most FLOAT_MAX in size (a float64 can hold it):
+# number literals, arithmetic results and arguments are checked against this.
+FLOAT_MAX = sys.float_info.max
+INT_RANGE = (-(2**63), 2**63 - 1)  # what an Int may be: a signed 64-bit integer
+
+
+def is_finite(v: Any) -> bool:
+    """Whether a number is one alg allows (see FLOAT_MAX); other values pass."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return -FLOAT_MAX <= v <= FLOAT_MAX  # exact: Python compares int and float exactly
+    return True
+
+
+def show_number(text: str) -> str:
+    """A number's literal text for a message, shortened when it is long."""
+    return text if len(text) <= 24 else f"{text[:12]}...{text[-4:]} ({len(text)} characters)"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return (_is_number(v) and is_finite(v) and float(v).is_integer()
+            and INT_RANGE[0] <= v <= INT_RANGE[1])
 # value types that other modules define (Reward, Responses, ...): name -> membership test;
 # registered with `register_type` before any builtin that names them
 EXTRA_TYPES: dict[str, Callable[[Any], bool]] = {}
@@ -71,9 +101,11 @@ def conforms(value: Any, t: ast.TypeExpr) -> bool:
     if name == "Any":
         return True
     if name == "Scalar":
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return _is_number(value) and is_finite(value)
+    if name == "Int":
+        return _is_int(value)
     if name == "Param":
-        return is_param(value)
+        return is_param(value) and is_finite(value)
     if name == "Schedule":
         return isinstance(value, Schedule)
     if name == "String":
@@ -224,14 +256,32 @@ def bind(
         elif p.default is None:
             raise AlgTypeError(f"{fname}() is missing argument '{p.name}'; it takes {sig}", call_span)
     for p in params:
-        if p.type is not None and p.name in values and not conforms(values[p.name], p.type):
-            raise AlgTypeError(
-                f"argument '{p.name}' of {fname}() must be {p.type}, "
-                f"not {type_name(values[p.name])}",
-                spans.get(p.name, call_span),
-            )
+        if p.type is None or p.name not in values:
+            continue
+        v = values[p.name]
+        if not conforms(v, p.type):
+            raise AlgTypeError(f"argument '{p.name}' of {fname}() must be {p.type}, not {_mismatch(v, p.type)}",
+                               spans.get(p.name, call_span))
+        if isinstance(v, float) and _names_int(p.type) and _is_int(v):
+            values[p.name] = int(v)  # a whole number given as 3.0 binds as 3 where an Int is wanted
     spans.update(item_spans)
     return values, spans
+
+
+def _names_int(t: ast.TypeExpr) -> bool:
+    return t.name == "Int" or (t.name == "|" and any(_names_int(a) for a in t.args))
+
+
+def _mismatch(v: Any, t: ast.TypeExpr) -> str:
+    """What is wrong with a value that does not conform: its type, or for a number why it
+    is not the number wanted."""
+    if _is_number(v) and not is_finite(v):
+        return f"{v} (not a finite number)"
+    if _is_number(v) and _names_int(t):
+        why = "not a whole number" if not float(v).is_integer() else (
+            f"outside {INT_RANGE[0]} to {INT_RANGE[1]}")
+        return f"{show(v)} ({why})"
+    return type_name(v)
 
 
 # ---- the registry -------------------------------------------------------------------
@@ -569,13 +619,17 @@ def _info(call: Call, m: Model) -> None:
 @builtin("range(start: Scalar, stop: Scalar | None = none, step: Scalar = 1)",
          "Numbers from start up to (not including) stop; floats allowed, e.g. range(0, 1.01, 0.1).")
 def _range(call: Call, start: float, stop: float | None, step: float) -> tuple:
+    bound = "stop" if stop is not None else "start"  # the argument that is the upper bound
     if stop is None:
         start, stop = 0, start
     if step == 0:
         raise call.error(AlgTypeError, "range() step must not be zero", "step")
-    n = math.ceil((stop - start) / step - 1e-9)
-    if n > 1_000_000:
-        raise call.error(AlgTypeError, f"range() would make {n} values", "stop")
+    count = (float(stop) - float(start)) / float(step)  # may be inf: the bounds are finite, not their span
+    limit = call.checker.max_size
+    if not count <= limit:
+        raise call.error(AlgLimitError, f"range() would make more than {limit:,} values (the size "
+                         f"budget; {SIZE_ENV} raises it)", bound)
+    n = math.ceil(count - 1e-9)
     integral = all(isinstance(v, int) for v in (start, stop, step))
     out = []
     for i in range(max(0, n)):

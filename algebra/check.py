@@ -13,6 +13,11 @@ is raised here, with its position, before execution starts.
 
 from __future__ import annotations
 
+import math
+import operator
+import os
+import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +35,21 @@ from .builtins import (
     bind,
     check_type_expr,
     conforms,
+    is_finite,
     model_arith,
     model_neg,
+    show_number,
 )
 from .builtins import (
     show as show_value,
 )
 from .errors import (
     _WARN,
+    SIZE_ENV,
+    STEPS_ENV,
     AlgError,
     AlgIOError,
+    AlgLimitError,
     AlgNameError,
     AlgTypeError,
     Diagnostic,
@@ -50,14 +60,39 @@ from .graph import Node
 from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
 from .io.files import absolute, joined, missing, resolved, stat_path
 from .options import Options
-from .parser import parse
+from .parser import MAX_NESTING, parse
 from .resources import stdlib_dir, stdlib_names
 from .reward import builtins as _reward_builtins  # noqa: F401  (registers builtins)
 from .source import Source, Span
 from .types import CheckpointType, type_name
 from .values import Closure, Env, Model, Namespace, Sink
 
-MAX_DEPTH = 200
+# Limits of check-time evaluation (README, "Limits"). Checking folds every plain value, so
+# a recipe is a program; these bound what checking it may cost, each with a clear error.
+MAX_DEPTH = 200  # nested calls of defs and lambdas
+MAX_EVAL_DEPTH = 3000  # expressions under evaluation at once: nesting times calls
+MAX_STEPS = 2_000_000  # expression evaluations, plus the items of every list built; STEPS_ENV
+MAX_SIZE = 1_000_000  # items of one list (nested lists' items count too), characters of a string; SIZE_ENV
+LOAD_STEPS = 500  # what one load() costs of the step budget (a file system look-up)
+# checkpoint operations applied one on top of another (a + b + ... or a fold): running
+# one walks the chain recursively (lower.py), so a longer chain is refused here
+MAX_CHAIN = 200
+# Python frames that one level of evaluation may take, to size the recursion limit
+_FRAMES_PER_LEVEL = 5
+
+
+def _budget(env: str, default: int) -> int:
+    text = os.environ.get(env)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise AlgLimitError(f"{env} must be a positive whole number, not '{text}'")
+    return value
+
 STDLIB_PREFIX = "stdlib/"
 
 
@@ -97,7 +132,14 @@ class Checker:
         self._sources: dict[tuple, CheckpointSource] = {}
         self._stdlib: dict[str, Env] = {}
         self._imports: dict[Path, Namespace] = {}
-        self._depth = 0
+        self._depth = 0  # nested closure calls
+        self._eval_depth = 0  # nested expression evaluations
+        self._steps = 0
+        self._checking = False
+        self._stmt_span: Span | None = None
+        self._chain: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Node -> chain length
+        self.max_steps = _budget(STEPS_ENV, MAX_STEPS)
+        self.max_size = _budget(SIZE_ENV, MAX_SIZE)
         self._sinks: list[Sink] = []
         self._save_paths: dict[Path, Span] = {}
         # what this program reads and writes: a path written must not also be read
@@ -107,7 +149,18 @@ class Checker:
         self.prelude_env = self._library_env("prelude", None)
         self.env = self.prelude_env.child()
         for name, value in self.options.overrides.items():
+            self._check_override(name, value)
             self.env.values[name] = value
+
+    def _check_override(self, name: str, value: Any) -> None:
+        items = [value]
+        while items:
+            v = items.pop()
+            if isinstance(v, tuple):
+                items.extend(v)
+            elif not is_finite(v):
+                raise AlgLimitError(f"--set {name}: {v} is out of range; numbers are finite and "
+                                    f"at most {sys.float_info.max:.4g} in size")
 
     # ---- diagnostics -----------------------------------------------------------------
 
@@ -123,17 +176,27 @@ class Checker:
         """Check a whole program; its sinks run only if all of it checks."""
         env = env or self.env
         self._sinks, self._save_paths, self._reads, self._writes = [], {}, [], []
+        self._steps, self._checking, self._stmt_span = 0, True, None
         token = _WARN.set(self.warning)
+        # evaluation depth is bounded (MAX_EVAL_DEPTH); give Python the stack that needs
+        old_limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(old_limit, MAX_EVAL_DEPTH * _FRAMES_PER_LEVEL + 2000))
         try:
             return self._check(program, env)
+        except RecursionError:  # a last resort: every recursion here has its own limit
+            raise AlgLimitError("this statement is nested too deeply to check (Python's stack "
+                                "ran out)", self._stmt_span) from None
         finally:
+            sys.setrecursionlimit(old_limit)
             _WARN.reset(token)
+            self._checking = False
             # a failed entry (REPL) must not keep its sinks or reserve its save paths
             self._sinks, self._save_paths, self._reads, self._writes = [], {}, [], []
 
     def _check(self, program: ast.Program, env: Env) -> Checked:
         out = Checked()
         for stmt in program.stmts:
+            self._stmt_span = stmt.span
             value, is_expr = self._stmt(stmt, env, top=True)
             if is_expr:
                 out.result, out.has_result = value, True
@@ -231,13 +294,92 @@ class Checker:
     # ---- expressions -----------------------------------------------------------------
 
     def expr(self, e: ast.Node, env: Env) -> Any:
-        method = getattr(self, "_" + type(e).__name__)
-        return method(e, env)
+        if self._eval_depth == 0 and not self._checking:
+            self._steps = 0  # an expression evaluated on its own (the REPL's :type)
+        self._steps += 1
+        if self._steps > self.max_steps:
+            self._out_of_steps(e.span)
+        self._eval_depth += 1
+        try:
+            if self._eval_depth > MAX_EVAL_DEPTH:
+                raise AlgLimitError(f"nested too deeply: more than {MAX_EVAL_DEPTH} expressions under "
+                                    "evaluation at once (deep recursion through defs or lambdas?)", e.span)
+            return _DISPATCH[type(e)](self, e, env)
+        finally:
+            self._eval_depth -= 1
+
+    def charge(self, steps: int, span: Span | None) -> None:
+        """Count work other than evaluating an expression against the step budget."""
+        self._steps += steps
+        if self._steps > self.max_steps:
+            self._out_of_steps(span)
+
+    def _out_of_steps(self, span: Span | None) -> None:
+        raise AlgLimitError(
+            f"checking this recipe takes more than {self.max_steps:,} steps (the step budget of "
+            f"check-time evaluation); is a list, loop or recursion much larger than meant? "
+            f"{STEPS_ENV}=N raises the budget", span)
+
+    def sized(self, value: Any, span: Span | None) -> Any:
+        """A list or string just built, charged to the budgets: at most `max_size` items
+        (nested lists' items count) or characters, lists nested at most MAX_NESTING deep."""
+        if isinstance(value, str):
+            if len(value) > self.max_size:
+                raise self._too_big(len(value), True, span)
+            self.charge(len(value) // 64, span)
+        elif isinstance(value, tuple):
+            total = 0
+            todo = [(value, 1)]
+            while todo:
+                t, depth = todo.pop()
+                if depth > MAX_NESTING:
+                    raise AlgLimitError(f"lists nested more than {MAX_NESTING} deep", span)
+                total += len(t)
+                if total > self.max_size:
+                    raise self._too_big(total, False, span)
+                todo.extend((x, depth + 1) for x in t if type(x) is tuple)
+            self.charge(total, span)
+        return value
+
+    def model_built(self, m: Model, span: Span | None) -> Model:
+        """A checkpoint value just built: charge its check (a walk of its tensor table) and
+        refuse a chain of operations longer than MAX_CHAIN."""
+        self.charge(len(m.type.tensors), span)
+        chain = self._chain
+        todo = [m.node]
+        while todo:
+            n = todo[-1]
+            if n in chain:
+                todo.pop()
+                continue
+            missing = [a for a in n.args if a not in chain]
+            if missing:
+                todo.extend(missing)
+                continue
+            chain[n] = 1 + max((chain[a] for a in n.args), default=0)
+            todo.pop()
+        if chain[m.node] > MAX_CHAIN:
+            raise AlgLimitError(f"this checkpoint is the result of more than {MAX_CHAIN} operations applied "
+                                "one on top of another, more than alg computes; combine the parts in "
+                                "fewer steps (e.g. linear([...], weights) instead of a + b + c ...)", span)
+        return m
+
+    def _too_big(self, n: int, text: bool, span: Span | None) -> AlgLimitError:
+        what = f"this string would have {n:,} characters" if text else (
+            f"this list would have more than {self.max_size:,} items (nested lists' items count)")
+        return AlgLimitError(f"{what}, past the size budget of {self.max_size:,}; {SIZE_ENV}=N raises it",
+                             span)
 
     def _Num(self, e: ast.Num, env: Env) -> Any:
+        if not is_finite(e.value):
+            raise AlgTypeError(f"the number {show_number(e.span.text())} is out of range: numbers are "
+                               f"finite and at most {sys.float_info.max:.4g} in size", e.span)
         return e.value
 
-    _Str = _Bool = _Num
+    def _Str(self, e: ast.Str, env: Env) -> Any:
+        return e.value
+
+    _Bool = _Str
 
     def _NoneLit(self, e: ast.NoneLit, env: Env) -> Any:
         return None
@@ -254,7 +396,7 @@ class Checker:
         return scope.values[e.id]
 
     def _List(self, e: ast.List, env: Env) -> Any:
-        return tuple(self.expr(x, env) for x in e.items)
+        return self.sized(tuple([self.expr(x, env) for x in e.items]), e.span)
 
     def _ListComp(self, e: ast.ListComp, env: Env) -> Any:
         items = self.expr(e.iter, env)
@@ -270,7 +412,7 @@ class Checker:
                 if not keep:
                     continue
             out.append(self.expr(e.elt, inner))
-        return tuple(out)
+        return self.sized(tuple(out), e.span)
 
     def _Attr(self, e: ast.Attr, env: Env) -> Any:
         value = self.expr(e.value, env)
@@ -307,14 +449,26 @@ class Checker:
         if hook is not None:  # a value type with its own algebra (see `alg_binop`)
             return hook(v, e.op, e.span)
         if isinstance(v, Model):
-            return v if e.op == "+" else model_neg(v, e.span)
+            return v if e.op == "+" else self.model_built(model_neg(v, e.span), e.span)
         if isinstance(v, int | float) and not isinstance(v, bool):
             return v if e.op == "+" else -v
         raise AlgTypeError(f"cannot apply unary '{e.op}' to {type_name(v)}", e.span)
 
     def _BinOp(self, e: ast.BinOp, env: Env) -> Any:
-        left = self.expr(e.left, env)
-        right = self.expr(e.right, env)
+        # a chain a + b - c ... is folded from the left without recursion (parser.py)
+        chain = []
+        node: ast.Node = e
+        while isinstance(node, ast.BinOp):
+            chain.append(node)
+            node = node.left
+        acc = self.expr(node, env)
+        for i, b in enumerate(reversed(chain)):
+            if i:
+                self.charge(1, b.span)
+            acc = self._binop(b, acc, self.expr(b.right, env))
+        return acc
+
+    def _binop(self, e: ast.BinOp, left: Any, right: Any) -> Any:
         op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[e.op]
         # a value type with its own algebra defines
         #   alg_binop(self, op, other, reflected, span, self_span, other_span)
@@ -327,22 +481,24 @@ class Checker:
                 if result is not NotImplemented:
                     return result
         if isinstance(left, Model) or isinstance(right, Model):
-            return model_arith(op, left, right, e.span, e.left.span, e.right.span)
+            return self.model_built(model_arith(op, left, right, e.span, e.left.span, e.right.span), e.span)
         num = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
         if num(left) and num(right):
-            if op == "add":
-                return left + right
-            if op == "sub":
-                return left - right
-            if op == "mul":
-                return left * right
-            if right == 0:
+            if op == "div" and right == 0:
                 raise AlgTypeError("division by zero", e.right.span)
-            return left / right
-        if op == "add" and isinstance(left, str) and isinstance(right, str):
-            return left + right
-        if op == "add" and isinstance(left, tuple) and isinstance(right, tuple):
-            return left + right
+            try:
+                result = _ARITH[op](left, right)
+            except OverflowError:  # an int quotient too large for a float
+                result = math.inf
+            if not is_finite(result):
+                raise AlgTypeError(f"the result of '{e.op}' is out of range: numbers are finite and at "
+                                   f"most {sys.float_info.max:.4g} in size", e.span)
+            return result
+        if op == "add" and (isinstance(left, str) and isinstance(right, str)
+                            or isinstance(left, tuple) and isinstance(right, tuple)):
+            if len(left) + len(right) > self.max_size:  # refused before it is built
+                raise self._too_big(len(left) + len(right), isinstance(left, str), e.span)
+            return self.sized(left + right, e.span)
         hint = ""
         if op == "add" and (isinstance(left, str) or isinstance(right, str)):
             hint = "; to build text write str(x), e.g. \"out/m-\" + str(lam)"
@@ -361,7 +517,12 @@ class Checker:
         kwargs = kwargs or []
         if isinstance(func, Builtin):
             values, spans = bind(func.name, func.params, func.defaults, args, kwargs, span)
-            return func.impl(Call(self, span, spans, func.name), **values)
+            result = func.impl(Call(self, span, spans, func.name), **values)
+            if isinstance(result, Model):
+                self.model_built(result, span)
+            elif isinstance(result, tuple | str):
+                self.sized(result, span)
+            return result
         if isinstance(func, Closure):
             return self._call_closure(func, args, kwargs, span)
         raise AlgTypeError(f"{type_name(func)} is not a function", callee_span or span)
@@ -369,20 +530,21 @@ class Checker:
     def _call_closure(self, f: Closure, args: list, kwargs: list, span: Span) -> Any:
         values, _ = bind(f.name, f.params, None, args, kwargs, span)
         inner = f.env.child()
-        for p in f.params:
-            if p.name in values:
-                inner.values[p.name] = values[p.name]
-            else:  # defaults are evaluated at call time, in the definition's scope
-                inner.values[p.name] = self.expr(p.default, f.env.child(dict(inner.values)))
-                if p.type is not None and not conforms(inner.values[p.name], p.type):
-                    raise AlgTypeError(
-                        f"default of '{p.name}' must be {p.type}, not {type_name(inner.values[p.name])}",
-                        p.default.span,
-                    )
+        # the call is under way from here: a default that calls f again is recursion too
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise AlgTypeError(f"calls nested deeper than {MAX_DEPTH} (runaway recursion?)", span)
+            for p in f.params:
+                if p.name in values:
+                    inner.values[p.name] = values[p.name]
+                else:  # defaults are evaluated at call time, in the definition's scope
+                    inner.values[p.name] = self.expr(p.default, f.env.child(dict(inner.values)))
+                    if p.type is not None and not conforms(inner.values[p.name], p.type):
+                        raise AlgTypeError(
+                            f"default of '{p.name}' must be {p.type}, not {type_name(inner.values[p.name])}",
+                            p.default.span,
+                        )
             return self.expr(f.body, inner)
         except AlgError as err:
             if err.span is not None and _is_stdlib(err.span) and not _is_stdlib(span):
@@ -401,6 +563,7 @@ class Checker:
     # ---- checkpoints and sinks ----------------------------------------------------------
 
     def load(self, path: str, span: Span) -> Model:
+        self.charge(LOAD_STEPS, span)
         p = joined(path, self.base_dir)
         self.note_read(absolute(path, self.base_dir), span, "loaded", path)  # before the stat: it may be written later
         st = stat_path(p, path, span)  # a NUL byte, a loop, a too-long path: said as such
@@ -507,6 +670,12 @@ class Checker:
         self._save_paths[target] = self._save_paths[real] = call.span
         request = SaveRequest(m, target, dtype, shard_bytes, force, call.span, guard)
         self._sinks.append(Sink("save", call.span, request))
+
+
+_ARITH = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
+_DISPATCH = {cls: getattr(Checker, "_" + cls.__name__)
+             for cls in (ast.Num, ast.Str, ast.Bool, ast.NoneLit, ast.Name, ast.List, ast.ListComp,
+                         ast.Attr, ast.Index, ast.Lambda, ast.UnaryOp, ast.BinOp, ast.Call)}
 
 
 def bind_source(source: CheckpointSource | MemorySource, span: Span | None) -> Model:

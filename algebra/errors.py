@@ -79,6 +79,16 @@ class AlgIOError(AlgError):
     """A missing path, a corrupt or truncated file, a refused format, an existing output."""
 
 
+class AlgLimitError(AlgError):
+    """A recipe that would take too much to check: nested too deeply, or past the step or
+    size budget of check-time evaluation (README, "Limits")."""
+
+
+# the environment variables that raise the check-time budgets (read by check.Checker)
+STEPS_ENV = "ALG_MAX_STEPS"
+SIZE_ENV = "ALG_MAX_SIZE"
+
+
 class AlgRuntimeError(AlgError):
     """A failure found while computing: a non-finite result."""
 

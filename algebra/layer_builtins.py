@@ -67,7 +67,7 @@ def _index(call: Call, v: float, param: str) -> int:
 
 
 @builtin(
-    "layers(m: Checkpoint, start: Scalar, stop: Scalar | None = none)",
+    "layers(m: Checkpoint, start: Int, stop: Int | None = none)",
     "Layers start, ..., stop-1 of m (half-open, like Python's slices and mergekit's "
     "layer_range; negative numbers count from the end; stop defaults to the last layer), "
     "renumbered from 0, with m's embeddings, final norm and head. The config's layer "

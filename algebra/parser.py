@@ -1,23 +1,34 @@
 """Stage 1, parse: recipe text -> `ast.Program`.
 
-One cached LALR parser built from grammar/alg.lark with positions propagated; a lark
-Transformer turns the tree into frozen AST nodes with spans. Lark's exceptions become
+One cached LALR parser built from grammar/alg.lark with positions propagated; `_ToAst`
+turns the tree into frozen AST nodes with spans. Lark's exceptions become
 `AlgSyntaxError`s with a position and a readable list of what was expected; input that
 ends too early is flagged `incomplete` so the REPL can ask for more.
+
+The tree is turned into the AST without recursion (an explicit stack), so no input can
+overflow Python's stack here. Nesting is limited to `MAX_NESTING` levels (brackets,
+calls, unary operators, lambdas, ...); a chain of binary operators `a + b + ... + z` is
+one level however long it is, and the checker folds such chains without recursion.
 """
 
 from __future__ import annotations
 
 import ast as pyast
+import re
 from functools import cache
+from typing import Any
 
 import lark
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Tree
 
 from . import ast
 from .errors import AlgSyntaxError
 from .resources import grammar_path
 from .source import Source, Span
+
+# How deeply a recipe's expressions may nest (README, "Limits"): each bracket, call,
+# index, unary operator or lambda is a level; a chain `a + b - c * d` is one level.
+MAX_NESTING = 200
 
 
 class _BracketNewlines:
@@ -86,16 +97,15 @@ def _describe(tok: Token) -> str:
 def parse(text: str | Source, name: str = "<string>") -> ast.Program:
     """Parse recipe text into an `ast.Program`; raises `AlgSyntaxError`."""
     source = text if isinstance(text, Source) else Source(text, name)
+    masked, literals = _literal_lists(source)
     try:
-        tree = _lark().parse(source.text)
+        tree = _lark().parse(masked)
     except lark.exceptions.UnexpectedInput as e:
         raise _syntax_error(source, e) from None
-    try:
-        return _ToAst(source).transform(tree)
-    except lark.exceptions.VisitError as e:
-        if isinstance(e.orig_exc, AlgSyntaxError):
-            raise e.orig_exc from None
-        raise
+    except RecursionError:  # a last resort: lark's parser itself does not recurse
+        raise AlgSyntaxError("the recipe is nested too deeply to parse",
+                             Span(source, 0, min(1, len(source.text)))) from None
+    return _ToAst(source, literals).transform(tree)
 
 
 def parse_expr(text: str | Source, name: str = "<string>") -> ast.Node:
@@ -180,11 +190,47 @@ def _span(source: Source, meta_or_tok) -> Span:
 _KEYWORDS = {"def", "use", "import", "as", "lambda", "for", "in", "if", "true", "false", "none"}
 
 
-@v_args(meta=True)
-class _ToAst(Transformer):
-    def __init__(self, source: Source):
-        super().__init__()
+# rules that only gather their children for the rule above: no nesting level of their own
+_GATHER = {"args", "params", "lparams"}
+_BINOPS = {"add", "sub", "mul", "div"}
+
+
+class _ToAst:
+    """lark tree -> AST, bottom-up with an explicit stack (see the module docstring)."""
+
+    def __init__(self, source: Source, literals: dict[int, ast.List] | None = None):
         self.source = source
+        self.literals = literals or {}
+
+    def transform(self, tree: Tree) -> ast.Program:
+        todo: list[tuple[Any, bool]] = [(tree, False)]
+        done: list[tuple[Any, int]] = []  # (result, nesting depth) of finished subtrees
+        while todo:
+            node, expanded = todo.pop()
+            if not isinstance(node, Tree):
+                done.append((node, 0))
+            elif not expanded:
+                todo.append((node, True))
+                todo.extend((c, False) for c in reversed(node.children))
+            else:
+                n = len(node.children)
+                kids = done[len(done) - n:] if n else []
+                if n:
+                    del done[len(done) - n:]
+                depths = [d for _, d in kids]
+                if node.data in _BINOPS:  # a left operand continues the chain
+                    depth = max(depths[0], depths[1] + 1)
+                elif node.data in _GATHER:
+                    depth = max(depths, default=0)
+                else:
+                    depth = 1 + max(depths, default=0)
+                if depth > MAX_NESTING:
+                    raise AlgSyntaxError(
+                        f"nested too deeply: more than {MAX_NESTING} levels of brackets, calls "
+                        "and operators; give inner parts names (x = ...)", self._s(node.meta))
+                done.append((getattr(self, node.data)(node.meta, [v for v, _ in kids]), depth))
+        assert len(done) == 1
+        return done[0][0]
 
     def _s(self, meta) -> Span:
         return _span(self.source, meta)
@@ -292,7 +338,9 @@ class _ToAst(Transformer):
 
     def number(self, meta, c):
         text = str(c[0])
-        value: int | float = int(text) if text.isdigit() else float(text)
+        # an integer too long to be a finite float reads as inf (without converting
+        # thousands of digits); the checker reports out-of-range numbers where they are used
+        value: int | float = int(text) if text.isdigit() and len(text) <= 400 else float(text)
         return ast.Num(value, span=self._s(meta))
 
     def _string(self, tok: Token) -> str:
@@ -317,8 +365,80 @@ class _ToAst(Transformer):
         return ast.Name(self._name(c[0]), span=self._s(meta))
 
     def list(self, meta, c):
+        if meta.start_pos in self.literals:  # read by _literal_lists, blanked for lark
+            return self.literals.pop(meta.start_pos)
         return ast.List(tuple(x for x in c if x is not None), span=self._s(meta))
 
     def listcomp(self, meta, c):
         elt, var, it, cond = c
         return ast.ListComp(elt, self._name(var), it, cond, span=self._s(meta))
+
+
+# ---- long literal lists ----------------------------------------------------------------
+#
+# lark spends some 50 us on each item of a list, so a list literal of 10^5 numbers took
+# seconds. A list of at least FAST_LIST plain literals (numbers, -numbers, strings, true,
+# false, none; whitespace and newlines between them) is read here with one regular
+# expression instead, into the very AST lark would give, and lark sees the brackets with
+# blanks between them. Strings and comments are skipped so that text inside them is
+# never taken for a list; a list that follows a name or a bracket (an index) is left alone.
+
+FAST_LIST = 32
+_NUM = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?![A-Za-z0-9_.])"
+_STR = r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'"""
+_KW = r"(?:true|false|none)(?![A-Za-z0-9_])"
+_ITEM = rf"(?:-[ \t\f]*)?{_NUM}|{_STR}|{_KW}"
+_W = r"[ \t\f\r\n]*"
+_SCAN = re.compile(
+    rf"(?P<skip>{_STR}|#[^\n]*)"
+    rf"|(?P<list>\[(?:{_W}(?:{_ITEM}){_W},){{{FAST_LIST - 1},}}{_W}(?:(?:{_ITEM}){_W})?\])"
+)
+_ITEMS = re.compile(rf"(?P<neg>-[ \t\f]*)?(?P<num>{_NUM})|(?P<str>{_STR})|(?P<kw>{_KW})")
+
+
+def _literal_lists(source: Source) -> tuple[str, dict[int, ast.List]]:
+    text = source.text
+    if text.count(",") < FAST_LIST - 1:
+        return text, {}
+    found: dict[int, ast.List] = {}
+    parts: list[str] = []
+    done = 0
+    for m in _SCAN.finditer(text):
+        if m.group("list") is None:
+            continue
+        start, end = m.span()
+        before = text[:start].rstrip()
+        if before and (before[-1].isalnum() or before[-1] in "_)]\"'"):
+            continue  # an index such as x[1, 2, ...]: lark reports what is wrong
+        items = []
+        for it in _ITEMS.finditer(text, start + 1, end - 1):
+            if it.group("num") is not None:
+                ns, ne = it.span("num")
+                digits = text[ns:ne]
+                value = int(digits) if digits.isdigit() and len(digits) <= 400 else float(digits)
+                node: ast.Node = ast.Num(value, span=Span(source, ns, ne))
+                if it.group("neg") is not None:
+                    node = ast.UnaryOp("-", node, span=Span(source, it.start(), ne))
+            elif it.group("str") is not None:
+                try:
+                    value = pyast.literal_eval(it.group("str"))
+                except (ValueError, SyntaxError):
+                    items = None
+                    break
+                node = ast.Str(value, span=Span(source, *it.span()))
+            else:
+                kw = it.group("kw")
+                sp = Span(source, *it.span())
+                node = ast.NoneLit(span=sp) if kw == "none" else ast.Bool(kw == "true", span=sp)
+            items.append(node)
+        if items is None:
+            continue  # an odd string: lark and _string report it
+        found[start] = ast.List(tuple(items), span=Span(source, start, end))
+        blank = "".join(ch if ch == "\n" else " " for ch in text[start + 1 : end - 1])
+        parts.append(text[done : start + 1])
+        parts.append(blank)
+        done = end - 1
+    if not found:
+        return text, {}
+    parts.append(text[done:])
+    return "".join(parts), found

@@ -233,8 +233,13 @@ def resolve(value: Any, name: str, t: CheckpointType | Arch | None) -> Any:
     arch = t if isinstance(t, Arch) else arch_of(t)
     v = value.at(name, arch)
     if not math.isfinite(v):
-        raise ZeroDivisionError(f"{value!r} is not finite for '{name}'")
+        raise Overflow(f"{value!r} is not finite for '{name}'")
     return float(v)
+
+
+class Overflow(ZeroDivisionError):
+    """A per-tensor value that overflows (finite knots, e.g. ramp(1e308, 1) * 10): raised
+    where a division by zero is, and reported as not finite rather than as a division."""
 
 
 def resolve_params(params: tuple, name: str, t: CheckpointType) -> tuple:

@@ -29,7 +29,7 @@ from typing import Any
 from .arch import LAYER_COUNT_KEYS, Arch, arch_of
 from .errors import AlgShapeError, AlgTypeError
 from .graph import Node
-from .schedule import _regex, resolve, schedules_in
+from .schedule import Overflow, _regex, resolve, schedules_in
 from .source import Span
 from .types import CheckpointType, TensorSpec
 from .values import Model
@@ -252,11 +252,12 @@ def check_model(m: Model, checker: Any, at: Span) -> None:
             for n in floats:
                 try:
                     resolve(s, n, a)
-                except ZeroDivisionError:
+                except ZeroDivisionError as e:
                     i = a.layer(n)
                     where = f"layer {i}" if i is not None else (
                         "the input embeddings" if a.side(n) == "pre" else "the tensors after the layers")
-                    raise AlgTypeError(f"the per-layer value {s!r} divides by zero for tensor '{n}' "
+                    what = "is not finite" if isinstance(e, Overflow) else "divides by zero"
+                    raise AlgTypeError(f"the per-layer value {s!r} {what} for tensor '{n}' "
                                        f"({where})", node.span) from None
             for w in s.wheres():
                 if not any(_regex(w.pattern).search(n) for n in t.tensors):

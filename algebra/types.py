@@ -194,8 +194,8 @@ def human_count(n: float) -> str:
 def parse_size(text: str | int | float) -> int:
     """'2GB', '500MiB', 1000000 -> bytes."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError("a size must be positive")
+        if not 0 < text < math.inf:
+            raise ValueError("a size must be a positive, finite number")
         return int(text)
     s = str(text).strip().upper().replace(" ", "")
     units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -207,7 +207,7 @@ def parse_size(text: str | int | float) -> int:
                 value = float(number)
             except ValueError:
                 break
-            if value <= 0:
-                raise ValueError("a size must be positive")
+            if not 0 < value * units[unit] < math.inf:
+                raise ValueError("a size must be a positive, finite number")
             return int(value * units[unit])
     raise ValueError(f"cannot read {text!r} as a size; write e.g. '2GB', '500MiB' or a byte count")

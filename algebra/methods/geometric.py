@@ -370,7 +370,7 @@ def _lower_multislerp(low: Lowerer, node: Node, name: str) -> TExpr:
 
 @builtin(
     "karcher(ms: List[Checkpoint], weights: Param | List[Param] | None = none, "
-    "base: Checkpoint | None = none, max_iter: Scalar = 10, tol: Scalar = 1e-5, "
+    "base: Checkpoint | None = none, max_iter: Int = 10, tol: Scalar = 1e-5, "
     "tokenizer: String | Checkpoint | None = none)",
     "Karcher mean (mergekit), per tensor: the weighted geodesic (Riemannian) mean of the "
     "models' unit directions on the sphere, found by at most max_iter fixed-point steps "

@@ -190,7 +190,7 @@ def _ties(call: Call, base: Model, ms: Any, weights: Any, density: Any, normaliz
 
 @builtin(
     "dare_linear(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
-    "density: Param | List[Param], seed: Scalar = 0, scale: Param = 1.0, "
+    "density: Param | List[Param], seed: Int = 0, scale: Param = 1.0, "
     "tokenizer: String | Checkpoint | None = none)",
     "DARE: drop each task-vector entry with probability 1 - density, rescale survivors by "
     "1/density, then task arithmetic. Draws come from a generator keyed by (seed, tensor name, "
@@ -203,7 +203,7 @@ def _dare_linear(call: Call, base: Model, ms: Any, weights: Any, density: Any, s
 
 @builtin(
     "dare_ties(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
-    "density: Param | List[Param], seed: Scalar = 0, normalize: Bool = true, scale: Param = 1.0, "
+    "density: Param | List[Param], seed: Int = 0, normalize: Bool = true, scale: Param = 1.0, "
     "tokenizer: String | Checkpoint | None = none)",
     "DARE's random drop (see dare_linear), then TIES' sign election and combination (no "
     "magnitude trim).",
@@ -254,7 +254,7 @@ def _della_params(call: Call, models, weights, density, epsilon, seed, normalize
 
 @builtin(
     "della(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
-    "density: Param | List[Param], epsilon: Scalar = 0.15, seed: Scalar = 0, normalize: Bool = true, "
+    "density: Param | List[Param], epsilon: Scalar = 0.15, seed: Int = 0, normalize: Bool = true, "
     "scale: Param = 1.0, "
     "tokenizer: String | Checkpoint | None = none)",
     "DELLA: per row (the last dimension; a 1-D tensor is one row), keep each task-vector entry "
@@ -271,7 +271,7 @@ def _della(call: Call, base: Model, ms: Any, weights: Any, density: Any, epsilon
 
 @builtin(
     "della_linear(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
-    "density: Param | List[Param], epsilon: Scalar = 0.15, seed: Scalar = 0, scale: Param = 1.0, "
+    "density: Param | List[Param], epsilon: Scalar = 0.15, seed: Int = 0, scale: Param = 1.0, "
     "tokenizer: String | Checkpoint | None = none)",
     "DELLA's per-row magnitude-ranked drop (see della), then task arithmetic.",
 )

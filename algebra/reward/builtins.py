@@ -192,8 +192,8 @@ def _reward_arg(call: Call, v: Any, param: str) -> Reward | float:
 
 
 @builtin(
-    "reward(m: Checkpoint | String, template: String | None = none, batch_size: Scalar = 16, "
-    "max_length: Scalar | None = none, add_special_tokens: Bool | None = none)",
+    "reward(m: Checkpoint | String, template: String | None = none, batch_size: Int = 16, "
+    "max_length: Int | None = none, add_special_tokens: Bool | None = none)",
     "A reward model as a function (prompt, response) -> float: a sequence-classification "
     "checkpoint with one label (a path, or any checkpoint value such as a merge), scored at "
     "its last non-padding token. Text: `template`, a format string with {prompt}, "
@@ -381,7 +381,7 @@ def _normalize(call: Call, r: Reward, data: Any) -> Reward:
 
 @builtin(
     "generate(policy: Checkpoint | String, prompts: String | List[String] | Responses | Pairs, "
-    "n: Scalar = 16, temperature: Scalar = 0.9, max_new_tokens: Scalar = 64, seed: Scalar = 0)",
+    "n: Int = 16, temperature: Scalar = 0.9, max_new_tokens: Int = 64, seed: Int = 0)",
     "n samples per distinct prompt from a causal LM (transformers, seeded per prompt), as a "
     "responses value. Prompts: a JSONL path (rows with 'prompt'), a list of strings, or the "
     "prompts of a data set. Cached on disk by policy content, prompts and options.",
