@@ -638,6 +638,7 @@ def test_descriptions_in_alg_syntax(family):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.slow  # measures a subprocess on 256 MB checkpoints: the slow tier
 def test_row_wise_run_stays_within_planned_memory(tmp_path):
     """`alg run` of a row-wise Model Stock (RowGram reductions, row_scale writes) on three
     32 MB checkpoints, as a subprocess: its anonymous memory over `alg check`'s baseline

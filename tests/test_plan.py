@@ -116,6 +116,7 @@ RECIPES = {
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.slow  # measures a subprocess on 256 MB checkpoints: the slow tier
 @pytest.mark.parametrize("method", sorted(RECIPES))
 def test_measured_peak_within_prediction_and_flat_in_model_size(tmp_path, method):
     """Run `alg run` as a subprocess on a 64 MB and a 256 MB set of checkpoints and sample
