@@ -25,9 +25,15 @@ class Options:
     check_finite: bool = True
     warn: Callable[[Diagnostic], None] = _print_warning
     out: Callable[[str], None] = print  # where print/info sinks write
+    # progress bars on stderr (progress.py): False/"off" (the API's default), True/"on",
+    # "auto" (on a terminal; the CLI's default); a `Progress` after construction
+    progress: Any = False
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "float64"):
             raise ValueError(f"compute_dtype must be float32 or float64, not {self.compute_dtype!r}")
         if self.chunk_elems < 1:
             raise ValueError("chunk_elems must be positive")
+        from .progress import Progress
+
+        self.progress = Progress.of(self.progress)
