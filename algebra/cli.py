@@ -127,7 +127,7 @@ def options_from(args: argparse.Namespace) -> Options:
         force=getattr(args, "force", False),
         compute_dtype="float64" if args.float64 else "float32",
         overrides=overrides,
-        progress=getattr(args, "progress", "off"),  # --progress/--quiet: run and score only
+        progress=getattr(args, "progress", "auto"),  # --progress/--quiet on run and score
         **kw,
     )
 
