@@ -95,6 +95,15 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a top-level name of the recipe (repeatable)")
 
 
+def _progress_flags(p: argparse.ArgumentParser) -> None:
+    """Progress bars on stderr (algebra/progress.py): shown when stderr is a terminal."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_const", const="on", default="auto",
+                   help="show progress bars even when stderr is not a terminal")
+    g.add_argument("--quiet", dest="progress", action="store_const", const="off",
+                   help="show no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="alg", description="alg: model algebra for merging checkpoints.")
     ap.add_argument("--version", action="version", version=f"alg {__version__}")
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe")
     run.add_argument("file")
     run.add_argument("--force", action="store_true", help="overwrite existing output folders")
+    _progress_flags(run)
     _common(run)
     chk = sub.add_parser("check", help="check a recipe against checkpoint headers; reads no weight")
     chk.add_argument("file")
@@ -116,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("name", help="the recipe's name for the reward")
     sc.add_argument("--data", required=True, help="JSONL rows with 'prompt' and 'response'")
     sc.add_argument("--out", required=True, help="JSONL output: the rows with a 'reward' field")
+    _progress_flags(sc)
     _common(sc)
     rp = sub.add_parser("repl", help="interactive session")
     _common(rp)
@@ -158,6 +169,7 @@ def options_from(args: argparse.Namespace) -> Options:
         force=getattr(args, "force", False),
         compute_dtype="float64" if args.float64 else "float32",
         overrides=overrides,
+        progress=getattr(args, "progress", "auto"),  # --progress/--quiet on run and score
         **kw,
     )
 

@@ -33,6 +33,7 @@ from .lower import Cat, Leaf, Lin, Map, Reduction, Rows, Slice, Sym, TExpr, coef
 from .ops import OPS
 from .options import Options
 from .plan import INDEX_NAME, SavePlan, Step, TensorPlan, row_length, write_chunk
+from .progress import NULL_BAR
 from .types import code_of, dtype_name, torch_dtype
 
 
@@ -260,20 +261,32 @@ def run_tensor_plan(
     span: Any = None,
     evaluator: Evaluator | None = None,
     on_host: bool = True,
+    desc: str = "compute",
 ) -> None:
     """Run every step of a plan; `write(name, e0, chunk)` receives output chunks in the
     output dtype, on the host (for files) or on the compute device. A chunk is only
-    valid during the call: copy what must outlive it."""
+    valid during the call: copy what must outlive it. Progress (`options.progress`):
+    bytes and tensors written, under `desc`, and the step when the plan has reductions."""
+    with options.progress.bar(tp.nbytes, desc, unit="B", items=len(tp.tensors), item_unit="tensors") as bar:
+        _run_steps(tp, options, write, span, evaluator, on_host, bar)
+
+
+def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Evaluator | None, on_host: bool,
+               bar: Any) -> None:
     ev = evaluator or new_evaluator(options)
     pre = _Prefetcher(tp.steps)
+    show_steps = bar.live and any(step.kind == "reduce" for step in tp.steps)
     for i, step in enumerate(tp.steps):
         pre.ahead(i)
+        if show_steps:
+            bar.note(f"step {i + 1}/{len(tp.steps)}" + (" reduce" if step.kind == "reduce" else ""))
         try:
             if step.kind == "reduce":
                 if step.gram not in ev.results:
                     ev.reduce(step.gram, tp.chunk_elems)
             else:
-                _write_step(ev, step, tp.chunk_elems, options, write, on_host)
+                _write_step(ev, step, tp.chunk_elems, options, write, on_host, bar)
+                bar.item_done()
         except AlgRuntimeError as err:
             err.at(span)
             for node in tp.model.node.walk():
@@ -289,7 +302,8 @@ def run_tensor_plan(
         _release(step)
 
 
-def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, on_host: bool) -> None:
+def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, on_host: bool,
+                bar: Any = NULL_BAR) -> None:
     """Compute one output tensor chunk by chunk, cast each chunk into a buffer on the
     sink's side (the host for files), check it, and hand it to `write`."""
     out = step.out
@@ -298,6 +312,7 @@ def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, 
     chunk = write_chunk(out.expr, chunk)
     target = torch_dtype(code)
     pool = ev.host if on_host else ev.pool
+    width = target.itemsize  # bytes per element written, for progress
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
         value = ev.eval(out.expr, e0, e1, guard=not options.check_finite)
@@ -314,6 +329,7 @@ def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, 
                 ev.eval(out.expr, e0, e1)  # every input checked: raises if one holds the inf or nan
                 raise _nonfinite(out.name, data, e0, code)
         write(out.name, e0, data)
+        bar.update((e1 - e0) * width)
         pool.give(data)
 
 
@@ -367,7 +383,7 @@ def assert_close(sink: Any, options: Options, lowerer: Any, evaluator: Evaluator
         if excess.numel() and float(excess.max()) > 0:
             failures.append((name, e0 + int(excess.argmax())))
 
-    run_tensor_plan(tp, options, check, sink.span, evaluator)
+    run_tensor_plan(tp, options, check, sink.span, evaluator, desc="assert_close")
     if failures:
         name, i = failures[0]
         x, y = (float(evaluator.eval(arg, i, i + 1)[0]) for arg in exprs[name].args)
@@ -379,8 +395,10 @@ def assert_close(sink: Any, options: Options, lowerer: Any, evaluator: Evaluator
         )
 
 
-def materialize(tp: TensorPlan, options: Options, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Compute a checkpoint into a state dict on `device` (default: the compute device)."""
+def materialize(tp: TensorPlan, options: Options, device: torch.device | None = None,
+                desc: str = "compute") -> dict[str, torch.Tensor]:
+    """Compute a checkpoint into a state dict on `device` (default: the compute device);
+    progress is shown under `desc`."""
     dev = device or resolve_device(options.device)
     out = {t.name: torch.empty(t.spec.shape, dtype=torch_dtype(t.spec.dtype), device=dev) for t in tp.tensors}
     flat = {name: t.view(-1) for name, t in out.items()}
@@ -388,7 +406,7 @@ def materialize(tp: TensorPlan, options: Options, device: torch.device | None = 
     def write(name: str, e0: int, data: torch.Tensor) -> None:
         flat[name][e0 : e0 + data.numel()].copy_(data)
 
-    run_tensor_plan(tp, options, write, on_host=dev.type == "cpu")
+    run_tensor_plan(tp, options, write, on_host=dev.type == "cpu", desc=desc)
     return out
 
 
@@ -438,7 +456,7 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         def write(name: str, e0: int, data: torch.Tensor) -> None:  # data is on the host
             by_name[name].write(name, e0 * data.element_size(), data)
 
-        run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator)
+        run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator, desc=f"save {target.name}")
         for w in writers.values():
             w.close()
         _write_metadata(sp, tmp)

@@ -43,6 +43,9 @@ class Options:
     check_finite: bool = True
     warn: Callable[[Diagnostic], None] = _print_warning
     out: Callable[[str], None] = print  # where print/info sinks write
+    # progress bars on stderr (progress.py): False/"off" (the API's default), True/"on",
+    # "auto" (on a terminal; the CLI's default); a `Progress` after construction
+    progress: Any = False
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in ("float32", "float64"):
@@ -50,3 +53,6 @@ class Options:
         problem = chunk_problem(self.chunk_elems)
         if problem:
             raise ValueError(problem)
+        from .progress import Progress
+
+        self.progress = Progress.of(self.progress)

@@ -65,7 +65,8 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
         with tempfile.TemporaryDirectory(prefix="alg-config-") as tmp:  # as its saved folder has it
             (Path(tmp) / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
             config = AutoConfig.from_pretrained(tmp, trust_remote_code=False)
-        state = materialize(plan_tensors(model, options), options, torch.device("cpu"))
+        state = materialize(plan_tensors(model, options), options, torch.device("cpu"),
+                            desc=f"compute {model.node.describe()}")
         with no_init_weights():  # parameters are replaced below; skip their random init
             m = auto.from_config(config, dtype=dtype, trust_remote_code=False)
         try:
@@ -144,7 +145,7 @@ class RewardRun:
 
         t0 = time.perf_counter()
         part = g if prompts == g.spec.prompts else Generated(g.node, replace(g.spec, prompts=prompts), g.label, g.model)
-        got, sampled = resolve(part, model_hash(g.node), load)
+        got, sampled = resolve(part, model_hash(g.node), load, self.options.progress)
         if sampled:
             self.out(f"sampled {g}: {sampled} prompt(s) x {g.spec.n} in {time.perf_counter() - t0:.2f}s")
         holder.clear()
@@ -193,21 +194,23 @@ class RewardRun:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = pad
             n = 0
-            for g in job.groups:
-                for b in g.batches:
-                    width = max(len(x) for x in b.input_ids)
-                    ids = torch.full((len(b.input_ids), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(b.input_ids), width), dtype=torch.long)
-                    for i, x in enumerate(b.input_ids):  # right padding: real tokens first
-                        ids[i, : len(x)] = torch.tensor(x)
-                        mask[i, : len(x)] = 1
-                    with torch.no_grad():
-                        logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                    values = logits[:, 0].double().cpu().tolist()
-                    fresh = list(zip(b.keys, values, strict=True))
-                    self.scores.update(fresh)
-                    self.cache.put_many(fresh)
-                    n += len(values)
+            with self.options.progress.bar(job.n_todo, f"score {job.label}", unit="text") as bar:
+                for g in job.groups:
+                    for b in g.batches:
+                        width = max(len(x) for x in b.input_ids)
+                        ids = torch.full((len(b.input_ids), width), pad, dtype=torch.long)
+                        mask = torch.zeros((len(b.input_ids), width), dtype=torch.long)
+                        for i, x in enumerate(b.input_ids):  # right padding: real tokens first
+                            ids[i, : len(x)] = torch.tensor(x)
+                            mask[i, : len(x)] = 1
+                        with torch.no_grad():
+                            logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                        values = logits[:, 0].double().cpu().tolist()
+                        fresh = list(zip(b.keys, values, strict=True))
+                        self.scores.update(fresh)
+                        self.cache.put_many(fresh)
+                        n += len(values)
+                        bar.update(len(values))
             self.scored += n
         finally:
             del model

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..graph import Node
+from ..progress import Progress
 from .data import Prompt, Responses, Row, prompt_text, to_messages
 
 
@@ -101,10 +102,14 @@ def sample(model: Any, tokenizer: Any, spec: GenerateSpec, prompt: Prompt, devic
     return texts if do_sample else texts * spec.n
 
 
-def resolve(gen: Generated, policy_hash: str, load_policy) -> tuple[Responses, int]:
+_OFF = Progress("off")
+
+
+def resolve(gen: Generated, policy_hash: str, load_policy, progress: Progress | None = None) -> tuple[Responses, int]:
     """The samples of `gen` as responses, sampling only prompts not in the cache.
     `load_policy()` -> (model, tokenizer, device), called at most once. Returns the data
-    and how many prompts were sampled."""
+    and how many prompts were sampled. `progress` (a `progress.Progress`) shows the texts
+    sampled."""
     spec = gen.spec
     samples: dict[Prompt, list[str]] = {}
     missing = []
@@ -116,9 +121,11 @@ def resolve(gen: Generated, policy_hash: str, load_policy) -> tuple[Responses, i
             missing.append(p)
     if missing:
         model, tokenizer, device = load_policy()
-        for p in missing:
-            samples[p] = sample(model, tokenizer, spec, p, device)
-            _store(policy_hash, spec, p, samples[p])
+        with (progress or _OFF).bar(len(missing) * spec.n, f"sample {gen.label}", unit="text") as bar:
+            for p in missing:
+                samples[p] = sample(model, tokenizer, spec, p, device)
+                _store(policy_hash, spec, p, samples[p])
+                bar.update(spec.n)
     rows = tuple(Row(p, s, {"prompt": p if isinstance(p, str) else to_messages(p),
                             "response": s}, i + 1)
                  for i, (p, s) in enumerate((p, s) for p in spec.prompts for s in samples[p]))
