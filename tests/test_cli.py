@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from algebra.cli import main
 from algebra.resources import examples_dir
 
 ALG = [sys.executable, "-m", "algebra"]
@@ -122,18 +123,43 @@ def test_set_string_value_and_float64(ws, read):
         assert torch.equal(got[name], ref)  # float64 compute, rounded once to float32
 
 
-def test_demo_command(tmp_path):
-    r = alg("demo", "--dir", str(tmp_path / "demo"), cwd=tmp_path)
+def example_commands() -> list[list[str]]:
+    """The `alg ...` command lines in the examples' comments, in file order."""
+    found = []
+    for recipe in sorted(examples_dir().glob("*.alg")):
+        for line in recipe.read_text().splitlines():
+            words = line.lstrip("#").split("#")[0].split()
+            if line.startswith("#") and words[:1] == ["alg"]:
+                found.append(words[1:])
+    return found
+
+
+def test_demo_command_and_the_examples_commands(tmp_path, monkeypatch):
+    """`alg demo`, then every command the examples' comments show, as typed in the folder
+    where the demo ran (the repository root, for a user who follows them)."""
+    r = alg("demo", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "dogerm-0.3: LlamaForSequenceClassification" in r.stdout
     assert r.stdout.count("loads in transformers") == 4
-    config = json.loads((tmp_path / "demo" / "out" / "warp-iter1" / "config.json").read_text())
+    demo = tmp_path / "alg-demo"
+    config = json.loads((demo / "out" / "warp-iter1" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     # the reward half: the combined reward scored and evaluated, and the DogeRM sweep
-    out = tmp_path / "demo" / "out"
+    out = demo / "out"
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(row["reward"], float) for row in rows)
     assert "RewardBench score" in r.stdout
     sweep = json.loads((out / "dogerm_sweep.json").read_text())
     assert [row["x"] for row in sweep["results"]] == [round(0.1 * i, 12) for i in range(11)]
     assert (out / "dogerm_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # in this process, to save start-ups; `alg run X` is checked (`alg check X`: every
+    # path, type and shape; the demo ran each recipe)
+    commands = example_commands()
+    assert ["run", "alg-demo/rewards.alg"] in commands and len(commands) >= 8
+    shutil.rmtree(out)  # outputs are written afresh
+    monkeypatch.chdir(tmp_path)
+    for args in commands:
+        if args != ["demo"]:
+            assert main(["check", *args[1:]] if args[0] == "run" else args) == 0, args
+    assert (out / "r.jsonl").is_file()  # alg score ran
