@@ -17,8 +17,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..graph import Node
 from ..caches import cache_path
+from ..graph import Node
 from ..io.checkpoint import TOKENIZER_FILES, CheckpointSource, MemorySource, file_sha256
 
 _MEMO: dict[int, tuple[Node, str]] = {}
