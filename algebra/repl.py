@@ -119,18 +119,17 @@ class Repl:
             while not self.done:
                 try:
                     line = self._read(self.prompt)
+                    if line is None:  # end of input: finish a pending entry, then leave
+                        if self.interactive:
+                            self.write("")
+                        if self._text:
+                            self._finish()
+                        break
+                    self.feed(line)
                 except KeyboardInterrupt:
                     if not self.interactive:
                         return 130
                     self._on_interrupt()
-                    continue
-                if line is None:  # end of input: finish a pending entry, then leave
-                    if self.interactive:
-                        self.write("")
-                    if self._text:
-                        self._finish()
-                    break
-                self.feed(line)
         finally:
             self._save_history()
         return 1 if self.failed and not self.interactive else 0
@@ -192,6 +191,8 @@ class Repl:
         except AlgError as err:
             self.error(err.format())
         except KeyboardInterrupt:
+            if not self.interactive:
+                raise  # a script stops
             self.error("interrupted")
         except Exception as exc:  # an internal error: say so, with the traceback
             self.error(f"internal error: {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}")

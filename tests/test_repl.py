@@ -372,6 +372,14 @@ def test_piped_warnings_go_to_the_error_stream(tmp_path):
     assert err.getvalue() == "alg: warning: careful\n" and repl.failed == 0
 
 
+def test_ctrl_c_stops_a_script(tmp_path):
+    out = io.StringIO()
+    repl = Repl(Options(device="cpu"), input=Keys("1\n^C\n2\n"), output=out, base_dir=tmp_path,
+                errors=io.StringIO())
+    assert repl.loop() == 130
+    assert out.getvalue() == "1\n"
+
+
 def test_internal_error_in_a_script_fails_it(tmp_path, monkeypatch):
     out, err = io.StringIO(), io.StringIO()
     repl = Repl(Options(device="cpu"), input=io.StringIO("1\n2 + 2\n"), output=out, base_dir=tmp_path,
@@ -401,3 +409,33 @@ def test_help_shows_each_whole_first_sentence(tmp_path):
         assert flat.startswith(got) and got.endswith("."), b.name
         assert got == flat or flat[len(got)] == " ", b.name  # ends where a sentence does
         assert not got.endswith((" al.", "e.g.", "i.e.")), b.name
+
+
+def test_terminal_repl_keeps_prompts_and_status_zero(tmp_path):
+    """On a pseudo-terminal: prompts (through readline), errors inline, status 0."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ALG_HISTORY=str(tmp_path / "history"), TERM="dumb")
+    proc = subprocess.Popen([sys.executable, "-m", "algebra", "repl", "--device", "cpu"], stdin=slave,
+                            stdout=slave, stderr=slave, cwd=tmp_path, env=env, close_fds=True)
+    os.close(slave)
+    os.write(master, b"nope\n40 + 2\n:quit\n")
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode().replace("\r\n", "\n")
+    assert text.count(PROMPT) >= 3
+    assert "<repl:1>:1:1: error: unknown name 'nope'" in text and "\n42\n" in text
