@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import AlgError, AlgUsageError, Note
-from .options import Options, check_device
+from .caches import WHERE
+from .errors import AlgError, AlgUsageError, Note, did_you_mean
+from .options import DEVICE_CHOICES, Options, check_device
 from .source import Source
 
 UsageError = AlgUsageError  # a bad option or argument: exit status 2
@@ -105,8 +106,6 @@ def _check_set_values(source: Source, items: list[str]) -> None:
 
 def _check_overrides(session: Any, options: Options) -> None:
     """Every --set name must be one the recipe uses."""
-    from .errors import did_you_mean
-
     known = [n for n in session.checker.env.values if n not in options.overrides]
     for name in options.overrides:
         if name not in session.checker.used_overrides:
@@ -151,13 +150,13 @@ def _chunk(text: str) -> int:
 
 def _device_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=_device,
-                   help="cpu, cuda, cuda:N or auto (default: cuda if there is one)")
+                   help=f"{DEVICE_CHOICES} (default auto: cuda if there is one)")
 
 
 def _compute_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
     p.add_argument("--chunk", type=_chunk, default=None, metavar="N",
-                   help="elements per streamed chunk (default 1048576)")
+                   help=f"elements per streamed chunk (default {Options.chunk_elems})")
 
 
 def _set_opt(p: argparse.ArgumentParser) -> None:
@@ -179,10 +178,10 @@ the rest of mergekit's methods, on any Hugging Face architecture) and compose re
 models (transform, combine, score, evaluate, hand to a trainer), checked against the
 checkpoints' headers before any weight is read."""
 
-EPILOG = """\
+EPILOG = f"""\
 `alg COMMAND --help` describes a command. Exit status: 0 on success, 1 for an error in
 a recipe or its inputs, 2 for bad usage. Caches (file hashes, reward scores, generated
-samples) live in $ALG_CACHE, else $XDG_CACHE_HOME/alg, else ~/.cache/alg: `alg cache`."""
+samples) live in {WHERE}: see `alg cache`."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("format", choices=["mergekit"], help="the config's tool")
     conv.add_argument("file", metavar="FILE", help="the config file (YAML)")
     conv.add_argument("-o", "--output", metavar="OUT.alg", help="write here instead of stdout")
-    from .caches import CACHES, WHERE
+    from .caches import CACHES
 
     cache = command("cache", "show the on-disk caches and their sizes; `alg cache clear` empties them")
     cache.description += (f" The caches live in one folder: {WHERE}. Each is a convenience: "
