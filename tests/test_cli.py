@@ -313,7 +313,7 @@ def test_every_cache_user_writes_where_caches_says(monkeypatch, tmp_path):
     assert _cache_path("ab12").parent.parent == cache_path("generations")
 
 
-def test_alg_cache_shows_and_clears(tmp_path):
+def test_alg_cache_shows_and_clears(tmp_path, monkeypatch, capsys):
     import os
 
     root = tmp_path / "cache"
@@ -326,13 +326,16 @@ def test_alg_cache_shows_and_clears(tmp_path):
     (root / "generations" / "ab" / "ab.json").write_bytes(b"[]")
     (root / "mine.txt").write_text("not a cache of ours")
     env = {**os.environ, "ALG_CACHE": str(root)}
+    r = subprocess.run([*ALG, "cache"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("ALG_CACHE", str(root))
 
-    def cache(*args):
-        r = subprocess.run([*ALG, "cache", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        return [line.split() for line in r.stdout.splitlines()]
+    def cache(*args):  # in this process, to save start-ups
+        assert main(["cache", *args]) == 0
+        return [line.split() for line in capsys.readouterr().out.splitlines()]
 
     shown = cache()
+    assert shown == [line.split() for line in r.stdout.splitlines()]
     assert shown[0] == ["caches", "in", str(root)]
     rows = {row[0]: row[1:5] for row in shown[1:]}
     assert rows["hashes"] == ["128", "B", "2", "file(s)"]
