@@ -93,7 +93,7 @@ def test_plan_verbose_lists_every_step(ws):
         (["run", "missing.alg"], "no such recipe file: 'missing.alg'"),
         (["run", "dogerm.alg", "--set", "lam"], "--set expects name=value"),
         (["run", "dogerm.alg", "--set", "lamda=0.5"], "--set lamda: the recipe has no name 'lamda'"),
-        (["run", "dogerm.alg", "--chunk", "0"], "argument --chunk: '0' is not a positive number"),
+        (["run", "dogerm.alg", "--chunk", "0"], "positive number of elements"),
         (["frobnicate"], "invalid choice"),
     ],
 )
