@@ -79,13 +79,13 @@ class AlgIOError(AlgError):
     """A missing path, a corrupt or truncated file, a refused format, an existing output."""
 
 
+class AlgRuntimeError(AlgError):
+    """A failure found while computing: a non-finite result."""
+
+
 class AlgUsageError(AlgError):
     """A bad option: a device that is not one, a --set that names nothing or gives a value
     of the wrong kind. The command line prints its usage and exits with status 2."""
-
-
-class AlgRuntimeError(AlgError):
-    """A failure found while computing: a non-finite result."""
 
 
 @dataclass
