@@ -1,33 +1,39 @@
 """`alg`: the command line, a thin shell over `interpreter.Session`.
 
-    alg run FILE [--set name=value]... [--device cpu|cuda|auto] [--force]
+    alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--force]
     alg check FILE      types, names, shapes and dtypes from headers; reads no weight
     alg plan FILE       the steps and the predicted peak memory
     alg score FILE NAME --data D --out O   score D's rows with the recipe's reward NAME
-    alg repl            an interactive session
+    alg repl            an interactive session (piped input: a script, no prompts)
     alg demo [--dir D]  build small demo checkpoints and run the example recipes
     alg convert mergekit CONFIG.yml [-o OUT.alg]   a mergekit config as an alg recipe
+    alg cache [clear [NAME]...]   the on-disk caches: where, how big; empty them
+
+Each command takes only the options that mean something to it: check and plan take run's
+(they check and plan that run), score takes what changes its scores, repl and demo what
+changes their runs (no --set: the REPL defines names itself, the demo runs fixed recipes).
 
 Exit status: 0 on success, 1 for an error in the recipe or its inputs (printed as
-`file:line:col: error: ...` without a traceback), 2 for bad command-line usage, 128 + the
+`file:line:col: error: ...` without a traceback), 2 for bad command-line usage (printed
+after the usage of the command it concerns, saying what would be right), 128 + the
 signal's number for SIGINT, SIGTERM and SIGHUP (a save in progress leaves nothing behind).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import AlgError
-from .options import MIN_CHUNK_ELEMS, Options, chunk_problem
+from .caches import WHERE
+from .errors import AlgError, AlgUsageError, Note, did_you_mean
+from .options import DEVICE_CHOICES, MIN_CHUNK_ELEMS, Options, check_device, chunk_problem
 from .source import Source
 
-
-class UsageError(Exception):
-    pass
+UsageError = AlgUsageError  # a bad option or argument: exit status 2
 
 
 class Terminated(BaseException):
@@ -70,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-def parse_set(item: str) -> tuple[str, Any]:
-    """`name=value`: value is an alg literal (0.3, "x", true, [1, 2]); anything that does
-    not parse as one is taken as a string, so --set out=models/x needs no quotes."""
+# ---- --set -----------------------------------------------------------------------------
+
+
+def _set_item(item: str) -> tuple[str, Any, bool]:
+    """`name=value` as (name, value, whether value was an alg literal)."""
     name, sep, text = item.partition("=")
     name = name.strip()
     if not sep or not name.isidentifier():
@@ -81,18 +89,141 @@ def parse_set(item: str) -> tuple[str, Any]:
     from .parser import parse_expr
 
     try:
-        return name, literal_value(parse_expr(text, "<--set>"))
+        return name, literal_value(parse_expr(text, "<--set>")), True
     except AlgError:
-        return name, text
+        return name, text, False
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+def parse_set(item: str) -> tuple[str, Any]:
+    """`name=value`: value is an alg literal (0.3, "x", true, [1, 2]); anything that does
+    not parse as one is taken as a string, so --set out=models/x needs no quotes."""
+    name, value, _ = _set_item(item)
+    return name, value
+
+
+def _kind(value: Any) -> str | None:
+    """What a recipe's literal is, in the words of a --set error; None: any value will do."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, tuple):
+        return "a list"
+    return None  # a string or none: a bare word is a fine replacement
+
+
+def _check_set_values(source: Source, items: list[str]) -> None:
+    """A --set value that is not an alg literal (so taken as a string) where the recipe
+    assigns that name a number, a Bool or a list is a mistyped value: say so, at --set."""
+    from .ast import Assign, literal_value
+    from .parser import parse
+
+    words = {}  # name -> (the text given, whether it is an alg literal)
+    for item in items:
+        name, _, literal = _set_item(item)
+        words[name] = (item.partition("=")[2], literal)
+    if all(literal for _, literal in words.values()):
+        return
+    try:
+        program = parse(source)
+    except AlgError:
+        return  # checking the recipe will say what is wrong with it
+    for stmt in program.stmts:
+        if not isinstance(stmt, Assign) or stmt.name not in words or words[stmt.name][1]:
+            continue
+        try:
+            kind = _kind(literal_value(stmt.value))
+        except AlgError:
+            continue  # not a literal: its type is checked where it is used
+        if kind is not None:
+            text = words[stmt.name][0]
+            example = stmt.value.span.text()
+            raise UsageError(
+                f"--set {stmt.name}={text}: the value given with --set is not {kind}; the "
+                f"recipe's {stmt.name} is {kind}, like --set {stmt.name}={example}",
+                notes=[Note(f"the recipe's {stmt.name}", stmt.value.span)],
+            )
+
+
+def _check_overrides(session: Any, options: Options) -> None:
+    """Every --set name must be one the recipe uses."""
+    known = [n for n in session.checker.env.values if n not in options.overrides]
+    for name in options.overrides:
+        if name not in session.checker.used_overrides:
+            raise UsageError(f"--set {name}: the recipe has no name '{name}'{did_you_mean(name, known)}")
+
+
+def _set_blame(err: AlgError, items: list[str]) -> AlgError:
+    """An error at a use of a name whose --set value was taken as a string (not an alg
+    literal) is the --set's: a usage error that says so, with the recipe's error as a note."""
+    if err.span is None:
+        return err
+    for item in items:
+        name, value, literal = _set_item(item)
+        if not literal and err.span.text() == name:
+            return UsageError(
+                f"--set {name}={value}: the value given with --set is not a number, true/false, "
+                f"none or a list, so {name} is the string \"{value}\", which the recipe cannot use here",
+                notes=[Note(err.message, err.span), *err.notes],
+            )
+    return err
+
+
+# ---- the parser ------------------------------------------------------------------------
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except AlgUsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _chunk(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of elements") from None
+    problem = chunk_problem(n, "--chunk")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return n
+
+
+def _device_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", type=_device,
+                   help=f"{DEVICE_CHOICES} (default auto: cuda if there is one)")
+
+
+def _compute_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
-    p.add_argument("--chunk", type=int, default=None, metavar="N",
+    p.add_argument("--chunk", type=_chunk, default=None, metavar="N",
                    help=f"elements per streamed chunk (default {Options.chunk_elems}, at least {MIN_CHUNK_ELEMS})")
+
+
+def _set_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a top-level name of the recipe (repeatable)")
+
+
+def _run_opts(p: argparse.ArgumentParser, force: str) -> None:
+    """run's options; check and plan take them too, to check and plan that run."""
+    p.add_argument("--force", action="store_true", help=force)
+    _set_opt(p)
+    _device_opt(p)
+    _compute_opts(p)
+
+
+DESCRIPTION = """\
+alg: model algebra. Recipes merge checkpoints (lerp, slerp, TIES, DARE, Model Stock and
+the rest of mergekit's methods, on any Hugging Face architecture) and compose reward
+models (transform, combine, score, evaluate, hand to a trainer), checked against the
+checkpoints' headers before any weight is read."""
+
+EPILOG = f"""\
+`alg COMMAND --help` describes a command. Exit status: 0 on success, 1 for an error in
+a recipe or its inputs, 2 for bad usage. Caches (file hashes, reward scores, generated
+samples) live in {WHERE}: see `alg cache`."""
 
 
 def _progress_flags(p: argparse.ArgumentParser) -> None:
@@ -105,50 +236,102 @@ def _progress_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="alg", description="alg: model algebra for merging checkpoints.")
+    ap = argparse.ArgumentParser(prog="alg", description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"alg {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run a recipe")
-    run.add_argument("file")
-    run.add_argument("--force", action="store_true", help="overwrite existing output folders")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        p.set_defaults(parser=p)
+        return p
+
+    run = command("run", "run a recipe: its saves, scores, evaluations and prints")
+    run.add_argument("file", metavar="FILE")
+    _run_opts(run, "overwrite existing outputs")
     _progress_flags(run)
-    _common(run)
-    chk = sub.add_parser("check", help="check a recipe against checkpoint headers; reads no weight")
-    chk.add_argument("file")
-    _common(chk)
-    pl = sub.add_parser("plan", help="show the execution plan and predicted peak memory")
-    pl.add_argument("file")
+    chk = command("check", "check a recipe against checkpoint headers; reads no weight")
+    chk.add_argument("file", metavar="FILE")
+    _run_opts(chk, "check as for run --force: existing outputs are no error")
+    pl = command("plan", "show the steps (merges, reward scoring) and the predicted peak memory")
+    pl.add_argument("file", metavar="FILE")
     pl.add_argument("--verbose", "-v", action="store_true", help="list every step")
-    pl.add_argument("--force", action="store_true", help="plan as if --force were given to run")
-    _common(pl)
-    sc = sub.add_parser("score", help="score a data set with a reward the recipe defines")
-    sc.add_argument("file")
-    sc.add_argument("name", help="the recipe's name for the reward")
+    _run_opts(pl, "plan as for run --force")
+    sc = command("score", "score a data set with a reward the recipe defines")
+    sc.add_argument("file", metavar="FILE")
+    sc.add_argument("name", metavar="NAME", help="the recipe's name for the reward")
     sc.add_argument("--data", required=True, help="JSONL rows with 'prompt' and 'response'")
     sc.add_argument("--out", required=True, help="JSONL output: the rows with a 'reward' field")
+    _set_opt(sc)
+    _device_opt(sc)
+    _compute_opts(sc)
     _progress_flags(sc)
-    _common(sc)
-    rp = sub.add_parser("repl", help="interactive session")
-    _common(rp)
-    demo = sub.add_parser("demo", help="build demo checkpoints and run the example recipes")
+    rp = command("repl", "an interactive session; piped input runs as a script")
+    _device_opt(rp)
+    _compute_opts(rp)
+    demo = command("demo", "build small demo checkpoints and run the example recipes")
     demo.add_argument("--dir", default="alg-demo", help="where to build (default ./alg-demo)")
-    _common(demo)
-    conv = sub.add_parser("convert", help="translate another tool's merge config into a recipe")
+    _device_opt(demo)
+    _compute_opts(demo)
+    conv = command("convert", "translate another tool's merge config into a recipe")
     conv.add_argument("format", choices=["mergekit"], help="the config's tool")
-    conv.add_argument("file", help="the config file (YAML)")
+    conv.add_argument("file", metavar="FILE", help="the config file (YAML)")
     conv.add_argument("-o", "--output", metavar="OUT.alg", help="write here instead of stdout")
+    from .caches import CACHES
+
+    cache = command("cache", "show the on-disk caches and their sizes; `alg cache clear` empties them")
+    cache.description += (f" The caches live in one folder: {WHERE}. Each is a convenience: "
+                          "deleting it costs only recomputation.")
+    cache_sub = cache.add_subparsers(dest="cache_command", title="commands", metavar="clear")
+    clear = cache_sub.add_parser("clear", help="delete caches (all, or those named)",
+                                 description="Delete the named caches, or all of them.")
+    clear.set_defaults(parser=clear)
+    clear.add_argument("names", nargs="*", metavar="NAME",
+                       help="one of " + ", ".join(c.name for c in CACHES) + " (default: all)")
     return ap
+
+
+# ---- inputs and options ----------------------------------------------------------------
+
+
+def _input_file(path: str, what: str) -> Path:
+    """A file named on the command line: a missing one or a folder is a usage error."""
+    from .io.files import missing
+
+    if missing(path):
+        raise UsageError(f"no such {what}: '{path}'")
+    if os.path.isdir(path):
+        inside = sorted(p.name for p in Path(path).glob("*.alg")) if what == "recipe file" else []
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise UsageError(f"'{path}' is a directory, not a {what}{hint}")
+    return Path(path)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    kw: dict[str, Any] = {}
+    if getattr(args, "chunk", None) is not None:
+        kw["chunk_elems"] = args.chunk
+    return Options(
+        device=getattr(args, "device", "auto"),
+        force=getattr(args, "force", False),
+        compute_dtype="float64" if getattr(args, "float64", False) else "float32",
+        overrides=dict(parse_set(s) for s in getattr(args, "set", [])),
+        progress=getattr(args, "progress", "auto"),  # --progress/--quiet on run and score
+        **kw,
+    )
+
+
+# ---- the commands ----------------------------------------------------------------------
 
 
 def convert(args: argparse.Namespace) -> int:
     """`alg convert mergekit CONFIG.yml`: no torch, no checkpoint read; errors point into
     the YAML like recipe errors do."""
     from .convert import mergekit_to_alg
-    from .io.files import missing, read_text
+    from .io.files import read_text
 
-    if missing(args.file):
-        raise UsageError(f"no such config file: '{args.file}'")
-    text = mergekit_to_alg(read_text(Path(args.file), args.file, what="config file"), name=args.file)
+    path = _input_file(args.file, "config file")
+    text = mergekit_to_alg(read_text(path, args.file, what="config file"), name=args.file)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
@@ -156,81 +339,117 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def options_from(args: argparse.Namespace) -> Options:
-    overrides = dict(parse_set(s) for s in args.set)
-    kw: dict[str, Any] = {}
-    if args.chunk is not None:
-        problem = chunk_problem(args.chunk, "--chunk")
-        if problem:
-            raise UsageError(problem)
-        kw["chunk_elems"] = args.chunk
-    return Options(
-        device=args.device,
-        force=getattr(args, "force", False),
-        compute_dtype="float64" if args.float64 else "float32",
-        overrides=overrides,
-        progress=getattr(args, "progress", "auto"),  # --progress/--quiet on run and score
-        **kw,
-    )
+def cache(args: argparse.Namespace) -> int:
+    """`alg cache`: each cache's size; `alg cache clear [NAME]...`: delete them."""
+    from .caches import CACHES, cache_dir, clear, usage
+    from .types import human_bytes
+
+    if args.cache_command == "clear":
+        names = [c.name for c in CACHES]
+        for name in args.names:
+            if name not in names:
+                raise UsageError(f"no cache named '{name}'; the caches are {_words(names)}")
+        freed = 0
+        for name in args.names or [c.name for c in CACHES]:
+            size = clear(name)
+            freed += size
+            print(f"cleared {name} ({human_bytes(size)})")
+        print(f"freed {human_bytes(freed)} in {cache_dir()}")
+        return 0
+    print(f"caches in {cache_dir()}")
+    total = 0
+    for c in CACHES:
+        size, files = usage(c.name)
+        total += size
+        print(f"  {c.name:<12} {human_bytes(size):>10}  {files:>6} file(s)  {c.holds}")
+    print(f"  {'total':<12} {human_bytes(total):>10}")
+    return 0
 
 
-def _load(path: str) -> Source:
-    from .io.files import missing
+def repl(args: argparse.Namespace, options: Options) -> int:
+    from .repl import Repl
 
-    if missing(path):
-        raise UsageError(f"no such recipe file: '{path}'")
-    return Source.from_file(path)  # a folder, a device, bad UTF-8...: an AlgIOError
+    return Repl(options).loop()
 
 
-def _check_overrides(session: Any, options: Options) -> None:
-    for name in options.overrides:
-        if name not in session.checker.used_overrides:
-            raise UsageError(f"--set {name}: the recipe has no name '{name}'")
+def demo(args: argparse.Namespace, options: Options) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.dir), options)
+
+
+def recipe(args: argparse.Namespace, options: Options) -> int:
+    """run, check, plan and score: check the recipe (with --set), then act."""
+    source = Source.from_file(_input_file(args.file, "recipe file"))  # unreadable: AlgIOError
+    _check_set_values(source, args.set)
+    if args.command == "score":
+        _input_file(args.data, "data file")
+    from .interpreter import Session  # after the usage checks: it imports torch
+
+    session = Session(options, source.folder, mode="file")
+    try:
+        checked = session.check(source)
+    except AlgError as e:
+        raise _set_blame(e, args.set) from None
+    _check_overrides(session, options)
+    if args.command == "run":
+        session.run_sinks(checked.sinks)
+    elif args.command == "check":
+        kinds = [s.kind for s in checked.sinks]
+        summary = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no sinks"
+        print(f"{source.name}: ok ({summary})")
+    elif args.command == "plan":
+        print(session.plan_text(checked.sinks, verbose=args.verbose))
+    elif args.command == "score":
+        from .reward.engine import score_command
+
+        score_command(session, args.name, Path(args.data), Path(args.out))  # the recipe's sinks do not run
+    return 0
+
+
+def _parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv; an argument the command does not take is an error of that command,
+    which names the commands that do take it."""
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        parser = args.parser
+        takers = [name for name, p in _commands(ap).items()
+                  if p is not parser and extra[0] in p._option_string_actions]
+        why = f" ({_words(['alg ' + t for t in takers])} take{'s' if len(takers) == 1 else ''} it)" if takers else ""
+        parser.error(f"{extra[0]}: not an option of {parser.prog}{why}" if extra[0].startswith("-")
+                     else f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _commands(ap: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _words(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _main(argv: list[str] | None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args = _parse(ap, argv)
     try:
         if args.command == "convert":
             return convert(args)
+        if args.command == "cache":
+            return cache(args)
         options = options_from(args)
         if args.command == "repl":
-            from .repl import Repl
-
-            return Repl(options).loop()
+            return repl(args, options)
         if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(Path(args.dir), options)
-        source = _load(args.file)
-        from .interpreter import Session  # after the usage checks: it imports torch
-
-        session = Session(options, source.folder, mode="file")
-        if args.command == "run":
-            checked = session.check(source)
-            _check_overrides(session, options)
-            session.run_sinks(checked.sinks)
-        elif args.command == "check":
-            checked = session.check(source)
-            _check_overrides(session, options)
-            kinds = [s.kind for s in checked.sinks]
-            summary = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no sinks"
-            print(f"{source.name}: ok ({summary})")
-        elif args.command == "score":
-            from .reward.engine import score_command
-
-            session.check(source)  # the recipe's own sinks do not run
-            _check_overrides(session, options)
-            score_command(session, args.name, Path(args.data), Path(args.out))
-        elif args.command == "plan":
-            checked = session.check(source)
-            _check_overrides(session, options)
-            print(session.plan_text(checked.sinks, verbose=args.verbose))
-        return 0
-    except UsageError as e:
-        ap.print_usage(sys.stderr)
-        print(f"alg: error: {e}", file=sys.stderr)
+            return demo(args, options)
+        return recipe(args, options)
+    except AlgUsageError as e:
+        parser = getattr(args, "parser", ap)
+        parser.print_usage(sys.stderr)
+        print(e.format().replace("alg: error:", f"{parser.prog}: error:", 1), file=sys.stderr)
         return 2
     except AlgError as e:
         print(e.format(), file=sys.stderr)

@@ -93,6 +93,11 @@ class AlgRuntimeError(AlgError):
     """A failure found while computing: a non-finite result."""
 
 
+class AlgUsageError(AlgError):
+    """A bad option: a device that is not one, a --set that names nothing or gives a value
+    of the wrong kind. The command line prints its usage and exits with status 2."""
+
+
 @dataclass
 class Diagnostic:
     """A warning: printed like an error, but the run goes on."""

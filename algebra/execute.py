@@ -31,7 +31,7 @@ from .io import card as card_io
 from .io.safetensors import ShardWriter
 from .lower import Cat, Leaf, Lin, Map, Reduction, Rows, Slice, Sym, TExpr, coef_value, leaves
 from .ops import OPS
-from .options import Options
+from .options import Options, check_device
 from .plan import INDEX_NAME, SavePlan, Step, TensorPlan, row_length, write_chunk
 from .progress import NULL_BAR
 from .types import code_of, dtype_name, torch_dtype
@@ -40,9 +40,16 @@ from .types import code_of, dtype_name, torch_dtype
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        check_device(name)  # not one of ours: says which are
+        raise
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AlgIOError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AlgIOError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

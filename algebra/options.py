@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import Diagnostic
+from .errors import AlgUsageError, Diagnostic
+
+# The devices a run can name (--device, Interpreter(device=...)); "auto" is cuda when
+# there is one, else cpu.
+DEVICE_CHOICES = "cpu, cuda, cuda:N (N = 0, 1, ...) or auto"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(name: str) -> str:
+    """`name` if it is one of DEVICE_CHOICES, else a usage error that lists them."""
+    if _DEVICE.fullmatch(name):
+        return name
+    raise AlgUsageError(f"'{name}' is not a device; the choices are {DEVICE_CHOICES}")
 
 
 def _print_warning(d: Diagnostic) -> None:

@@ -19,6 +19,9 @@ Behaviour:
   prompt, end of input, or `:quit` ends the session with status 0.
 - On a terminal (no explicit input stream), `readline` gives line editing, name
   completion and a history kept in `$ALG_HISTORY` or `~/.alg_history`.
+- Input that is not a terminal (`printf 'x = 1\nx + 1\n' | alg repl`) runs as a script:
+  no prompts, values on the output, errors and warnings on stderr, and the status is 1
+  if any entry failed (0 otherwise). Ctrl-C stops it with status 130.
 """
 
 from __future__ import annotations
@@ -63,10 +66,19 @@ class Quit(Exception):
 
 
 class Repl:
+    """`interactive` (default: whether the input is a terminal) shows prompts and keeps
+    going whatever fails; otherwise errors go to `errors` (default stderr) and count."""
+
     def __init__(self, options: Options, input: TextIO | None = None,
-                 output: TextIO | None = None, base_dir: Path | None = None):
+                 output: TextIO | None = None, base_dir: Path | None = None,
+                 interactive: bool | None = None, errors: TextIO | None = None):
         self.input = input
         self.output = output if output is not None else sys.stdout
+        if interactive is None:
+            interactive = _isatty(input if input is not None else sys.stdin)
+        self.interactive = interactive
+        self.errors = errors if errors is not None else (self.output if interactive else sys.stderr)
+        self.failed = 0  # entries that failed
         self.options = dataclasses.replace(options, out=self.write, warn=self._warn)
         self.session = Session(self.options, base_dir, mode="repl")
         self.done = False
@@ -81,34 +93,46 @@ class Repl:
         self.output.write(text + "\n")
         self.output.flush()
 
+    def error(self, text: str) -> None:
+        """Report a failed entry."""
+        self.failed += 1
+        self.errors.write(text + "\n")
+        self.errors.flush()
+
     def _warn(self, diagnostic: Any) -> None:
-        self.write(diagnostic.format())
+        self.errors.write(diagnostic.format() + "\n")
+        self.errors.flush()
 
     @property
     def prompt(self) -> str:
+        if not self.interactive:
+            return ""
         return CONTINUE if self._text else PROMPT
 
     # ---- the loop ----------------------------------------------------------------------
 
     def loop(self) -> int:
-        """Read and evaluate entries until :quit, end of input or a second Ctrl-C."""
+        """Read and evaluate entries until :quit, end of input or a second Ctrl-C. The
+        status: 0 on a terminal; in a script, 1 if an entry failed, 130 on Ctrl-C."""
         self._start_readline()
         try:
             while not self.done:
                 try:
                     line = self._read(self.prompt)
+                    if line is None:  # end of input: finish a pending entry, then leave
+                        if self.interactive:
+                            self.write("")
+                        if self._text:
+                            self._finish()
+                        break
+                    self.feed(line)
                 except KeyboardInterrupt:
+                    if not self.interactive:
+                        return 130
                     self._on_interrupt()
-                    continue
-                if line is None:  # end of input: finish a pending entry, then leave
-                    self.write("")
-                    if self._text:
-                        self._finish()
-                    break
-                self.feed(line)
         finally:
             self._save_history()
-        return 0
+        return 1 if self.failed and not self.interactive else 0
 
     def _read(self, prompt: str) -> str | None:
         """One physical line without its newline, or None at end of input."""
@@ -117,8 +141,9 @@ class Repl:
                 return input(prompt)
             except EOFError:
                 return None
-        self.output.write(prompt)
-        self.output.flush()
+        if prompt:
+            self.output.write(prompt)
+            self.output.flush()
         line = (self.input if self.input is not None else sys.stdin).readline()
         if not line:
             return None
@@ -164,12 +189,13 @@ class Repl:
         except Quit:
             self.done = True
         except AlgError as err:
-            self.write(err.format())
+            self.error(err.format())
         except KeyboardInterrupt:
-            self.write("interrupted")
+            if not self.interactive:
+                raise  # a script stops
+            self.error("interrupted")
         except Exception as exc:  # an internal error: say so, with the traceback
-            self.write(f"internal error: {type(exc).__name__}: {exc}")
-            self.write(traceback.format_exc().rstrip())
+            self.error(f"internal error: {type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}")
 
     def _entry(self, text: str, name: str) -> None:
         if _is_command(text):
@@ -213,8 +239,7 @@ class Repl:
         }
         handler = handlers.get(word)
         if handler is None:
-            self.write(f"alg: error: unknown command '{word}'; the commands are:")
-            self.write(_command_list())
+            self.error(f"alg: error: unknown command '{word}'; the commands are:\n{_command_list()}")
             return
         handler(_code(text), name)
 
@@ -224,7 +249,7 @@ class Repl:
     def _type(self, arg: str, name: str) -> None:
         """`:type EXPR`: what EXPR is, from headers only."""
         if not arg.strip():
-            self.write("usage: :type EXPR")
+            self.error("usage: :type EXPR")
             return
         node = parse_expr(Source(arg, name))
         checker = self.session.checker
@@ -233,7 +258,7 @@ class Repl:
     def _plan(self, arg: str, name: str) -> None:
         """`:plan EXPR`: plan a checkpoint expression or a save(...), running nothing."""
         if not arg.strip():
-            self.write("usage: :plan EXPR   (a checkpoint, or save(m, \"path\"))")
+            self.error("usage: :plan EXPR   (a checkpoint, or save(m, \"path\"))")
             return
         source = Source(arg, name)
         program = parse(source)
@@ -300,11 +325,11 @@ class Repl:
     def _load(self, arg: str, name: str) -> None:
         """`:load FILE`: run a recipe in this session; its names stay defined."""
         if not arg.strip():
-            self.write("usage: :load FILE")
+            self.error("usage: :load FILE")
             return
         path = joined(arg.strip(), self.session.checker.base_dir)
         if missing(path):
-            self.write(f"alg: error: no such recipe file: '{arg.strip()}'")
+            self.error(f"alg: error: no such recipe file: '{arg.strip()}'")
             return
         self._run(Source.from_file(path))  # an unreadable file is an AlgIOError
 
@@ -345,6 +370,13 @@ class Repl:
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def history_path() -> str:
@@ -412,11 +444,18 @@ def _comment_above(c: Closure) -> str:
     return "\n".join(reversed(found))
 
 
+ABBREVIATIONS = ("e.g", "i.e", "al", "cf", "vs", "approx", "resp")  # "x. " ends no sentence there
+
+
 def _first_sentence(text: str) -> str:
-    """Up to the first '. ' that does not end 'e.g.' or 'i.e.'."""
+    """The whole first sentence: up to the first '. ' that does not end an abbreviation
+    ("e.g.", "et al.", ...)."""
     flat = " ".join(text.split())
-    match = re.search(r"(?<!\be\.g)(?<!\bi\.e)\. ", flat)
-    return flat[: match.start() + 1] if match else flat
+    for match in re.finditer(r"\. ", flat):
+        word = flat[: match.start()].rsplit(" ", 1)[-1].lstrip("(")
+        if word not in ABBREVIATIONS:
+            return flat[: match.start() + 1]
+    return flat
 
 
 def _indent(text: str) -> str:

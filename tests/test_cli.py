@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from algebra.cli import main
 from algebra.resources import examples_dir
 
 ALG = [sys.executable, "-m", "algebra"]
@@ -88,11 +89,11 @@ def test_plan_verbose_lists_every_step(ws):
     "args, message",
     [
         ([], "the following arguments are required"),
-        (["run"], "the following arguments are required: file"),
+        (["run"], "the following arguments are required: FILE"),
         (["run", "missing.alg"], "no such recipe file: 'missing.alg'"),
         (["run", "dogerm.alg", "--set", "lam"], "--set expects name=value"),
         (["run", "dogerm.alg", "--set", "lamda=0.5"], "--set lamda: the recipe has no name 'lamda'"),
-        (["run", "dogerm.alg", "--chunk", "0"], "--chunk must be a positive"),
+        (["run", "dogerm.alg", "--chunk", "0"], "positive number of elements"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -101,6 +102,122 @@ def test_usage_errors_exit_2(ws, args, message):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+LAM_LINE = (examples_dir() / "dogerm.alg").read_text().splitlines().index("lam  = 0.3") + 1
+CHOICES = "the choices are cpu, cuda, cuda:N (N = 0, 1, ...) or auto"
+
+
+@pytest.mark.parametrize(
+    "args, lines",
+    [
+        # a device that is none: the choices, before anything is read
+        (["run", "dogerm.alg", "--device", "tpu"], [f"alg run: error: argument --device: 'tpu' is not a device; {CHOICES}"]),
+        (["plan", "dogerm.alg", "--device", "cuda:x"], [f"alg plan: error: argument --device: 'cuda:x' is not a device; {CHOICES}"]),
+        (["repl", "--device", "gpu"], [f"alg repl: error: argument --device: 'gpu' is not a device; {CHOICES}"]),
+        # --set: a name the recipe lacks gets the nearest one it has
+        (["run", "dogerm.alg", "--set", "lamm=0.5"],
+         ["alg run: error: --set lamm: the recipe has no name 'lamm'; did you mean 'lam'?"]),
+        # --set: a value that is no number where the recipe's is one, said at --set
+        (["check", "dogerm.alg", "--set", "lam=abc"],
+         ["alg check: error: --set lam=abc: the value given with --set is not a number; the recipe's "
+          "lam is a number, like --set lam=0.3", f"dogerm.alg:{LAM_LINE}:8: note: the recipe's lam", "    lam  = 0.3"]),
+        (["run", "dogerm.alg", "--set", "lam=0.5.1"], ["alg run: error: --set lam=0.5.1: the value given with --set is not a number"]),
+        # a folder where a file belongs
+        (["run", "."], ["alg run: error: '.' is a directory, not a recipe file; it holds dogerm.alg, param.alg, warp.alg"]),
+        (["convert", "mergekit", "models"], ["alg convert: error: 'models' is a directory, not a config file"]),
+        (["score", "dogerm.alg", "r", "--data", "models", "--out", "o.jsonl"],
+         ["alg score: error: 'models' is a directory, not a data file"]),
+        # options where they mean nothing
+        (["repl", "--set", "x=1"], ["alg repl: error: --set: not an option of alg repl (alg run, alg check, alg plan and alg score take it)"]),
+        (["demo", "--set", "lam=1"], ["alg demo: error: --set: not an option of alg demo"]),
+        (["score", "dogerm.alg", "r", "--data", "d", "--out", "o", "--verbose"],
+         ["alg score: error: --verbose: not an option of alg score (alg plan takes it)"]),
+        (["repl", "--force"], ["alg repl: error: --force: not an option of alg repl (alg run, alg check"]),
+        (["run", "dogerm.alg", "--verbose"], ["alg run: error: --verbose: not an option of alg run (alg plan takes it)"]),
+        (["cache", "clear", "nope"], ["alg cache clear: error: no cache named 'nope'; the caches are hashes, scores and generations"]),
+    ],
+)
+def test_usage_errors_name_the_fix_after_their_commands_usage(ws, args, lines):
+    (ws / "param.alg").touch()  # whatever test_set_string_value wrote, this folder holds it
+    r = alg(*args, cwd=ws)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    command = " ".join(a for a in args[:2] if a in ("run", "check", "plan", "score", "repl", "demo", "convert", "cache", "clear"))
+    assert r.stderr.startswith(f"usage: alg {command} "), r.stderr
+    for line in lines:
+        assert line in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_set_value_taken_as_a_string_is_blamed_on_set(ws):
+    """Where the recipe's value is computed, the type error at its use names --set."""
+    (ws / "computed.alg").write_text('lam = 0.1 + 0.2\nsave(merge(load("models/rm"), load("models/math"), lam), "out/c")\n')
+    r = alg("check", "computed.alg", "--set", "lam=abc", cwd=ws)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("usage: alg check ")
+    assert ('alg check: error: --set lam=abc: the value given with --set is not a number, true/false, '
+            'none or a list, so lam is the string "abc", which the recipe cannot use here') in r.stderr
+    assert "computed.alg:2:52: note: argument 'lam' of merge() must be Param, not String" in r.stderr
+    # a string where the recipe has a string is fine
+    r = alg("check", "computed.alg", "--set", "lam=0.4", cwd=ws)
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_force(ws):
+    (ws / "exists.alg").write_text('save(load("models/sft"), "out/exists")\n')
+    (ws / "out" / "exists").mkdir(parents=True, exist_ok=True)
+    r = alg("check", "exists.alg", cwd=ws)
+    assert r.returncode == 1 and "'out/exists' already exists" in r.stderr
+    r = alg("check", "exists.alg", "--force", cwd=ws)
+    assert r.returncode == 0 and r.stdout == "exists.alg: ok (1 save)\n", r.stderr
+
+
+def test_help_describes_merges_rewards_and_caches(tmp_path):
+    r = alg("--help", cwd=tmp_path)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "merge checkpoints" in text and "compose reward models" in text
+    assert "$ALG_CACHE, else $XDG_CACHE_HOME/alg, else ~/.cache/alg" in text
+    for command in ("run", "check", "plan", "score", "repl", "demo", "convert", "cache"):
+        assert f"\n    {command} " in r.stdout
+
+
+def test_options_are_those_the_command_uses():
+    from algebra.cli import build_parser
+
+    takes = {name: {o for a in p._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+             for name, p in next(a for a in build_parser()._actions if a.choices).choices.items()}
+    run = {"--force", "--set", "--device", "--float64", "--chunk"}
+    assert run <= takes["run"] and takes["check"] == takes["run"] and takes["plan"] == takes["run"] | {"--verbose"}
+    assert {"--data", "--out", "--set", "--device", "--float64", "--chunk"} <= takes["score"]
+    for name in ("repl", "demo"):  # they define no recipe names and write no named output
+        assert {"--device", "--float64", "--chunk"} <= takes[name] and not {"--set", "--force"} & takes[name]
+    assert [name for name in takes if "--set" in takes[name]] == ["run", "check", "plan", "score"]
+    assert [name for name in takes if "--verbose" in takes[name]] == ["plan"]
+
+
+def test_device_errors_from_python():
+    """The same device rules reach the Python API: a bad name lists the choices."""
+    from algebra.errors import AlgUsageError
+    from algebra.execute import resolve_device
+
+    with pytest.raises(AlgUsageError, match=r"'tpu' is not a device; the choices are cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(AlgUsageError, match=r"'cuda:x' is not a device"):
+        resolve_device("cuda:x")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cuda_index_past_the_devices(monkeypatch):
+    """A CUDA index past the machine's devices says how many there are (no traceback)."""
+    from algebra.errors import AlgIOError
+    from algebra.execute import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(AlgIOError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -122,18 +239,111 @@ def test_set_string_value_and_float64(ws, read):
         assert torch.equal(got[name], ref)  # float64 compute, rounded once to float32
 
 
-def test_demo_command(tmp_path):
-    r = alg("demo", "--dir", str(tmp_path / "demo"), cwd=tmp_path)
+def example_commands() -> list[list[str]]:
+    """The `alg ...` command lines in the examples' comments, in file order."""
+    found = []
+    for recipe in sorted(examples_dir().glob("*.alg")):
+        for line in recipe.read_text().splitlines():
+            words = line.lstrip("#").split("#")[0].split()
+            if line.startswith("#") and words[:1] == ["alg"]:
+                found.append(words[1:])
+    return found
+
+
+def test_demo_command_and_the_examples_commands(tmp_path, monkeypatch):
+    """`alg demo`, then every command the examples' comments show, as typed in the folder
+    where the demo ran (the repository root, for a user who follows them)."""
+    r = alg("demo", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "dogerm-0.3: LlamaForSequenceClassification" in r.stdout
     assert r.stdout.count("loads in transformers") == 4
-    config = json.loads((tmp_path / "demo" / "out" / "warp-iter1" / "config.json").read_text())
+    demo = tmp_path / "alg-demo"
+    config = json.loads((demo / "out" / "warp-iter1" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     # the reward half: the combined reward scored and evaluated, and the DogeRM sweep
-    out = tmp_path / "demo" / "out"
+    out = demo / "out"
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(row["reward"], float) for row in rows)
     assert "RewardBench score" in r.stdout
     sweep = json.loads((out / "dogerm_sweep.json").read_text())
     assert [row["x"] for row in sweep["results"]] == [round(0.1 * i, 12) for i in range(11)]
     assert (out / "dogerm_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # in this process, to save start-ups; `alg run X` is checked (`alg check X`: every
+    # path, type and shape; the demo ran each recipe)
+    commands = example_commands()
+    assert ["run", "alg-demo/rewards.alg"] in commands and len(commands) >= 8
+    shutil.rmtree(out)  # outputs are written afresh
+    monkeypatch.chdir(tmp_path)
+    for args in commands:
+        if args != ["demo"]:
+            assert main(["check", *args[1:]] if args[0] == "run" else args) == 0, args
+    assert (out / "r.jsonl").is_file()  # alg score ran
+
+
+# ---- caches ------------------------------------------------------------------------------
+
+
+def test_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
+    from algebra.caches import cache_dir, cache_path
+
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "a" and cache_path("scores") == tmp_path / "a" / "rewards.sqlite"
+    monkeypatch.delenv("ALG_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "alg"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "alg"
+
+
+def test_every_cache_user_writes_where_caches_says(monkeypatch, tmp_path):
+    from algebra.caches import cache_path
+    from algebra.io.checkpoint import file_sha256
+    from algebra.reward.cache import ScoreCache
+    from algebra.reward.generate import _cache_path
+
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path / "c"))
+    (tmp_path / "f").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert [p.read_text() for p in cache_path("hashes").iterdir()] == [file_sha256(tmp_path / "f")]
+    scores = ScoreCache()
+    assert scores.path == cache_path("scores") and scores.path.is_file()
+    scores.close()
+    assert _cache_path("ab12").parent.parent == cache_path("generations")
+
+
+def test_alg_cache_shows_and_clears(tmp_path, monkeypatch, capsys):
+    import os
+
+    root = tmp_path / "cache"
+    (root / "sha256").mkdir(parents=True)
+    (root / "sha256" / "k1").write_bytes(b"x" * 64)
+    (root / "sha256" / "k2").write_bytes(b"x" * 64)
+    (root / "rewards.sqlite").write_bytes(b"s" * 3000)
+    (root / "rewards.sqlite-journal").write_bytes(b"j" * 100)  # sqlite's sidecar
+    (root / "generations" / "ab").mkdir(parents=True)
+    (root / "generations" / "ab" / "ab.json").write_bytes(b"[]")
+    (root / "mine.txt").write_text("not a cache of ours")
+    env = {**os.environ, "ALG_CACHE": str(root)}
+    r = subprocess.run([*ALG, "cache"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("ALG_CACHE", str(root))
+
+    def cache(*args):  # in this process, to save start-ups
+        assert main(["cache", *args]) == 0
+        return [line.split() for line in capsys.readouterr().out.splitlines()]
+
+    shown = cache()
+    assert shown == [line.split() for line in r.stdout.splitlines()]
+    assert shown[0] == ["caches", "in", str(root)]
+    rows = {row[0]: row[1:5] for row in shown[1:]}
+    assert rows["hashes"] == ["128", "B", "2", "file(s)"]
+    assert rows["scores"] == ["3.0", "KiB", "2", "file(s)"]  # 3100 bytes
+    assert rows["generations"] == ["2", "B", "1", "file(s)"]
+    assert rows["total"][:2] == ["3.2", "KiB"]  # 3230 bytes
+    assert cache("clear", "scores")[0] == ["cleared", "scores", "(3.0", "KiB)"]
+    assert sorted(p.name for p in root.iterdir()) == ["generations", "mine.txt", "sha256"]
+    cache("clear")
+    assert [p.name for p in root.iterdir()] == ["mine.txt"]  # only the caches alg writes
+    assert {row[0]: row[1] for row in cache()[1:]}["total"] == "0"

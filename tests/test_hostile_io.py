@@ -345,7 +345,6 @@ def test_bad_recipe_paths_on_the_command_line(tmp_path, capsys):
         (str(tmp_path / "loop"), "is a symlink that points to itself"),
         ("/dev/zero", "is a character device, not a regular file; a recipe file must be a file"),
         (str(tmp_path / "fifo"), "is a FIFO (named pipe)"),
-        (str(tmp_path), "is a folder"),
     ]:
         assert main(["check", path]) == 1, path
         err = capsys.readouterr().err
@@ -353,6 +352,8 @@ def test_bad_recipe_paths_on_the_command_line(tmp_path, capsys):
         assert "Traceback" not in err
     assert main(["check", str(tmp_path / "missing.alg")]) == 2
     assert "no such recipe file" in capsys.readouterr().err
+    assert main(["check", str(tmp_path)]) == 2  # usage, like a missing file
+    assert "is a directory, not a recipe file" in capsys.readouterr().err
 
 
 def test_bad_files_for_convert_and_repl_load(tmp_path, capsys):
@@ -371,7 +372,7 @@ def test_bad_files_for_convert_and_repl_load(tmp_path, capsys):
     os.mkfifo(tmp_path / "fifo.alg")
     out = io.StringIO()
     repl = Repl(Options(device="cpu"), input=io.StringIO(":load fifo.alg\n:load /dev/zero\n1 + 1\n"),
-                output=out, base_dir=tmp_path)
+                output=out, base_dir=tmp_path, interactive=True)
     assert repl.loop() == 0
     text = out.getvalue()
     assert "'" + str(tmp_path / "fifo.alg") + "' is a FIFO (named pipe)" in text

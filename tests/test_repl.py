@@ -16,8 +16,10 @@ from algebra.repl import CONTINUE, PROMPT, Repl, history_path
 
 
 def session(text: str, base_dir: Path | None = None) -> tuple[int, str, Repl]:
+    """The REPL as on a terminal: prompts shown, errors on the same output."""
     out = io.StringIO()
-    repl = Repl(Options(device="cpu"), input=io.StringIO(text), output=out, base_dir=base_dir)
+    repl = Repl(Options(device="cpu"), input=io.StringIO(text), output=out, base_dir=base_dir,
+                interactive=True)
     status = repl.loop()
     return status, out.getvalue(), repl
 
@@ -101,7 +103,7 @@ def test_save_runs(models, tmp_path, read):
 
 def test_warnings_go_to_the_output(tmp_path):
     out = io.StringIO()
-    repl = Repl(Options(device="cpu"), input=io.StringIO(""), output=out, base_dir=tmp_path)
+    repl = Repl(Options(device="cpu"), input=io.StringIO(""), output=out, base_dir=tmp_path, interactive=True)
     repl.options.warn(Diagnostic("careful"))
     assert out.getvalue() == "alg: warning: careful\n"
 
@@ -144,7 +146,7 @@ def test_pending_entry_is_checked_at_end_of_input(tmp_path):
 
 def test_internal_error_shows_traceback_and_loop_goes_on(tmp_path, monkeypatch):
     out = io.StringIO()
-    repl = Repl(Options(device="cpu"), input=io.StringIO("1\n2 + 2\n"), output=out, base_dir=tmp_path)
+    repl = Repl(Options(device="cpu"), input=io.StringIO("1\n2 + 2\n"), output=out, base_dir=tmp_path, interactive=True)
     real = repl.session.check
     calls = []
 
@@ -293,7 +295,7 @@ class Keys(io.StringIO):
 def test_ctrl_c_cancels_an_entry(tmp_path):
     out = io.StringIO()
     repl = Repl(Options(device="cpu"), input=Keys("x = [1,\n^C\n5 * 5\n"), output=out,
-                base_dir=tmp_path)
+                base_dir=tmp_path, interactive=True)
     assert repl.loop() == 0
     text = out.getvalue()
     assert "(entry cancelled)" in text
@@ -304,7 +306,7 @@ def test_ctrl_c_cancels_an_entry(tmp_path):
 def test_second_ctrl_c_at_empty_prompt_exits(tmp_path):
     out = io.StringIO()
     repl = Repl(Options(device="cpu"), input=Keys("^C\n1\n^C\n^C\n2 + 40\n"), output=out,
-                base_dir=tmp_path)
+                base_dir=tmp_path, interactive=True)
     assert repl.loop() == 0
     text = out.getvalue()
     assert "1\n" in text  # one Ctrl-C, then an entry: not yet leaving
@@ -318,14 +320,122 @@ def test_history_path(monkeypatch, tmp_path):
     assert history_path() == str(Path.home() / ".alg_history")
 
 
-def test_python_m_algebra_repl(tmp_path):
+def alg_repl(text: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "algebra", "repl", "--device", "cpu"],
-        input="print(1 + 1)\nnope\n:quit\n",
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"{PROMPT}2\n{PROMPT}<repl:2>:1:1: error: unknown name 'nope'")
-    assert proc.stdout.endswith(f"{PROMPT}")
+    return subprocess.run([sys.executable, "-m", "algebra", "repl", "--device", "cpu"], input=text,
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_piped_repl_is_a_script(tmp_path):
+    """Piped input: no prompts, values on stdout, errors on stderr, status 1 if any
+    entry failed; the entries after a failure still run."""
+    proc = alg_repl("print(1 + 1)\nnope\nx = [1,\n  2]\nlen(x)\n:quit\n", tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == "2\n2\n"
+    assert PROMPT not in proc.stdout + proc.stderr and CONTINUE not in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("<repl:2>:1:1: error: unknown name 'nope'")
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_piped_repl_without_errors_exits_zero(tmp_path):
+    proc = alg_repl("def f(t) = t * 3\nf(5)\n:type f\n", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "15\nFunction f(t)\n"
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("text", [
+    ":frobnicate\n",  # an unknown command
+    ":type\n",  # a command without its argument
+    ":load missing.alg\n",
+    "y = (1 +\n",  # an entry still open at end of input
+])
+def test_piped_repl_counts_every_kind_of_failure(tmp_path, text):
+    status, out, err = piped(text, tmp_path)
+    assert status == 1, (out, err)
+    assert err and out == ""
+
+
+def piped(text: str, base_dir: Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    repl = Repl(Options(device="cpu"), input=io.StringIO(text), output=out, base_dir=base_dir, errors=err)
+    assert repl.interactive is False  # a StringIO is no terminal
+    return repl.loop(), out.getvalue(), err.getvalue()
+
+
+def test_piped_warnings_go_to_the_error_stream(tmp_path):
+    status, out, err = piped("1 + 1\n", tmp_path)
+    assert (status, out, err) == (0, "2\n", "")
+    repl = Repl(Options(device="cpu"), input=io.StringIO(""), output=io.StringIO(), base_dir=tmp_path,
+                errors=(err := io.StringIO()))
+    repl.options.warn(Diagnostic("careful"))
+    assert err.getvalue() == "alg: warning: careful\n" and repl.failed == 0
+
+
+def test_ctrl_c_stops_a_script(tmp_path):
+    out = io.StringIO()
+    repl = Repl(Options(device="cpu"), input=Keys("1\n^C\n2\n"), output=out, base_dir=tmp_path,
+                errors=io.StringIO())
+    assert repl.loop() == 130
+    assert out.getvalue() == "1\n"
+
+
+def test_internal_error_in_a_script_fails_it(tmp_path, monkeypatch):
+    out, err = io.StringIO(), io.StringIO()
+    repl = Repl(Options(device="cpu"), input=io.StringIO("1\n2 + 2\n"), output=out, base_dir=tmp_path,
+                errors=err)
+    monkeypatch.setattr(repl.session, "check", lambda source: 1 / 0)
+    assert repl.loop() == 1
+    assert "internal error: ZeroDivisionError" in err.getvalue() and out.getvalue() == ""
+
+
+def test_terminal_session_exits_zero_after_errors(tmp_path):
+    status, out, _ = session("nope\n1 + 1\n", tmp_path)
+    assert status == 0
+    assert f"{PROMPT}<repl:1>:1:1: error: unknown name 'nope'" in out and out.endswith(f"{PROMPT}2\n{PROMPT}\n")
+
+
+def test_help_shows_each_whole_first_sentence(tmp_path):
+    """`:help` gives each function's first sentence whole: "et al." or "e.g." end none."""
+    from algebra.builtins import BUILTINS
+
+    out = run(":help\n", tmp_path)
+    assert "Model Stock (Jang et al. 2024), per tensor: " in out
+    assert "floats allowed, e.g. range(0, 1.01, 0.1).\n" in out
+    lines = out.splitlines()
+    for b in BUILTINS.values():
+        flat = " ".join(b.doc.split())
+        got = lines[lines.index(f"  {b.signature()}") + 1].strip()
+        assert flat.startswith(got) and got.endswith("."), b.name
+        assert got == flat or flat[len(got)] == " ", b.name  # ends where a sentence does
+        assert not got.endswith((" al.", "e.g.", "i.e.")), b.name
+
+
+def test_terminal_repl_keeps_prompts_and_status_zero(tmp_path):
+    """On a pseudo-terminal: prompts (through readline), errors inline, status 0."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ALG_HISTORY=str(tmp_path / "history"), TERM="dumb")
+    proc = subprocess.Popen([sys.executable, "-m", "algebra", "repl", "--device", "cpu"], stdin=slave,
+                            stdout=slave, stderr=slave, cwd=tmp_path, env=env, close_fds=True)
+    os.close(slave)
+    os.write(master, b"nope\n40 + 2\n:quit\n")
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode().replace("\r\n", "\n")
+    assert text.count(PROMPT) >= 3
+    assert "<repl:1>:1:1: error: unknown name 'nope'" in text and "\n42\n" in text

@@ -256,7 +256,7 @@ class _Converter:
         head = [
             f"# Converted from {os.path.basename(self.source.name)} by `alg convert mergekit`.",
             "# alg reads local folders and downloads nothing: fetch each model first, e.g.",
-            "#   huggingface-cli download ORG/NAME --local-dir ORG/NAME",
+            "#   hf download ORG/NAME --local-dir ORG/NAME",
             "# (relative paths resolve against this recipe's folder), or edit the paths.",
             "",
             'out = "merged"  # the output folder: alg run RECIPE --set out=PATH',

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..caches import cache_path
 from ..errors import AlgIOError
 from ..types import TensorSpec, code_of
 from .files import kind_of, read_json, stat_path
@@ -208,18 +209,11 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
 # ---- content hashes -------------------------------------------------------------------
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("ALG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alg"
-    )
-    return Path(root)
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a file, cached by (real path, size, mtime) like git's index."""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    cache = _cache_dir() / "sha256" / key
+    cache = cache_path("hashes") / key
     try:
         return cache.read_text().strip()
     except OSError:

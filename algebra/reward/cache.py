@@ -1,8 +1,8 @@
 """The on-disk score cache and the content hashes that key it.
 
 A score is stored under sha256 of (model content hash, text format, max_length, compute
-dtype, prompt, response) in one sqlite3 table, `$ALG_CACHE/rewards.sqlite` (the cache
-folder of `io.checkpoint`). The model content hash is that of its files for a loaded
+dtype, prompt, response) in one sqlite3 table, `rewards.sqlite` in the cache
+folder (`algebra.caches`). The model content hash is that of its files for a loaded
 checkpoint (weights, config, tokenizer files; sha256 cached by path, size and mtime),
 and for a computed one (a merge) the hash of its operation, parameters and arguments'
 hashes, so re-running a recipe or a sweep scores nothing it already scored, and editing
@@ -17,8 +17,9 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..caches import cache_path
 from ..graph import Node
-from ..io.checkpoint import TOKENIZER_FILES, CheckpointSource, MemorySource, _cache_dir, file_sha256
+from ..io.checkpoint import TOKENIZER_FILES, CheckpointSource, MemorySource, file_sha256
 
 _MEMO: dict[int, tuple[Node, str]] = {}
 
@@ -66,7 +67,7 @@ class ScoreCache:
     """key -> score, in sqlite (safe for concurrent runs; a failure to open is no cache)."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or _cache_dir() / "rewards.sqlite"
+        self.path = path or cache_path("scores")
         self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..caches import cache_path
 from ..graph import Node
 from ..progress import Progress
 from .data import Prompt, Responses, Row, prompt_text, to_messages
@@ -49,9 +50,7 @@ def _sample_key(policy_hash: str, spec: GenerateSpec, prompt: Prompt) -> str:
 
 
 def _cache_path(key: str):
-    from ..io.checkpoint import _cache_dir
-
-    return _cache_dir() / "generations" / key[:2] / f"{key}.json"
+    return cache_path("generations") / key[:2] / f"{key}.json"
 
 
 def cached_samples(policy_hash: str, spec: GenerateSpec, prompt: Prompt) -> list[str] | None:
