@@ -275,8 +275,11 @@ def test_overwrite_is_judged_again_right_before_replacing(tiny, tmp_path, monkey
 # Runs alg with a pause inside the first shard write (the temp folder exists, partly
 # written), announced through the file $ALG_TEST_READY, so a signal lands mid-save.
 PAUSED_ALG = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+# a shell starts background jobs with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: give the child the handler a terminal's alg run has
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import algebra.io.safetensors as st
 ready = Path(os.environ["ALG_TEST_READY"])
 real = st.ShardWriter.write
