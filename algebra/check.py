@@ -730,6 +730,8 @@ def _compare(op: str, left: Any, right: Any, span: Span, lspan: Span, rspan: Spa
     """One comparison of plain data; anything else is a positioned error that says why."""
     from .schedule import Schedule
 
+    if op in ("==", "!=") and (left is None or right is None):  # x == none: is x given?
+        return (left is None) == (right is None) if op == "==" else (left is None) != (right is None)
     for v, vs in ((left, lspan), (right, rspan)):
         if isinstance(v, Model):
             raise AlgTypeError(f"a checkpoint (or reward model) cannot be compared with '{op}': a "

@@ -216,6 +216,9 @@ def test_checkpoints_and_rewards_refuse_equality(family):
         assert err.span.line == 2 and err.span.text() == "a"
     # the same checkpoint twice: still refused, not silently identity
     assert "cannot be compared" in error(f'a = load("{b}")\na == a').message
+    # whether an optional checkpoint was given is a question for none, and allowed
+    assert value(f'def f(m: Checkpoint | None = none) = 1 if m == none else 2\n[f(), f(load("{b}"))]') == (1, 2)
+    assert value(f'load("{b}") != none') is True
 
 
 def test_per_layer_values_point_to_where():
@@ -251,3 +254,8 @@ def test_a_list_of_saves_is_not_unused(family, tmp_path):
     # a list with no sinks in it is still unused, and so is an empty comprehension
     assert len(_warnings("[1, 2]\n", tmp_path)) == 1
     assert len(_warnings(f'a = load("{a}")\n[save(a, "o") for t in [1] if t > 1]\n', tmp_path)) == 1
+
+
+def test_long_logic_chains_check_without_recursion():
+    assert value(" and ".join(["1 < 2"] * 2000)) is True
+    assert value(" or ".join(["1 > 2"] * 2000) + " or 0 == 0") is True
