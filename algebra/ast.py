@@ -97,6 +97,35 @@ class UnaryOp(Node):
 
 
 @dataclass(frozen=True)
+class Compare(Node):
+    """`a < b <= c`: chained as in Python (a < b and b <= c, b evaluated once)."""
+
+    ops: tuple[str, ...]  # each one of < <= > >= == !=
+    operands: tuple[Node, ...]  # one more than ops
+
+
+@dataclass(frozen=True)
+class BoolOp(Node):
+    op: str  # and, or; a chain `a and b and c` nests to the left like BinOp
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True)
+class Not(Node):
+    operand: Node
+
+
+@dataclass(frozen=True)
+class IfExp(Node):
+    """`body if cond else orelse`"""
+
+    cond: Node
+    body: Node
+    orelse: Node
+
+
+@dataclass(frozen=True)
 class Lambda(Node):
     params: tuple[str, ...]
     body: Node

@@ -197,12 +197,15 @@ class Checker:
         out = Checked()
         for stmt in program.stmts:
             self._stmt_span = stmt.span
+            sinks_before = len(self._sinks)
             value, is_expr = self._stmt(stmt, env, top=True)
             if is_expr:
                 out.result, out.has_result = value, True
                 if self.mode == "repl" and value is not None:
                     self._sinks.append(Sink("show", stmt.span, value))
-                elif self.mode == "file" and value is not None:
+                elif (self.mode == "file" and value is not None
+                      and not (isinstance(value, tuple) and len(self._sinks) > sinks_before)):
+                    # a list built for its saves ([save(...) for ...]) is used: it acted
                     self.warning(
                         "this expression's value is unused; a recipe acts through save(...), "
                         "print(...) or info(...)",
@@ -506,6 +509,47 @@ class Checker:
             f"cannot apply '{e.op}' to {type_name(left)} and {type_name(right)}{hint}", e.span
         )
 
+    # ---- conditions: comparisons, and/or/not, x if c else y (Python's precedence and
+    # short-circuit: an untaken operand or branch is not evaluated, so its errors and sinks
+    # do not happen)
+
+    def _Compare(self, e: ast.Compare, env: Env) -> Any:
+        left, left_node = self.expr(e.operands[0], env), e.operands[0]
+        for op, right_node in zip(e.ops, e.operands[1:]):
+            right = self.expr(right_node, env)
+            span = Span(e.span.source, left_node.span.start, right_node.span.end)
+            if not _compare(op, left, right, span, left_node.span, right_node.span):
+                return False  # chained like Python: a < b < c stops at the first false
+            left, left_node = right, right_node
+        return True
+
+    def _condition(self, value: Any, what: str, node: ast.Node) -> bool:
+        if not isinstance(value, bool):
+            raise AlgTypeError(f"{what} must be Bool, not {type_name(value)}; write a comparison, "
+                               "e.g. x > 0 or s != \"\"", node.span)
+        return value
+
+    def _BoolOp(self, e: ast.BoolOp, env: Env) -> Any:
+        # a chain a and b and c ... is folded from the left without recursion (like _BinOp)
+        chain = []
+        node: ast.Node = e
+        while isinstance(node, ast.BoolOp) and node.op == e.op:
+            chain.append(node)
+            node = node.left
+        acc = self._condition(self.expr(node, env), f"an operand of '{e.op}'", node)
+        for b in reversed(chain):
+            if acc == (b.op == "or"):  # true or ..., false and ...: decided
+                return acc
+            acc = self._condition(self.expr(b.right, env), f"an operand of '{b.op}'", b.right)
+        return acc
+
+    def _Not(self, e: ast.Not, env: Env) -> Any:
+        return not self._condition(self.expr(e.operand, env), "the operand of 'not'", e.operand)
+
+    def _IfExp(self, e: ast.IfExp, env: Env) -> Any:
+        test = self._condition(self.expr(e.cond, env), "the condition of 'if ... else'", e.cond)
+        return self.expr(e.body if test else e.orelse, env)
+
     def _Call(self, e: ast.Call, env: Env) -> Any:
         func = self.expr(e.func, env)
         args = [(self.expr(a, env), a.span) for a in e.args]
@@ -673,9 +717,47 @@ class Checker:
 
 
 _ARITH = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+            "==": operator.eq, "!=": operator.ne}
+
+
+def _plain(v: Any) -> bool:
+    """Data that compares by value: Scalar, String, Bool, None and lists of them."""
+    return v is None or isinstance(v, int | float | str) or (isinstance(v, tuple) and all(map(_plain, v)))
+
+
+def _compare(op: str, left: Any, right: Any, span: Span, lspan: Span, rspan: Span) -> bool:
+    """One comparison of plain data; anything else is a positioned error that says why."""
+    from .schedule import Schedule
+
+    if op in ("==", "!=") and (left is None or right is None):  # x == none: is x given?
+        return (left is None) == (right is None) if op == "==" else (left is None) != (right is None)
+    for v, vs in ((left, lspan), (right, rspan)):
+        if isinstance(v, Model):
+            raise AlgTypeError(f"a checkpoint (or reward model) cannot be compared with '{op}': a "
+                               "comparison is of Scalars, Strings or Bools; compare numbers derived "
+                               "from it instead", vs)
+        if isinstance(v, Schedule):
+            raise AlgTypeError(f"a per-layer value ({type_name(v)}) cannot be compared with '{op}': a "
+                               "comparison gives one Bool, not one per layer; to choose values by "
+                               "layer use where(pattern, a, b)", vs)
+    num = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+    if op in ("==", "!="):
+        ok = _plain(left) and _plain(right) and (
+            left is None or right is None or (num(left) and num(right))
+            or type(left) is type(right))
+    else:
+        ok = (num(left) and num(right)) or (isinstance(left, str) and isinstance(right, str))
+    if not ok:
+        allowed = ("Scalars, Strings, Bools or lists of the same kind (or none)" if op in ("==", "!=")
+                   else "two Scalars or two Strings")
+        raise AlgTypeError(f"cannot compare {type_name(left)} and {type_name(right)} with '{op}'; "
+                           f"'{op}' compares {allowed}", span)
+    return _COMPARE[op](left, right)
 _DISPATCH = {cls: getattr(Checker, "_" + cls.__name__)
              for cls in (ast.Num, ast.Str, ast.Bool, ast.NoneLit, ast.Name, ast.List, ast.ListComp,
-                         ast.Attr, ast.Index, ast.Lambda, ast.UnaryOp, ast.BinOp, ast.Call)}
+                         ast.Attr, ast.Index, ast.Lambda, ast.UnaryOp, ast.BinOp, ast.Call,
+                         ast.Compare, ast.BoolOp, ast.Not, ast.IfExp)}
 
 
 def bind_source(source: CheckpointSource | MemorySource, span: Span | None) -> Model:

@@ -82,7 +82,7 @@ def _pretty(term: str) -> str:
 
 
 # terminals that can begin an expression, summarised in messages as "an expression"
-_EXPR_START = {"a name", "a number", "a string", "'('", "'['", "'-'", "'+'", "'true'",
+_EXPR_START = {"a name", "a number", "a string", "'('", "'['", "'-'", "'+'", "'not'", "'true'",
                "'false'", "'none'", "'lambda'"}
 
 
@@ -187,12 +187,13 @@ def _span(source: Source, meta_or_tok) -> Span:
     return Span(source, meta_or_tok.start_pos, meta_or_tok.end_pos)
 
 
-_KEYWORDS = {"def", "use", "import", "as", "lambda", "for", "in", "if", "true", "false", "none"}
+_KEYWORDS = {"def", "use", "import", "as", "lambda", "for", "in", "if", "else", "and", "or", "not",
+             "true", "false", "none"}
 
 
 # rules that only gather their children for the rule above: no nesting level of their own
-_GATHER = {"args", "params", "lparams"}
-_BINOPS = {"add", "sub", "mul", "div"}
+_GATHER = {"args", "params", "lparams", "comp_op"}
+_BINOPS = {"add", "sub", "mul", "div", "and_op", "or_op"}
 
 
 class _ToAst:
@@ -303,6 +304,25 @@ class _ToAst:
         return method
 
     add, sub, mul, div = _bin("+"), _bin("-"), _bin("*"), _bin("/")
+
+    def and_op(self, meta, c):
+        return ast.BoolOp("and", c[0], c[1], span=self._s(meta))
+
+    def or_op(self, meta, c):
+        return ast.BoolOp("or", c[0], c[1], span=self._s(meta))
+
+    def not_op(self, meta, c):
+        return ast.Not(c[0], span=self._s(meta))
+
+    def comp_op(self, meta, c):
+        return str(c[0])
+
+    def comparison(self, meta, c):
+        return ast.Compare(tuple(c[1::2]), tuple(c[0::2]), span=self._s(meta))
+
+    def cond(self, meta, c):
+        body, test, orelse = c
+        return ast.IfExp(test, body, orelse, span=self._s(meta))
 
     def neg(self, meta, c):
         return ast.UnaryOp("-", c[0], span=self._s(meta))

@@ -42,6 +42,29 @@ def test_precedence_and_associativity():
     assert e.op == "*" and isinstance(e.left, ast.UnaryOp)
 
 
+def test_conditions_nest_like_python():
+    e = parse_expr("not a < b and c or d if e else f")
+    assert isinstance(e, ast.IfExp) and e.cond == ast.Name("e", span=e.span)
+    assert isinstance(e.body, ast.BoolOp) and e.body.op == "or"
+    assert isinstance(e.body.left, ast.BoolOp) and e.body.left.op == "and"
+    assert isinstance(e.body.left.left, ast.Not) and isinstance(e.body.left.left.operand, ast.Compare)
+    e = parse_expr("a + 1 < b * 2 == c")  # arithmetic binds tighter; one chain of two ops
+    assert isinstance(e, ast.Compare) and e.ops == ("<", "==") and isinstance(e.operands[0], ast.BinOp)
+
+
+def test_logic_chains_are_one_nesting_level_and_not_is_one_each():
+    from algebra.parser import MAX_NESTING
+
+    n = 5 * MAX_NESTING
+    e = parse_expr(" and ".join(["x"] * n))  # one chain, however long
+    assert isinstance(e, ast.BoolOp) and e.op == "and"
+    assert isinstance(parse_expr(" or ".join(["x"] * n)), ast.BoolOp)
+    with pytest.raises(AlgSyntaxError, match="nested too deeply"):
+        parse_expr("not " * (MAX_NESTING + 5) + "x")
+    with pytest.raises(AlgSyntaxError, match="nested too deeply"):
+        parse_expr("1 if x else " * (MAX_NESTING + 5) + "2")
+
+
 def test_numbers_keep_int_and_float():
     assert parse_expr("3").value == 3 and isinstance(parse_expr("3").value, int)
     assert parse_expr("1e-3").value == pytest.approx(0.001)
@@ -78,6 +101,11 @@ def test_spans_point_at_source():
         ("def f(a=1, b) = a", "parameter 'b' without a default follows one with a default", 12, False),
         ("def f(a, a) = a", "parameter 'a' appears twice", 10, False),
         ("f(x=1, x=2)", "keyword argument 'x' given twice", 8, False),
+        ("a = 1 < < 2", "unexpected '<'; expected an expression", 9, False),
+        ("a = x if c", "expected 'else'", 10, True),
+        ("a = x if c else", "expected an expression", 15, True),
+        ("[x for x in xs if]", "unexpected ']'; expected an expression", 18, False),
+        ("and = 1", "'and' is a keyword and cannot be used as a name", 1, False),
     ],
 )
 def test_syntax_errors(text, message, col, incomplete):
