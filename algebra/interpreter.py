@@ -23,7 +23,7 @@ import torch
 from . import execute, graph
 from .builtins import show
 from .check import Checked, Checker, SaveRequest, bind_source
-from .errors import AlgIOError, AlgTypeError
+from .errors import AlgError, AlgIOError, AlgTypeError
 from .io.checkpoint import CheckpointSource, MemorySource
 from .lower import Lowerer
 from .options import Options
@@ -60,8 +60,12 @@ class Session:
         try:
             self._run_sinks(sinks, staging)
             staging.commit()
-        except BaseException:
+        except BaseException as exc:
+            staged = staging.added
             staging.rollback()
+            if staged and isinstance(exc, AlgError):
+                exc.with_note(f"a run is all or nothing: the {staged} output(s) written before this "
+                              "error were discarded, and nothing was replaced")
             raise
 
     def _run_sinks(self, sinks: list[Sink], staging: Any) -> None:

@@ -45,8 +45,9 @@ def _fail_scores(monkeypatch):
 
 def test_a_failing_last_sink_leaves_no_output(rws, monkeypatch):
     _fail_scores(monkeypatch)
-    with pytest.raises(AlgError, match="nan at row 3"):
+    with pytest.raises(AlgError, match="nan at row 3") as e:
         quiet_interpreter(rws).eval(RECIPE.format(ow=""))
+    assert "note: a run is all or nothing: the 2 output(s) written before this error were discarded" in str(e.value)
     assert not (rws / "out").exists()  # neither the saves nor the folder they made
     assert _leftovers(rws) == []
 
@@ -126,7 +127,7 @@ def test_a_commit_failing_half_way_puts_back_what_it_replaced(tmp_path):
     st.add(ta, tmp_path / "a.json")
     st.add(tm, tmp_path / "m")
     st.add(tio.temp_name(tmp_path / "c.json"), tmp_path / "c.json")  # its temporary is gone: rename fails
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(AlgError, match="c.json.*no output of this run was moved into place"):
         st.commit()
     assert (tmp_path / "a.json").read_text() == "old a"
     assert (tmp_path / "m" / "config.json").read_text() == "old m"
@@ -178,3 +179,19 @@ def test_a_python_api_run_with_a_failing_save_leaves_nothing(family, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         quiet_interpreter(tmp_path).eval('save(load("base"), "o1")\nsave(load("base"), "o2", dtype="bf16")')
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_the_command_line_refuses_an_existing_score_output_without_force(ws):
+    import subprocess
+    import sys
+
+    (ws / "r.alg").write_text('score(reward("models/rm-helpful"), "data/prompts_responses.jsonl", "o.jsonl")\n')
+    (ws / "o.jsonl").write_text("mine\n")
+    r = subprocess.run([sys.executable, "-m", "algebra", "check", "r.alg"], cwd=ws, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert ("r.alg:1:68: error: 'o.jsonl' already exists; pass overwrite=true to score(), or --force to alg run"
+            in r.stderr)
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "algebra", "check", "--force", "r.alg"], cwd=ws, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr

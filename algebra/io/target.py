@@ -302,6 +302,7 @@ class Staging:
     def __init__(self) -> None:
         self._staged: list[tuple] = []  # (temporary, final, check or None)
         self._created: list[Path] = []
+        self.added = 0  # outputs ever staged (a rollback or commit empties the list)
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -311,9 +312,13 @@ class Staging:
 
     def add(self, tmp: Path, final: Path, check=None) -> None:
         self._staged.append((tmp, final, check))
+        self.added += 1
 
     def commit(self) -> None:
+        from ..errors import AlgIOError
+
         moved: list[list] = []  # [final, its old output set aside or None, whether the new one is in place]
+        final = None
         try:
             with signals_held():
                 for tmp, final, check in self._staged:
@@ -327,14 +332,17 @@ class Staging:
                     moved.append(entry)
                     tmp.rename(final)
                     entry[2] = True
-        except BaseException:
+        except BaseException as exc:
             with signals_held():
-                for final, old, placed in reversed(moved):
+                for done, old, placed in reversed(moved):
                     if placed:
-                        _remove_path(final)
-                    if old is not None and os.path.lexists(old) and not os.path.lexists(final):
-                        old.rename(final)  # the output it replaced is put back
+                        _remove_path(done)
+                    if old is not None and os.path.lexists(old) and not os.path.lexists(done):
+                        old.rename(done)  # the output it replaced is put back
             self.rollback()
+            if isinstance(exc, OSError) and final is not None:
+                raise AlgIOError(f"{describe_os_error(exc, final)}; no output of this run was moved into "
+                                 "place, and what it would have replaced is as it was") from None
             raise
         with signals_held():
             for _, old, _ in moved:
