@@ -195,3 +195,16 @@ def test_the_command_line_refuses_an_existing_score_output_without_force(ws):
     r = subprocess.run([sys.executable, "-m", "algebra", "check", "--force", "r.alg"], cwd=ws, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_pickled_reward_function_replays_an_eval_whose_output_now_exists(ws):
+    """A TRL reward function is rebuilt by checking the evals again; the score file the
+    first eval wrote exists now, and that is no error there (nothing runs)."""
+    import pickle
+
+    interp = quiet_interpreter(ws)
+    interp.eval('score(reward("models/rm-helpful"), "data/prompts_responses.jsonl", "o.jsonl")')
+    r = interp.eval('r = reward("models/rm-helpful")')
+    prompts, completions = ["What is 12 plus 30?"], ["42."]
+    assert pickle.loads(pickle.dumps(r))(prompts=prompts, completions=completions) == \
+        r(prompts=prompts, completions=completions)
