@@ -208,3 +208,17 @@ def test_a_pickled_reward_function_replays_an_eval_whose_output_now_exists(ws):
     prompts, completions = ["What is 12 plus 30?"], ["42."]
     assert pickle.loads(pickle.dumps(r))(prompts=prompts, completions=completions) == \
         r(prompts=prompts, completions=completions)
+
+
+@pytest.mark.parametrize("text, how", [
+    ('s = "data/prompts_responses.jsonl"\nscore(reward("models/rm-helpful"), s, "o.jsonl")\n'
+     'score(reward("models/rm-harmless"), s, "o.jsonl")', "the same path as"),
+    ('save(load("models/base"), "out")\nscore(reward("models/rm-helpful"), "data/prompts_responses.jsonl", '
+     '"out/s.jsonl")', "inside the folder of"),
+])
+def test_two_outputs_of_one_recipe_may_not_overlap(rws, text, how):
+    with pytest.raises(AlgError, match=f"would write {how} another output of this recipe") as e:
+        quiet_interpreter(rws).session.check(_src(text))
+    assert e.value.span.line == text.count("\n") + 1  # the second output is the one refused
+    assert any("writes it here" in n.message for n in e.value.notes)
+    assert not (rws / "o.jsonl").exists() and not (rws / "out").exists()
