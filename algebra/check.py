@@ -664,6 +664,13 @@ class Checker:
                     "path it also reads: alg reads every header before the first write, so the "
                     "result would mix old and new files", span)
                 raise err.with_note(f"{rwhat} here", rspan)
+        for o, ospan, owhat in self._writes:  # a run's outputs are staged and moved together
+            for w in paths:
+                if overlap(o, w):
+                    how = "the same path as" if o == w else "inside the folder of" if o in w.parents else "around"
+                    err = AlgIOError(f"{what} to '{shown}' would write {how} another output of this recipe "
+                                     f"('{o}'); each output must be its own path", span)
+                    raise err.with_note(f"{owhat} writes it here", ospan)
         self._writes.extend((w, span, what) for w in dict.fromkeys(paths))
 
     def add_save(self, m: Model, path: str, dtype: str | None, shard_bytes: int, overwrite: bool, call: Call) -> None:

@@ -424,12 +424,18 @@ def new_evaluator(options: Options) -> Evaluator:
 
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
-         evaluator: Evaluator | None = None, base_dir: Path | None = None) -> Path:
-    """Write a SavePlan to a temporary folder and rename it into place. `input_hashes`
-    gives the card's inputs (card.describe_inputs); `base_dir` is the recipe's folder. On
-    any failure (a signal, a full disk, a read-only folder) the temporary folder and the
-    parent folders this save created are removed; an OSError becomes an AlgIOError."""
+         evaluator: Evaluator | None = None, base_dir: Path | None = None, staging: Any = None) -> Path:
+    """Write a SavePlan to a temporary folder and stage it: with a run's `staging`
+    (io/target.py `Staging`), the folder is renamed into place when the whole run has
+    succeeded; without one, at once. `input_hashes` gives the card's inputs
+    (card.describe_inputs); `base_dir` is the recipe's folder. On any failure (a signal, a
+    full disk, a read-only folder) the temporary folder and the parent folders this save
+    created are removed; an OSError becomes an AlgIOError."""
     from .io import target as tio
+
+    own = staging is None
+    if own:
+        staging = tio.Staging()
 
     target = sp.target
     tmp = tio.temp_name(target)
@@ -470,7 +476,11 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         if hasher is not None:
             hasher.join()
         card_io.write_card(tmp / "README.md", sp, recipe_text, hashes, base_dir)
-        _replace(tmp, target, sp)
+        staging.add(tmp, target, lambda t: _may_replace(t, sp))
+        staging.made(created)
+        created = []
+        if own:
+            staging.commit()
     except BaseException as exc:
         with tio.signals_held():
             for w in writers.values():
@@ -501,26 +511,14 @@ def _write_metadata(sp: SavePlan, folder: Path) -> None:
             shutil.copy2(f, folder / f.name)
 
 
-def _replace(tmp: Path, target: Path, sp: SavePlan) -> None:
-    """Rename the finished `tmp` into place. An existing target is judged again (the disk
-    may have changed since the check): only what overwrite may replace is replaced, and a
-    symlink target is replaced itself, never the folder it points to."""
-    from .io import target as tio
-
+def _may_replace(target: Path, sp: SavePlan) -> None:
+    """Judge an existing target again right before it is replaced (the disk may have
+    changed since the check): only what overwrite may replace is replaced, and a symlink
+    target is replaced itself, never the folder it points to."""
     if not os.path.lexists(target):
-        tmp.rename(target)
         return
     if not sp.overwrite:
         raise AlgIOError(f"'{target}' appeared while alg was writing it; not overwritten", sp.span)
     reason = sp.guard.refusal(target) if sp.guard is not None else None
     if reason is not None:
         raise AlgIOError(f"refusing to replace '{target}': {reason}", sp.span)
-    old = tio.temp_name(target, tio.OLD_TAG)
-    tio.remove_target(target, old)
-    try:
-        tmp.rename(target)
-    except BaseException:
-        if old.exists() and not os.path.lexists(target):
-            old.rename(target)  # put the old folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ import torch
 from . import execute, graph
 from .builtins import show
 from .check import Checked, Checker, SaveRequest, bind_source
-from .errors import AlgIOError, AlgTypeError
+from .errors import AlgError, AlgIOError, AlgTypeError
 from .io.checkpoint import CheckpointSource, MemorySource
 from .lower import Lowerer
 from .options import Options
@@ -50,6 +50,25 @@ class Session:
         return checked
 
     def run_sinks(self, sinks: list[Sink]) -> None:
+        """Run the sinks in order. The run is all or nothing: every output (saves, score
+        and evaluate files, plots) is staged under a temporary name and moved into place
+        when all sinks have succeeded; on any failure, a signal included, none is, and an
+        output they would have replaced is kept (io/target.py `Staging`)."""
+        from .io.target import Staging
+
+        staging = Staging()
+        try:
+            self._run_sinks(sinks, staging)
+            staging.commit()
+        except BaseException as exc:
+            staged = staging.added
+            staging.rollback()
+            if staged and isinstance(exc, AlgError):
+                exc.with_note(f"a run is all or nothing: the {staged} output(s) written before this "
+                              "error were discarded, and nothing was replaced")
+            raise
+
+    def _run_sinks(self, sinks: list[Sink], staging: Any) -> None:
         # shared by every sink of the run: a subexpression is lowered once and a reduction
         # (a SLERP angle) computed once, however many saves use it
         lowerer = Lowerer()
@@ -62,7 +81,7 @@ class Session:
                 if not rewards_done:
                     from .reward.engine import run_sinks as run_reward_sinks
 
-                    run_reward_sinks([s for s in sinks if s.kind in REWARD_SINKS], self.options)
+                    run_reward_sinks([s for s in sinks if s.kind in REWARD_SINKS], self.options, staging)
                     rewards_done = True
                 continue
             if sink.kind == "save":
@@ -70,7 +89,7 @@ class Session:
                 sp = plan_save(req, self.options, lowerer)
                 t0 = time.perf_counter()
                 execute.save(sp, self.options, sink.span.source.text, _hasher(req.model, self.checker.base_dir),
-                             evaluator, self.checker.base_dir)
+                             evaluator, self.checker.base_dir, staging)
                 dt = time.perf_counter() - t0
                 self.options.out(
                     f"wrote {_rel(req.path)}: {len(sp.tensor_plan.tensors)} tensors, "

@@ -324,6 +324,30 @@ def test_signal_mid_save_leaves_nothing(tiny, tmp_path, sig):
     assert not (tmp_path / "out").exists()  # temp folder and the parent it made
 
 
+def test_signal_in_a_later_save_takes_back_the_earlier_ones(tiny, tmp_path):
+    """A run is all or nothing: SIGTERM in the second save leaves neither output, and the
+    output the first save was replacing (overwrite=true) is as it was."""
+    (tmp_path / "x.alg").write_text('save(load("tiny/base"), "out/m1", overwrite=true)\n'
+                                    'save(load("tiny/base") * 2, "out/m2")\n')
+    _copy(tmp_path / "tiny" / "sft_a", tmp_path / "out" / "m1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "m1").iterdir()}
+    ready = tmp_path / "ready"
+    env = {**os.environ, "ALG_TEST_READY": str(ready)}
+    script = PAUSED_ALG.replace("if not ready.exists():", "if 'm2' in str(self.path) and not ready.exists():")
+    proc = subprocess.Popen([sys.executable, "-c", script, "run", "x.alg"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate(timeout=60) if proc.poll() is not None else proc.kill()
+    assert _temps(tmp_path / "out") == [f".m1.alg-tmp-{proc.pid}", f".m2.alg-tmp-{proc.pid}"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m1"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "m1").iterdir()} == before
+
+
 def test_sigkill_leftover_is_removed_by_the_next_save_beside_it(tiny, tmp_path):
     (tmp_path / "x.alg").write_text('save(load("tiny/base") * 2, "out/m")\n')
     proc, ready = _start_paused(tmp_path, "x.alg")

@@ -31,7 +31,7 @@ def test_generate_is_seeded_cached_and_usable_as_references(ws, monkeypatch):
     text = ('pol = load("models/policy")\n'
             'g = generate(pol, "data/prompts_responses.jsonl", n=3, max_new_tokens=5, seed=1)\n'
             'h = reward("models/rm-helpful")\n'
-            'score(h - quantile(h, g, 0.5), "data/prompts_responses.jsonl", "out/g.jsonl")\n')
+            'score(h - quantile(h, g, 0.5), "data/prompts_responses.jsonl", "out/g.jsonl", overwrite=true)\n')
     first = run_rewards(ws, text)
     (g,) = [v for v in first.generated if isinstance(v, Generated)]
     samples = first.generated[g].by_prompt()

@@ -263,7 +263,7 @@ def describe_os_error(e: OSError, target: Path, nbytes: int | None = None) -> st
 __all__ = [
     "MODEL_FILES", "describe_os_error", "free_bytes", "make_parents", "model_folder_problem",
     "overwrite_refusal", "pid_alive", "remove_created", "remove_stale_temps", "remove_target",
-    "target_path", "temp_name", "unwritable",
+    "Staging", "target_path", "temp_name", "unwritable",
 ]
 
 
@@ -282,3 +282,89 @@ class OverwriteGuard:
 def overlap(a: Path, b: Path) -> bool:
     """Whether writing one of two paths changes the other: the same, or one inside the other."""
     return a == b or a in b.parents or b in a.parents
+
+
+# ---- all-or-nothing runs -----------------------------------------------------------------
+
+
+class Staging:
+    """The outputs of one run, staged under temporary names (`temp_name`) and moved into
+    place together: every sink registers its finished (temporary, final) pair with `add`;
+    `commit` moves them all into place once every sink has succeeded, and `rollback`
+    (on any failure, a signal included) removes what was staged. Should a move fail
+    half-way through `commit`, the outputs already moved are taken back out and each
+    output they replaced, kept aside as `.NAME.alg-old-PID` meanwhile, is put back.
+
+    `check(final)` is called right before its pair is moved (the disk may have changed
+    since the recipe was checked) and raises to refuse it. `created`: the parent folders
+    a sink made (`make_parents`), removed again on rollback while empty."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple] = []  # (temporary, final, check or None)
+        self._created: list[Path] = []
+        self.added = 0  # outputs ever staged (a rollback or commit empties the list)
+
+    def __len__(self) -> int:
+        return len(self._staged)
+
+    def made(self, created: list[Path]) -> None:
+        self._created.extend(created)
+
+    def add(self, tmp: Path, final: Path, check=None) -> None:
+        self._staged.append((tmp, final, check))
+        self.added += 1
+
+    def commit(self) -> None:
+        from ..errors import AlgIOError
+
+        moved: list[list] = []  # [final, its old output set aside or None, whether the new one is in place]
+        final = None
+        try:
+            with signals_held():
+                for tmp, final, check in self._staged:
+                    if check is not None:
+                        check(final)
+                    old = None
+                    if os.path.lexists(final):
+                        old = temp_name(final, OLD_TAG)
+                        final.rename(old)  # a symlink is moved itself, never followed
+                    entry = [final, old, False]
+                    moved.append(entry)
+                    tmp.rename(final)
+                    entry[2] = True
+        except BaseException as exc:
+            with signals_held():
+                for done, old, placed in reversed(moved):
+                    if placed:
+                        _remove_path(done)
+                    if old is not None and os.path.lexists(old) and not os.path.lexists(done):
+                        old.rename(done)  # the output it replaced is put back
+            self.rollback()
+            if isinstance(exc, OSError) and final is not None:
+                raise AlgIOError(f"{describe_os_error(exc, final)}; no output of this run was moved into "
+                                 "place, and what it would have replaced is as it was") from None
+            raise
+        with signals_held():
+            for _, old, _ in moved:
+                if old is not None:
+                    _remove_path(old)
+            self._staged, self._created = [], []
+
+    def rollback(self) -> None:
+        """Remove every staged temporary and the parent folders made for them (innermost
+        first, while empty)."""
+        with signals_held():
+            for tmp, _, _ in self._staged:
+                _remove_path(tmp)
+            for d in reversed(self._created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            self._staged, self._created = [], []
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()

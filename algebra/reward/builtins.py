@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class ScoreRequest:
     data: Responses | Generated
     out: Path
     names: list[tuple[str, Reward]]  # named sub-terms, written beside `reward`
+    overwrite: bool = False  # an existing out may be replaced (overwrite=true or --force)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class EvalRequest:
     xs: list | None  # one x per reward (a sweep), or None
     xlabel: str
     plot: Path | None
+    overwrite: bool = False  # existing out and plot may be replaced (overwrite=true or --force)
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -107,13 +110,18 @@ def _pairs(call: Call, data: Any, param: str) -> Pairs:
     return data
 
 
-def _out(call: Call, out: str, suffix: str, param: str = "out") -> Path:
+def _out(call: Call, out: str, suffix: str, param: str = "out", overwrite: bool = False) -> Path:
+    """A file the recipe writes. An existing one is refused unless `overwrite` (the
+    sink's overwrite=true, or --force)."""
     target = resolved(joined(out, call.checker.base_dir), out, call.at(param))
     if target.suffix != suffix:
         raise call.error(AlgTypeError, f"{call.name}() writes {suffix}, so its output path must end in "
                          f"{suffix}, not '{target.name}'", param)
     if target.is_dir():
         raise call.error(AlgIOError, f"'{out}' is a folder", param)
+    if os.path.lexists(target) and not overwrite:
+        raise call.error(AlgIOError, f"'{out}' already exists; pass overwrite=true to {call.name}(), or "
+                         "--force to alg run", param)
     call.checker.note_write([target], call.at(param), f"{call.name}()", out)
     return target
 
@@ -433,26 +441,30 @@ def _named_terms(call: Call, r: Reward) -> list[tuple[str, Reward]]:
     return out
 
 
-@builtin("score(r: Reward, data: Responses | String, out: String)",
+@builtin("score(r: Reward, data: Responses | String, out: String, overwrite: Bool = false)",
          "Write data's rows to out (JSONL) with a 'reward' field, and a field for each named "
-         "sub-term of r (a top-level name bound to a reward that r uses).")
-def _score(call: Call, r: Reward, data: Any, out: str) -> None:
+         "sub-term of r (a top-level name bound to a reward that r uses); an existing out only "
+         "with overwrite=true.")
+def _score(call: Call, r: Reward, data: Any, out: str, overwrite: bool) -> None:
     data = _responses(call, data, "data")
     if isinstance(data, Responses) and _path(call, data.label) == _path(call, out):
         raise call.error(AlgIOError, "score() would overwrite its own input", "out")
-    target = _out(call, out, ".jsonl")
-    call.checker.add_sink(Sink("score", call.span, ScoreRequest(r, data, target, _named_terms(call, r))))
+    force = overwrite or call.checker.options.force
+    target = _out(call, out, ".jsonl", overwrite=force)
+    call.checker.add_sink(Sink("score", call.span, ScoreRequest(r, data, target, _named_terms(call, r), force)))
 
 
 @builtin(
     'evaluate(r: Reward | List[Reward], pairs: Pairs | String, out: String, x: List | None = none, '
-    'xlabel: String = "x", plot: String | None = none)',
+    'xlabel: String = "x", plot: String | None = none, overwrite: Bool = false)',
     "Accuracy on preference pairs (chosen scored strictly above rejected), per subset and "
     "overall, with RewardBench's section scores when its subset names are present; written "
     "to out (JSON) and printed as a table. A list of rewards is a sweep: x gives each one's "
-    "value on the axis (default 0, 1, ...), and plot=\"file.png\" draws accuracy against x.",
+    "value on the axis (default 0, 1, ...), and plot=\"file.png\" draws accuracy against x. "
+    "Existing out and plot files are replaced only with overwrite=true.",
 )
-def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel: str, plot: str | None) -> None:
+def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel: str, plot: str | None,
+              overwrite: bool) -> None:
     rewards = list(r) if isinstance(r, tuple) else [r]
     if not rewards:
         raise call.error(AlgTypeError, "evaluate() needs at least one reward", "r")
@@ -464,9 +476,10 @@ def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel:
         if len(x) != len(rewards):
             raise call.error(AlgTypeError, f"x has {len(x)} values for {len(rewards)} rewards", "x")
         xs = list(x)
+    force = overwrite or call.checker.options.force
     plot_path = None
     if plot is not None:
-        plot_path = _out(call, plot, ".png", "plot")
-    target = _out(call, out, ".json")
+        plot_path = _out(call, plot, ".png", "plot", force)
+    target = _out(call, out, ".json", overwrite=force)
     call.checker.add_sink(Sink("evaluate", call.span, EvalRequest(rewards, _pairs(call, pairs, "pairs"), target,
-                                                                  xs, xlabel, plot_path)))
+                                                                  xs, xlabel, plot_path, force)))

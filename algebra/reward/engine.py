@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -290,8 +291,9 @@ def _roots(sinks: list) -> list[Any]:
     return roots
 
 
-def run_sinks(sinks: list, options: Options) -> RewardRun:
-    """Run every score/evaluate sink of a run, sharing one scoring plan."""
+def run_sinks(sinks: list, options: Options, staging: Any = None) -> RewardRun:
+    """Run every score/evaluate sink of a run, sharing one scoring plan; their files are
+    staged with the run's other outputs (`staging`), or moved into place at once."""
     run = RewardRun(options)
     try:
         run.resolve_generations(_roots(sinks))
@@ -303,9 +305,9 @@ def run_sinks(sinks: list, options: Options) -> RewardRun:
         for sink in sinks:
             try:
                 if isinstance(sink.value, ScoreRequest):
-                    _write_scores(run, sink.value, sink.span)
+                    _write_scores(run, sink.value, staging)
                 else:
-                    _write_eval(run, sink.value)
+                    _write_eval(run, sink.value, staging)
             except AlgError as err:
                 raise err.at(sink.span) from None
     finally:
@@ -345,7 +347,8 @@ def score_command(session: Any, name: str, data: Path, out: Path) -> None:
         raise AlgTypeError(f"'{name}' is a {type_name(r)}, not a Reward")
     terms = set(r.walk())
     names = [(n, v) for n, v in env.items() if isinstance(v, Reward) and v in terms and v != r]
-    req = ScoreRequest(r, read_responses(absolute(data, Path.cwd()), str(data)), out.resolve(), names)
+    # the command line names --out itself: it is replaced, as an -o FILE is
+    req = ScoreRequest(r, read_responses(absolute(data, Path.cwd()), str(data)), out.resolve(), names, True)
     run_sinks([Sink("score", None, req)], session.options)
 
 
@@ -358,12 +361,18 @@ def _finite(values: np.ndarray, what: str, points: Points, lines: list[int] | No
                               f"{len(bad)} value(s) are not finite")
 
 
-def _atomic_write(path: Path, text: str, binary: bytes | None = None) -> None:
-    """Write to a temporary name and rename; on failure (a signal, a full disk) nothing is
-    left, parent folders it made included, and an OSError is an AlgIOError."""
+def _atomic_write(path: Path, text: str, binary: bytes | None = None, staging: Any = None,
+                  overwrite: bool = True) -> None:
+    """Write to a temporary name and stage it (io/target.py `Staging`): renamed into place
+    with the rest of the run's outputs, or at once without a `staging`. On failure (a
+    signal, a full disk) nothing is left, parent folders it made included, and an OSError
+    is an AlgIOError. Without `overwrite`, a file that appeared since the check is kept."""
     from ..errors import AlgIOError
     from ..io import target as tio
 
+    own = staging is None
+    if own:
+        staging = tio.Staging()
     tmp = tio.temp_name(path)
     created: list[Path] = []
     try:
@@ -373,7 +382,11 @@ def _atomic_write(path: Path, text: str, binary: bytes | None = None) -> None:
             tmp.write_bytes(binary)
         else:
             tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        staging.add(tmp, path, None if overwrite else _not_appeared)
+        staging.made(created)
+        created = []
+        if own:
+            staging.commit()
     except BaseException as exc:
         with tio.signals_held():
             tmp.unlink(missing_ok=True)
@@ -383,7 +396,14 @@ def _atomic_write(path: Path, text: str, binary: bytes | None = None) -> None:
         raise
 
 
-def _write_scores(run: RewardRun, req: ScoreRequest, span) -> None:
+def _not_appeared(path: Path) -> None:
+    from ..errors import AlgIOError
+
+    if os.path.lexists(path):
+        raise AlgIOError(f"'{path}' appeared while alg was writing it; not overwritten")
+
+
+def _write_scores(run: RewardRun, req: ScoreRequest, staging: Any) -> None:
     data = run.data(req.data)
     points = data.points()
     lines = [r.line for r in data.rows]
@@ -397,11 +417,11 @@ def _write_scores(run: RewardRun, req: ScoreRequest, span) -> None:
         for name, v in named:
             raw[name] = float(v[i])
         out.append(json.dumps(raw, ensure_ascii=False))
-    _atomic_write(req.out, "\n".join(out) + "\n")
+    _atomic_write(req.out, "\n".join(out) + "\n", staging=staging, overwrite=req.overwrite)
     run.out(f"wrote {_rel(req.out)}: {len(out)} rows, mean reward {float(np.mean(total)):.4f}")
 
 
-def _write_eval(run: RewardRun, req: EvalRequest) -> None:
+def _write_eval(run: RewardRun, req: EvalRequest, staging: Any) -> None:
     rows = req.pairs.rows
     chosen_pts = [(r.prompt, r.chosen) for r in rows]
     rejected_pts = [(r.prompt, r.rejected) for r in rows]
@@ -421,7 +441,8 @@ def _write_eval(run: RewardRun, req: EvalRequest) -> None:
     else:
         doc = {"pairs": str(req.pairs), "xlabel": req.xlabel, "results": results}
         table = format_sweep(req.xlabel, results)
-    _atomic_write(req.out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    _atomic_write(req.out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n", staging=staging,
+                  overwrite=req.overwrite)
     run.out(table)
     run.out(f"wrote {_rel(req.out)}")
     if req.plot is not None:
@@ -429,7 +450,7 @@ def _write_eval(run: RewardRun, req: EvalRequest) -> None:
 
         buf = io.BytesIO()
         plot_sweep(buf, req.xlabel, results, f"preference accuracy on {req.pairs.label}")
-        _atomic_write(req.plot, "", buf.getvalue())
+        _atomic_write(req.plot, "", buf.getvalue(), staging=staging, overwrite=req.overwrite)
         run.out(f"wrote {_rel(req.plot)}")
 
 
