@@ -297,7 +297,7 @@ def _declare(op: PointwiseOp) -> Callable[[], None]:
             return Op(name, tuple(v if isinstance(v, Reward) else Const(float(v)) for v in args))
         try:
             out = op.scalar(*args)
-        except (ArithmeticError, ValueError):  # Python's exact arithmetic: a float too large
+        except (ArithmeticError, ValueError):  # exact arithmetic: an int quotient too large for a float
             out = math.nan
         if not is_finite(out):
             raise call.error(AlgTypeError, f"{name}({', '.join(map(str, args))}) is not a finite number", at)
