@@ -10,7 +10,8 @@ place in alg; this module reads them from there:
   reward/, vocab.py). Importing that registry (`algebra.builtins.BUILTINS`) would import
   torch (through types.py), and `alg convert` must not, so the module sources are read
   with Python's `ast` and each header is parsed by alg's own parser, exactly as
-  `builtins.builtin()` parses it;
+  `builtins.builtin()` parses it; the pointwise reward functions (logsig, sum, ...) come
+  from their registry, `reward.ops`, which imports neither torch nor numpy;
 - library functions: the `def`s of stdlib/prelude.alg (always in scope);
 - keywords: `parser._KEYWORDS`;
 - dtypes: the keys of `types.DTYPE_ALIASES`, read from types.py's source (a literal).
@@ -130,26 +131,38 @@ def _headers(path: Path) -> list[str]:
 
 
 @cache
-def builtin_signatures() -> dict[str, Signature]:
-    """name -> Signature of every builtin the package declares."""
+def _parsed(header: str) -> Signature:
+    """A `name(params)` header as alg's parser reads it, as `builtins.builtin()` does."""
     from .. import ast
     from ..parser import parse
 
-    sigs: dict[str, Signature] = {}
+    program = parse(f"def {header} = none", name=f"<builtin {header.split('(')[0]}>")
+    d = program.stmts[0]
+    assert isinstance(d, ast.Def)
+    defaults = {p.name: ast.literal_value(p.default) for p in d.params if p.default is not None}
+    types = {p.name: str(p.type) for p in d.params if p.type is not None}
+    return Signature(d.name, tuple(p.name for p in d.params), defaults, types)
+
+
+@cache
+def _declared_headers() -> tuple[str, ...]:
+    headers: list[str] = []
     for path in sorted(_PKG.rglob("*.py")):
         if "convert" in path.relative_to(_PKG).parts:
             continue
         text = path.read_text(encoding="utf-8")
-        if "@builtin(" not in text:
-            continue
-        for header in _headers(path):
-            program = parse(f"def {header} = none", name=f"<builtin {header.split('(')[0]}>")
-            d = program.stmts[0]
-            assert isinstance(d, ast.Def)
-            defaults = {p.name: ast.literal_value(p.default) for p in d.params if p.default is not None}
-            types = {p.name: str(p.type) for p in d.params if p.type is not None}
-            sigs[d.name] = Signature(d.name, tuple(p.name for p in d.params), defaults, types)
-    return sigs
+        if "@builtin(" in text:
+            headers.extend(_headers(path))
+    return tuple(headers)
+
+
+def builtin_signatures() -> dict[str, Signature]:
+    """name -> Signature of every builtin the package declares, and of each pointwise
+    reward op registered now (reward.ops, read afresh: a test may add one for a while)."""
+    from ..reward.ops import POINTWISE
+
+    headers = [*_declared_headers(), *(op.header for op in POINTWISE.values() if op.header is not None)]
+    return {s.name: s for s in map(_parsed, headers)}
 
 
 @cache
@@ -170,7 +183,6 @@ def keywords() -> tuple[str, ...]:
     return tuple(sorted(_KEYWORDS))
 
 
-@cache
 def function_names() -> frozenset[str]:
     """Every name a recipe variable must not take: builtins and library functions."""
     return frozenset(builtin_signatures()) | frozenset(library_functions())

@@ -12,18 +12,21 @@ import json
 import math
 import os
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..builtins import Call, builtin, register_type
+from ..builtins import BUILTINS, Call, builtin, is_finite, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
 from ..io.files import absolute, joined, resolved
 from ..io.remote_code import code_markers
 from ..types import type_name
 from ..values import Model, Sink
+from . import ops
 from .data import Pairs, Responses, read_pairs, read_responses
 from .generate import Generated, GenerateSpec
+from .ops import PointwiseOp
 from .values import (
     Baseline,
     Const,
@@ -261,67 +264,50 @@ def _pairs_builtin(call: Call, path: str) -> Pairs:
     return read_pairs(_read_path(call, path, "path"), path, call.at("path"))
 
 
-# ---- pointwise algebra --------------------------------------------------------------------
+# ---- pointwise algebra: an alg function for each op of reward.ops --------------------------------
 
 
-def _logsig(x: float) -> float:
-    # log sigmoid(x) = -log(1 + e^-x), without overflow for x far from 0
-    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+def _declare(op: PointwiseOp) -> Callable[[], None]:
+    """Declare `op` as an alg function (an operator has none): on rewards it builds the tree
+    node, on numbers it is `op.scalar`, a finite number or an error. Returns the retraction."""
+    name, header = op.name, op.header
+    if header is None:
+        return lambda: None
+    if name in BUILTINS:
+        raise ValueError(f"'{name}' is an alg function already")
 
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-
-
-def _unary(name: str, fn, doc: str) -> None:
-    @builtin(f"{name}(x: Reward | Scalar)", doc)
-    def impl(call: Call, x: Any) -> Any:
-        if isinstance(x, Reward):
-            return Op(name, (x,))
+    def impl(call: Call, **kw: Any) -> Any:
+        if op.arity is None:
+            items = kw["xs"]
+            if len(items) == 1 and isinstance(items[0], tuple):  # sum([1, 2, 3])
+                items = items[0]
+            if not items:
+                raise call.error(AlgTypeError, f"{name}() needs at least one value")
+            for i, v in enumerate(items):
+                if not (isinstance(v, Reward) or is_number(v)):
+                    raise AlgTypeError(f"{name}() takes rewards and numbers, not {type_name(v)}",
+                                       call.spans.get(f"xs[{i}]", call.span))
+            args, at = tuple(items), None
+        else:
+            args, at = tuple(kw[p] for p in op.arg_names), (op.arg_names[0] if op.arity == 1 else None)
+            unmet = op.check(kw) if op.check is not None else None
+            if unmet is not None:
+                raise call.error(AlgTypeError, unmet[1], unmet[0])
+        if any(isinstance(v, Reward) for v in args):
+            return Op(name, tuple(v if isinstance(v, Reward) else Const(float(v)) for v in args))
         try:
-            return fn(float(x))
-        except (ValueError, OverflowError):
-            raise call.error(AlgTypeError, f"{name}({x}) is not a finite number", "x") from None
+            out = op.scalar(*args)
+        except (ArithmeticError, ValueError):  # exact arithmetic: an int quotient too large for a float
+            out = math.nan
+        if not is_finite(out):
+            raise call.error(AlgTypeError, f"{name}({', '.join(map(str, args))}) is not a finite number", at)
+        return out
+
+    builtin(header, op.doc, variadic=op.arity is None)(impl)
+    return lambda: BUILTINS.pop(name, None)
 
 
-_unary("logsig", _logsig, "log sigmoid(x), computed stably: -log(1 + e^-x). Pointwise on a reward.")
-_unary("sigmoid", _sigmoid, "1 / (1 + e^-x). Pointwise on a reward.")
-_unary("exp", math.exp, "e^x. Pointwise on a reward.")
-_unary("log", math.log, "The natural logarithm. Pointwise on a reward (non-positive values fail the run).")
-
-
-@builtin("clip(x: Reward | Scalar, lo: Scalar, hi: Scalar)", "x limited to [lo, hi]. Pointwise on a reward.")
-def _clip(call: Call, x: Any, lo: float, hi: float) -> Any:
-    if lo > hi:
-        raise call.error(AlgTypeError, f"clip() needs lo <= hi, got {lo} > {hi}", "lo")
-    if isinstance(x, Reward):
-        return Op("clip", (x, Const(float(lo)), Const(float(hi))))
-    return min(max(x, lo), hi)
-
-
-def _nary(name: str, fold, doc: str) -> None:
-    @builtin(f"{name}(xs: Any)", doc, variadic=True)
-    def impl(call: Call, xs: tuple) -> Any:
-        items = xs
-        if len(items) == 1 and isinstance(items[0], tuple):  # sum([1, 2, 3])
-            items = items[0]
-        if not items:
-            raise call.error(AlgTypeError, f"{name}() needs at least one value")
-        values = []
-        for i, v in enumerate(items):
-            if not (isinstance(v, Reward) or is_number(v)):
-                raise AlgTypeError(f"{name}() takes rewards and numbers, not {type_name(v)}",
-                                   call.spans.get(f"xs[{i}]", call.span))
-            values.append(v)
-        if all(is_number(v) for v in values):
-            return fold(values)
-        return Op(name, tuple(v if isinstance(v, Reward) else Const(float(v)) for v in values))
-
-
-_nary("sum", sum, "The sum of its arguments (any number of rewards and numbers, or one list).")
-_nary("mean", lambda vs: sum(vs) / len(vs), "The mean of its arguments (rewards and numbers, or one list).")
-_nary("min", min, "The least of its arguments, pointwise for rewards.")
-_nary("max", max, "The greatest of its arguments, pointwise for rewards.")
+ops.watch(_declare)
 
 
 # ---- per-prompt baselines and normalisation ---------------------------------------------------

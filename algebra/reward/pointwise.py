@@ -3,7 +3,8 @@
 `TreeEval(lookup, data)` walks a tree; model leaves ask `lookup(leaf, points)` for their
 scores. The planner runs it with a lookup that records which texts each model must score
 and returns zeros; the engine runs it again with the real scores. One traversal serves
-both, so the texts planned are exactly the texts evaluated.
+both, so the texts planned are exactly the texts evaluated. An `Op` applies its
+`reward.ops` definition to float64 arrays.
 
 Per-prompt baselines are computed once per (baseline, prompt) and `normalize`'s mean and
 standard deviation once per tree, then reused: "fixed once computed", also across calls
@@ -19,52 +20,10 @@ import numpy as np
 
 from ..errors import AlgRuntimeError
 from .data import Pairs, Prompt, Responses, show_prompt
+from .ops import POINTWISE, logsig, sigmoid
 from .values import Baseline, Const, ModelReward, Normalize, Op, Refusal, Reward
 
 Points = list[tuple[Prompt, str]]
-
-
-def logsig(x: np.ndarray) -> np.ndarray:
-    """log sigmoid(x) = -log(1 + e^-x) = -logaddexp(0, -x): no overflow for any x."""
-    return -np.logaddexp(0.0, -x)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(x))  # never overflows
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-def _apply(op: str, a: list[np.ndarray]) -> np.ndarray:
-    if op == "add":
-        return a[0] + a[1]
-    if op == "sub":
-        return a[0] - a[1]
-    if op == "mul":
-        return a[0] * a[1]
-    if op == "div":
-        return a[0] / a[1]
-    if op == "neg":
-        return -a[0]
-    if op == "logsig":
-        return logsig(a[0])
-    if op == "sigmoid":
-        return sigmoid(a[0])
-    if op == "exp":
-        return np.exp(a[0])
-    if op == "log":
-        return np.log(a[0])
-    if op == "clip":
-        return np.minimum(np.maximum(a[0], a[1]), a[2])
-    if op == "min":
-        return np.minimum.reduce(a)
-    if op == "max":
-        return np.maximum.reduce(a)
-    if op in ("sum", "mean"):
-        acc = a[0].copy()
-        for x in a[1:]:  # left to right: the same rounding every run
-            acc += x
-        return acc / len(a) if op == "mean" else acc
-    raise AssertionError(op)
 
 
 def quantile(values: np.ndarray, q: float) -> float:
@@ -95,7 +54,7 @@ class TreeEval:
         if isinstance(r, Const):
             return np.full(len(points), r.value)
         if isinstance(r, Op):
-            return _apply(r.op, [self._value(a, points) for a in r.args])
+            return np.asarray(POINTWISE[r.op].fn(*(self._value(a, points) for a in r.args)), dtype=np.float64)
         if isinstance(r, Refusal):
             return self._value(r.r, [(p, r.text) for p, _ in points])
         if isinstance(r, Baseline):

@@ -5,8 +5,8 @@ A `Reward` is a function (prompt, response) -> float, built lazily at check time
 - `ModelReward`, a leaf: a sequence-classification checkpoint (a graph `Node`, so a merge
   is a reward model with no detour through disk) plus how text is formatted for it;
 - `Const`, a number;
-- `Op`, a pointwise operation (`add sub mul div neg logsig sigmoid exp log clip min max
-  sum mean`) of rewards;
+- `Op`, a pointwise operation of rewards (`+ - * /`, neg, logsig, sigmoid, exp, log, clip,
+  min, max, sum, mean: the registry of `reward.ops`, which defines each one);
 - per-prompt baselines, rewards that depend only on the prompt: `Baseline` (a quantile or
   the mean of r over the prompt's reference responses), `Refusal` (r of a fixed response);
 - `Normalize`, a z-score with statistics of r over a data set.
@@ -25,8 +25,7 @@ from ..errors import AlgTypeError
 from ..graph import Node
 from ..source import Span
 from ..types import type_name
-
-OP_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+from .ops import POINTWISE
 
 
 def is_number(v: Any) -> bool:
@@ -45,7 +44,7 @@ class Reward:
         elif not isinstance(other, Reward):
             if type_name(other) == "Checkpoint":
                 raise AlgTypeError(
-                    f"cannot combine a Reward with a Checkpoint by '{OP_SYMBOLS[op]}'; "
+                    f"cannot combine a Reward with a Checkpoint by '{POINTWISE[op].symbol}'; "
                     "make the checkpoint a reward first: reward(m)", other_span)
             return NotImplemented
         if op == "div" and isinstance(other, Const) and other.value == 0 and not reflected:
@@ -121,31 +120,22 @@ class Const(Reward):
         return f"{self.value:g}"
 
 
-# op -> (arity or None for any, alg spelling)
-OPS: dict[str, int | None] = {
-    "add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1,
-    "logsig": 1, "sigmoid": 1, "exp": 1, "log": 1, "clip": 3,
-    "min": None, "max": None, "sum": None, "mean": None,
-}
-
-
 @dataclass(frozen=True)
 class Op(Reward):
-    op: str
+    op: str  # a name in reward.ops.POINTWISE
     args: tuple[Reward, ...]
 
     def __post_init__(self) -> None:
-        arity = OPS[self.op]
-        assert arity is None or arity == len(self.args), (self.op, len(self.args))
+        arity = POINTWISE[self.op].arity
+        assert len(self.args) == arity if arity is not None else self.args, (self.op, len(self.args))
 
     def children(self) -> tuple[Reward, ...]:
         return self.args
 
     def __str__(self) -> str:
-        if self.op in OP_SYMBOLS:
-            return f"({self.args[0]} {OP_SYMBOLS[self.op]} {self.args[1]})"
-        if self.op == "neg":
-            return f"-{self.args[0]}"
+        symbol = POINTWISE[self.op].symbol
+        if symbol is not None:  # an operator: binary, or unary minus
+            return f"({self.args[0]} {symbol} {self.args[1]})" if len(self.args) == 2 else f"{symbol}{self.args[0]}"
         return f"{self.op}({', '.join(map(str, self.args))})"
 
 
