@@ -128,5 +128,29 @@ def plot_sweep(path, xlabel: str, results: list[dict[str, Any]], title: str) -> 
     plt.close(fig)
 
 
-__all__ = ["EXAMPLE_COUNTS", "SUBSET_MAPPING", "accuracy", "format_sweep", "format_table", "plot_sweep",
+def plot_front(path, xlabel: str, results: list[dict[str, Any]], title: str) -> None:
+    """Reward against KL for a sweep (WARP's front), each point labelled with its x and
+    drawn with its standard errors, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.errorbar([r["kl"] for r in results], [r["reward"] for r in results],
+                xerr=[r["kl_se"] for r in results], yerr=[r["reward_se"] for r in results],
+                marker="o", linewidth=1.5, capsize=3)
+    for r in results:
+        ax.annotate(f"{xlabel}={_fmt_x(r['x'])}", (r["kl"], r["reward"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("KL to the reference (nats)")
+    ax.set_ylabel("mean reward")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+__all__ = ["EXAMPLE_COUNTS", "SUBSET_MAPPING", "accuracy", "format_sweep", "format_table", "plot_front", "plot_sweep",
            "section_scores"]
