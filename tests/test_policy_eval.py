@@ -217,3 +217,33 @@ def test_plan_samples_nothing(ws):
 
     text = plan_text(checked.sinks, session.options)
     assert "kl: sample 2 text(s)" in text
+
+
+def test_a_sweep_records_margin_mean_reward_and_sections(ws, rms):
+    """Each sweep point's margin and mean reward, overall and per subset, against direct
+    forward passes; the plot drawn by section."""
+    run_rewards(ws, 'h = reward("models/rm-helpful")\n'
+                    'evaluate([h, 2 * h - 1], pairs("data/prefs.jsonl"), "out/e.json", x=[1, 2], plot="out/e.png", '
+                    'by="section")\n')
+    got = json.loads((ws / "out" / "e.json").read_text())
+    d = Direct(rms["rm-helpful"])
+    data = [json.loads(line) for line in (ws / "data" / "prefs.jsonl").read_text().splitlines()]
+    c = np.array([d(r["prompt"], r["chosen"]) for r in data])
+    rj = np.array([d(r["prompt"], r["rejected"]) for r in data])
+    for point, (cc, rr) in zip(got["results"], [(c, rj), (2 * c - 1, 2 * rj - 1)], strict=True):
+        assert point["margin"] == pytest.approx(np.mean(cc - rr), abs=1e-5)
+        assert point["mean_reward"] == pytest.approx(np.mean(np.concatenate([cc, rr])), abs=1e-5)
+        for name, sub in point["subsets"].items():
+            m = np.array([r["subset"] == name for r in data])
+            assert sub["margin"] == pytest.approx(np.mean(cc[m] - rr[m]), abs=1e-5)
+        assert set(point["sections"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}
+    assert got["results"][1]["margin"] == pytest.approx(2 * got["results"][0]["margin"], abs=1e-5)
+    assert (ws / "out" / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_by_section_needs_rewardbench_subsets(ws):
+    (ws / "p.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "subset": "mine"}) + "\n")
+    with pytest.raises(AlgTypeError, match="RewardBench subset names"):
+        check(ws, 'evaluate(reward("models/rm-helpful"), pairs("p.jsonl"), "o.json", by="section")')
+    with pytest.raises(AlgTypeError, match='"subset" or "section"'):
+        check(ws, 'evaluate(reward("models/rm-helpful"), pairs("p.jsonl"), "o.json", by="row")')

@@ -62,6 +62,7 @@ class EvalRequest:
     xlabel: str
     plot: Path | None
     overwrite: bool = False  # existing out and plot may be replaced (overwrite=true or --force)
+    by: str = "subset"  # the plot's lines: per subset, or per RewardBench section
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -468,15 +469,17 @@ def _score(call: Call, r: Reward, data: Any, out: str, overwrite: bool) -> None:
 
 @builtin(
     'evaluate(r: Reward | List[Reward], pairs: Pairs | String, out: String, x: List | None = none, '
-    'xlabel: String = "x", plot: String | None = none, overwrite: Bool = false)',
+    'xlabel: String = "x", plot: String | None = none, overwrite: Bool = false, by: String = "subset")',
     "Accuracy on preference pairs (chosen scored strictly above rejected), per subset and "
     "overall, with RewardBench's section scores when its subset names are present; written "
     "to out (JSON) and printed as a table. A list of rewards is a sweep: x gives each one's "
     "value on the axis (default 0, 1, ...), and plot=\"file.png\" draws accuracy against x. "
+    "Each point records accuracy, the mean chosen-rejected margin and the mean reward, per subset too; "
+    "by=\"section\" draws RewardBench's sections instead of subsets. "
     "Existing out and plot files are replaced only with overwrite=true.",
 )
 def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel: str, plot: str | None,
-              overwrite: bool) -> None:
+              overwrite: bool, by: str) -> None:
     rewards = list(r) if isinstance(r, tuple) else [r]
     if not rewards:
         raise call.error(AlgTypeError, "evaluate() needs at least one reward", "r")
@@ -493,8 +496,17 @@ def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel:
     if plot is not None:
         plot_path = _out(call, plot, ".png", "plot", force)
     target = _out(call, out, ".json", overwrite=force)
-    call.checker.add_sink(Sink("evaluate", call.span, EvalRequest(rewards, _pairs(call, pairs, "pairs"), target,
-                                                                  xs, xlabel, plot_path, force)))
+    data = _pairs(call, pairs, "pairs")
+    if by not in ("subset", "section"):
+        raise call.error(AlgTypeError, f'by must be "subset" or "section", not {by!r}', "by")
+    if by == "section":
+        from .evaluate import section_scores
+
+        if not section_scores({r.subset: 0.0 for r in data.rows if r.subset is not None}):
+            raise call.error(AlgTypeError, 'by="section" needs RewardBench subset names in the pairs '
+                             "(none of their subsets belongs to a section)", "by")
+    call.checker.add_sink(Sink("evaluate", call.span, EvalRequest(rewards, data, target, xs, xlabel, plot_path,
+                                                                  force, by)))
 
 
 # ---- policy-level evaluation (reward/policy_eval.py) ------------------------------------

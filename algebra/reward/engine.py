@@ -528,7 +528,7 @@ def _write_eval(run: RewardRun, req: EvalRequest, staging: Any) -> None:
         import io
 
         buf = io.BytesIO()
-        plot_sweep(buf, req.xlabel, results, f"preference accuracy on {req.pairs.label}")
+        plot_sweep(buf, req.xlabel, results, f"preference accuracy on {req.pairs.label}", req.by)
         _atomic_write(req.plot, "", buf.getvalue(), staging=staging, overwrite=req.overwrite)
         run.out(f"wrote {_rel(req.plot)}")
 
