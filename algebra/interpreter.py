@@ -130,13 +130,15 @@ class Session:
         return "\n".join(parts)
 
 
-REWARD_SINKS = ("score", "evaluate")
+REWARD_SINKS = ("score", "evaluate", "kl", "winrate", "front")
 
 
 def _describe_reward_sink(sink: Sink) -> str:
     req = sink.value
     if sink.kind == "score":
         return f"{req.reward} on {req.data} -> {_rel(req.out)}"
+    if sink.kind in ("kl", "winrate", "front"):
+        return req.describe() + (f" -> {_rel(req.out)}" if req.out is not None else "")
     what = str(req.rewards[0]) if len(req.rewards) == 1 else f"{len(req.rewards)} rewards"
     return f"{what} on {req.pairs} -> {_rel(req.out)}"
 

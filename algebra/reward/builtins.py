@@ -65,6 +65,7 @@ class EvalRequest:
     xlabel: str
     plot: Path | None
     overwrite: bool = False  # existing out and plot may be replaced (overwrite=true or --force)
+    by: str = "subset"  # the plot's lines: per subset, or per RewardBench section
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -382,14 +383,31 @@ def _normalize(call: Call, r: Reward, data: Any) -> Reward:
 )
 def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: float, max_new_tokens: float,
               seed: float) -> Generated:
-    model = _checkpoint(call, policy, "policy")
+    model = _causal_lm(call, policy, "policy")
+    distinct = _distinct_prompts(call, prompts)
+    if temperature < 0:
+        raise call.error(AlgTypeError, "temperature must not be negative", "temperature")
+    spec = GenerateSpec(distinct, _positive_int(call, n, "n"), float(temperature),
+                        _positive_int(call, max_new_tokens, "max_new_tokens"), int(seed))
+    label = _label(model)
+    return Generated(model.node, spec, label, model)
+
+
+def _causal_lm(call: Call, m: Any, param: str) -> Model:
+    """A checkpoint that can sample text: a causal LM with its tokenizer, no custom code."""
+    model = _checkpoint(call, m, param)
     arch = model.type.architecture
     if not arch.endswith("ForCausalLM"):
-        raise call.error(AlgTypeError, f"generate() samples from a causal LM, not {arch}", "policy")
+        raise call.error(AlgTypeError, f"{call.name}() samples from a causal LM, not {arch}", param)
     if _tokenizer_dir(model) is None:
-        raise call.error(AlgIOError, "generate() needs the policy's tokenizer; load it from a Hugging "
-                         "Face folder", "policy")
-    _no_custom_code(call, model, "policy")
+        raise call.error(AlgIOError, f"{call.name}() needs the {param}'s tokenizer; load it from a "
+                         "Hugging Face folder", param)
+    _no_custom_code(call, model, param)
+    return model
+
+
+def _distinct_prompts(call: Call, prompts: Any) -> tuple:
+    """The distinct prompts, in first-seen order, of a JSONL path, a list, or a data set."""
     if isinstance(prompts, str):
         prompts = _prompt_rows(call, prompts)
     elif isinstance(prompts, Responses | Pairs):
@@ -398,13 +416,8 @@ def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: floa
         prompts = prompts.spec.prompts
     distinct = tuple(dict.fromkeys(prompts))
     if not distinct:
-        raise call.error(AlgTypeError, "generate() needs at least one prompt", "prompts")
-    if temperature < 0:
-        raise call.error(AlgTypeError, "temperature must not be negative", "temperature")
-    spec = GenerateSpec(distinct, _positive_int(call, n, "n"), float(temperature),
-                        _positive_int(call, max_new_tokens, "max_new_tokens"), int(seed))
-    label = _label(model)
-    return Generated(model.node, spec, label, model)
+        raise call.error(AlgTypeError, f"{call.name}() needs at least one prompt", "prompts")
+    return distinct
 
 
 def _prompt_rows(call: Call, path: str) -> tuple:
@@ -442,15 +455,17 @@ def _score(call: Call, r: Reward, data: Any, out: str, overwrite: bool) -> None:
 
 @builtin(
     'evaluate(r: Reward | List[Reward], pairs: Pairs | String, out: String, x: List | None = none, '
-    'xlabel: String = "x", plot: String | None = none, overwrite: Bool = false)',
+    'xlabel: String = "x", plot: String | None = none, overwrite: Bool = false, by: String = "subset")',
     "Accuracy on preference pairs (chosen scored strictly above rejected), per subset and "
     "overall, with RewardBench's section scores when its subset names are present; written "
     "to out (JSON) and printed as a table. A list of rewards is a sweep: x gives each one's "
     "value on the axis (default 0, 1, ...), and plot=\"file.png\" draws accuracy against x. "
+    "Each point records accuracy, the mean chosen-rejected margin and the mean reward, per subset too; "
+    "by=\"section\" draws RewardBench's sections instead of subsets. "
     "Existing out and plot files are replaced only with overwrite=true.",
 )
 def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel: str, plot: str | None,
-              overwrite: bool) -> None:
+              overwrite: bool, by: str) -> None:
     rewards = list(r) if isinstance(r, tuple) else [r]
     if not rewards:
         raise call.error(AlgTypeError, "evaluate() needs at least one reward", "r")
@@ -467,5 +482,121 @@ def _evaluate(call: Call, r: Any, pairs: Any, out: str, x: tuple | None, xlabel:
     if plot is not None:
         plot_path = _out(call, plot, ".png", "plot", force)
     target = _out(call, out, ".json", overwrite=force)
-    call.checker.add_sink(Sink("evaluate", call.span, EvalRequest(rewards, _pairs(call, pairs, "pairs"), target,
-                                                                  xs, xlabel, plot_path, force)))
+    data = _pairs(call, pairs, "pairs")
+    if by not in ("subset", "section"):
+        raise call.error(AlgTypeError, f'by must be "subset" or "section", not {by!r}', "by")
+    if by == "section":
+        from .evaluate import section_scores
+
+        if not section_scores({r.subset: 0.0 for r in data.rows if r.subset is not None}):
+            raise call.error(AlgTypeError, 'by="section" needs RewardBench subset names in the pairs '
+                             "(none of their subsets belongs to a section)", "by")
+    call.checker.add_sink(Sink("evaluate", call.span, EvalRequest(rewards, data, target, xs, xlabel, plot_path,
+                                                                  force, by)))
+
+
+# ---- policy-level evaluation (reward/policy_eval.py) ------------------------------------
+
+
+@dataclass
+class KLRequest:
+    policies: list[Model]  # one (kl) or a sweep (front)
+    ref: Model
+    spec: Any  # policy_eval.KLSpec
+    reward: Reward | None  # front: the reward of each policy's samples
+    xs: list | None
+    xlabel: str
+    out: Path | None
+    plot: Path | None
+    overwrite: bool = False
+
+    def describe(self) -> str:
+        what = self.policies[0].node.describe() if len(self.policies) == 1 else f"{len(self.policies)} policies"
+        tail = f", reward {self.reward}" if self.reward is not None else ""
+        return (f"{what} against {self.ref.node.describe()} on {len(self.spec.prompts)} prompt(s) x "
+                f"{self.spec.n} sample(s){tail}")
+
+
+@dataclass
+class WinRequest:
+    reward: Reward
+    samples: Responses | Generated
+    base: Responses | Generated
+    out: Path | None
+    overwrite: bool = False
+
+    def describe(self) -> str:
+        return f"{self.reward} on {self.samples} against {self.base}"
+
+
+def _kl_spec(call: Call, prompts: Any, n: float, max_new_tokens: float, seed: float) -> Any:
+    from .policy_eval import KLSpec
+
+    return KLSpec(_distinct_prompts(call, prompts), _positive_int(call, n, "n"),
+                  _positive_int(call, max_new_tokens, "max_new_tokens"), int(seed))
+
+
+def _policy_and_ref(call: Call, policy: Any, ref: Model, param: str = "policy") -> Model:
+    from ..vocab import check_same_vocab
+
+    check_same_vocab(policy, ref, f"{call.name}()", call.span, call.at(param), call.at("ref"))
+    return policy
+
+
+def _optional_out(call: Call, out: str | None, suffix: str, param: str, force: bool) -> Path | None:
+    return None if out is None else _out(call, out, suffix, param, force)
+
+
+@builtin(
+    "kl(policy: Checkpoint | String, ref: Checkpoint | String, prompts: String | List[String] | Responses | Pairs, "
+    "n: Int = 16, max_new_tokens: Int = 64, seed: Int = 0, out: String | None = none, overwrite: Bool = false)",
+    "A Monte-Carlo estimate of KL(policy || ref) on the prompts, in nats, from n samples per prompt drawn "
+    "from the policy at temperature 1: the mean of each sample's summed per-token log-ratio, with its "
+    "standard error. Printed, and written to out (JSON) when given.",
+)
+def _kl(call: Call, policy: Any, ref: Any, prompts: Any, n: float, max_new_tokens: float, seed: float,
+        out: str | None, overwrite: bool) -> None:
+    pm, rm = _causal_lm(call, policy, "policy"), _causal_lm(call, ref, "ref")
+    _policy_and_ref(call, pm, rm)
+    spec = _kl_spec(call, prompts, n, max_new_tokens, seed)
+    force = overwrite or call.checker.options.force
+    req = KLRequest([pm], rm, spec, None, None, "x", _optional_out(call, out, ".json", "out", force), None, force)
+    call.checker.add_sink(Sink("kl", call.span, req))
+
+
+@builtin(
+    "winrate(r: Reward, samples: Responses, base_samples: Responses, out: String | None = none, "
+    "overwrite: Bool = false)",
+    "The fraction of prompts on which r's mean over the policy's samples is above its mean over the base "
+    "policy's samples (a tie counts half), with Wilson's 95% interval. Printed, and written to out (JSON) "
+    "when given.",
+)
+def _winrate(call: Call, r: Reward, samples: Any, base_samples: Any, out: str | None, overwrite: bool) -> None:
+    force = overwrite or call.checker.options.force
+    req = WinRequest(r, _responses(call, samples, "samples"), _responses(call, base_samples, "base_samples"),
+                     _optional_out(call, out, ".json", "out", force), force)
+    call.checker.add_sink(Sink("winrate", call.span, req))
+
+
+@builtin(
+    "front(policies: List[Checkpoint], ref: Checkpoint | String, r: Reward, "
+    "prompts: String | List[String] | Responses | Pairs, out: String, x: List | None = none, "
+    'xlabel: String = "x", plot: String | None = none, n: Int = 16, max_new_tokens: Int = 64, seed: Int = 0, '
+    "overwrite: Bool = false)",
+    "WARP's KL-reward front of a sweep of policies: for each, kl(policy, ref, prompts) and the mean of r "
+    "over the same samples, with standard errors; written to out (JSON), printed as a table, and drawn "
+    "as reward against KL with plot=\"file.png\".",
+)
+def _front(call: Call, policies: tuple, ref: Any, r: Reward, prompts: Any, out: str, x: tuple | None,
+           xlabel: str, plot: str | None, n: float, max_new_tokens: float, seed: float, overwrite: bool) -> None:
+    if not policies:
+        raise call.error(AlgTypeError, "front() needs at least one policy", "policies")
+    rm = _causal_lm(call, ref, "ref")
+    pms = [_policy_and_ref(call, _causal_lm(call, p, "policies"), rm, "policies") for p in policies]
+    if x is not None and len(x) != len(pms):
+        raise call.error(AlgTypeError, f"x has {len(x)} values for {len(pms)} policies", "x")
+    force = overwrite or call.checker.options.force
+    req = KLRequest(pms, rm, _kl_spec(call, prompts, n, max_new_tokens, seed), r,
+                    list(x) if x is not None else None, xlabel, _out(call, out, ".json", overwrite=force),
+                    _optional_out(call, plot, ".png", "plot", force), force)
+    call.checker.add_sink(Sink("front", call.span, req))

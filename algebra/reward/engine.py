@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from ..errors import AlgError, AlgRuntimeError
 from ..options import Options
 from ..types import human_bytes
-from .builtins import EvalRequest, ScoreRequest
+from .builtins import EvalRequest, KLRequest, ScoreRequest, WinRequest
 from .cache import ScoreCache, model_hash
 from .data import Pairs, Responses, show_prompt
 from .evaluate import accuracy, format_sweep, format_table, plot_sweep
@@ -100,6 +101,7 @@ class RewardRun:
         self.cache = ScoreCache()
         self.scores: dict[str, float] = {}
         self.generated: dict[Generated, Responses] = {}
+        self.kl: dict[tuple, KLResult] = {}  # (policy node, ref node, KLSpec) -> samples and log-ratios
         self.fallback: dict[tuple, list[str]] = {}  # (Generated, prompt) -> references sampled for missing=
         self._sampling = True
         self.tree = TreeEval(self._lookup, self.data, sample=self.sample_missing)
@@ -162,6 +164,60 @@ class RewardRun:
             for p, samples in got.by_prompt().items():
                 self.fallback[(g, p)] = samples
         return {p: self.fallback[(g, p)] for p in prompts}
+
+    # ---- policy-level evaluation (kl, front) ------------------------------------------------
+
+    def resolve_kl(self, reqs: list[KLRequest]) -> None:
+        """Sample every kl/front policy and weigh its samples under the reference (one
+        model in memory at a time); placeholders under alg plan."""
+        for req in reqs:
+            for pm in req.policies:
+                key = (pm.node, req.ref.node, req.spec)
+                if key not in self.kl:
+                    self.kl[key] = self._kl(pm, req.ref, req.spec) if self._sampling else _kl_placeholders(pm, req.spec)
+
+    def kl_result(self, pm: Any, req: KLRequest) -> KLResult:
+        return self.kl[(pm.node, req.ref.node, req.spec)]
+
+    def _kl(self, pm: Any, ref: Any, spec: Any) -> KLResult:
+        from transformers import AutoTokenizer
+
+        from . import policy_eval as pe
+        from .data import Row, to_messages
+        from .plan import scoring_dtype, tokenizer_folder
+
+        t0 = time.perf_counter()
+        label = pm.node.describe()
+        tok = AutoTokenizer.from_pretrained(tokenizer_folder(pm), trust_remote_code=False)
+        model = load_model(pm, self.options, self.device, scoring_dtype(pm, self.options, self.device), causal=True)
+        self.loads += 1
+        sampled, own, texts = {}, {}, {}
+        try:
+            with self.options.progress.bar(len(spec.prompts) * spec.n, f"sample {label}", unit="text") as bar:
+                for p in spec.prompts:
+                    s = pe.sample(model, tok, p, spec, self.device)
+                    sampled[p], own[p], texts[p] = s, pe.logprobs(model, s, self.device), pe.texts(tok, s)
+                    bar.update(spec.n)
+        finally:
+            del model
+            _free()
+        model = load_model(ref, self.options, self.device, scoring_dtype(ref, self.options, self.device), causal=True)
+        self.loads += 1
+        try:
+            refs = {p: pe.logprobs(model, s, self.device) for p, s in sampled.items()}
+        finally:
+            del model
+            _free()
+        rows: list = []
+        ratios: list[float] = []
+        for p in spec.prompts:
+            for text, a, b in zip(texts[p], own[p], refs[p], strict=True):
+                raw = {"prompt": p if isinstance(p, str) else to_messages(p), "response": text}
+                rows.append(Row(p, text, raw, len(rows) + 1))
+                ratios.append(a - b)
+        self.out(f"sampled {len(rows)} text(s) from {label} and weighed them under {ref.node.describe()} "
+                 f"in {time.perf_counter() - t0:.2f}s")
+        return KLResult(Responses(f"samples of {label}", tuple(rows)), ratios)
 
     # ---- scoring --------------------------------------------------------------------------
 
@@ -238,6 +294,20 @@ class RewardRun:
         self._loaded.clear()
 
 
+@dataclass
+class KLResult:
+    responses: Responses  # the policy's samples, prompt by prompt
+    logratios: list[float] | None  # per sample: log pi(y|x) - log pi_ref(y|x); None under alg plan
+
+
+def _kl_placeholders(pm: Any, spec: Any) -> KLResult:
+    from .data import Row
+
+    rows = tuple(Row(p, f"<sample {i}>", None, k * spec.n + i + 1)
+                 for k, p in enumerate(spec.prompts) for i in range(spec.n))
+    return KLResult(Responses(f"samples of {pm.node.describe()}", rows), None)
+
+
 def _placeholders(g: Generated, prompts: tuple) -> Responses:
     """g's samples where cached, else placeholders (alg plan samples nothing)."""
     from .data import Row
@@ -277,6 +347,10 @@ def _queries(run: RewardRun, sinks: list) -> list[Query]:
         elif isinstance(req, EvalRequest):
             pts = req.pairs.points()
             queries.extend((r, pts) for r in req.rewards)
+        elif isinstance(req, WinRequest):
+            queries += [(req.reward, run.data(req.samples).points()), (req.reward, run.data(req.base).points())]
+        elif isinstance(req, KLRequest) and req.reward is not None:
+            queries.extend((req.reward, run.kl_result(pm, req).responses.points()) for pm in req.policies)
     return queries
 
 
@@ -286,8 +360,12 @@ def _roots(sinks: list) -> list[Any]:
         req = sink.value
         if isinstance(req, ScoreRequest):
             roots += [req.reward, req.data]
-        else:
+        elif isinstance(req, EvalRequest):
             roots += req.rewards
+        elif isinstance(req, WinRequest):
+            roots += [req.reward, req.samples, req.base]
+        elif req.reward is not None:
+            roots.append(req.reward)
     return roots
 
 
@@ -297,6 +375,7 @@ def run_sinks(sinks: list, options: Options, staging: Any = None) -> RewardRun:
     run = RewardRun(options)
     try:
         run.resolve_generations(_roots(sinks))
+        run.resolve_kl(_kl_requests(sinks))
         try:
             plan = run.plan(_queries(run, sinks))
         except AlgError as err:
@@ -304,10 +383,7 @@ def run_sinks(sinks: list, options: Options, staging: Any = None) -> RewardRun:
         run.execute(plan)
         for sink in sinks:
             try:
-                if isinstance(sink.value, ScoreRequest):
-                    _write_scores(run, sink.value, staging)
-                else:
-                    _write_eval(run, sink.value, staging)
+                _WRITERS[type(sink.value)](run, sink.value, staging)
             except AlgError as err:
                 raise err.at(sink.span) from None
     finally:
@@ -319,8 +395,11 @@ def plan_text(sinks: list, options: Options) -> str:
     run = RewardRun(options)
     try:
         run.resolve_generations(_roots(sinks), sample=False)
+        run.resolve_kl(_kl_requests(sinks))
         try:
-            return format_reward_plan(run.plan(_queries(run, sinks)))
+            lines = [f"kl: sample {len(r.spec.prompts) * r.spec.n} text(s) from each of {r.describe()}, "
+                     "one model in memory at a time" for r in _kl_requests(sinks)]
+            return "\n".join([*lines, format_reward_plan(run.plan(_queries(run, sinks)))])
         except AlgError as err:
             raise err.at(sinks[0].span) from None
     finally:
@@ -449,9 +528,99 @@ def _write_eval(run: RewardRun, req: EvalRequest, staging: Any) -> None:
         import io
 
         buf = io.BytesIO()
-        plot_sweep(buf, req.xlabel, results, f"preference accuracy on {req.pairs.label}")
+        plot_sweep(buf, req.xlabel, results, f"preference accuracy on {req.pairs.label}", req.by)
         _atomic_write(req.plot, "", buf.getvalue(), staging=staging, overwrite=req.overwrite)
         run.out(f"wrote {_rel(req.plot)}")
+
+
+def _kl_requests(sinks: list) -> list[KLRequest]:
+    return [s.value for s in sinks if isinstance(s.value, KLRequest)]
+
+
+def _json_out(path: Path | None, doc: dict, staging: Any, overwrite: bool, run: RewardRun) -> None:
+    if path is not None:
+        _atomic_write(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n", staging=staging, overwrite=overwrite)
+        run.out(f"wrote {_rel(path)}")
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    n = len(values)
+    return float(np.mean(values)), (float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else float("nan"))
+
+
+def _write_kl(run: RewardRun, req: KLRequest, staging: Any) -> None:
+    from .policy_eval import kl_estimate
+
+    spec = req.spec
+    head = {"ref": req.ref.node.describe(), "prompts": len(spec.prompts), "n": spec.n,
+            "max_new_tokens": spec.max_new_tokens, "seed": spec.seed}
+    results = []
+    for j, pm in enumerate(req.policies):
+        got = run.kl_result(pm, req)
+        est = kl_estimate(got.logratios)
+        res: dict[str, Any] = {"policy": pm.node.describe(), "kl": est.mean, "kl_se": est.se, "samples": est.n}
+        if req.reward is not None:
+            pts = got.responses.points()
+            values = run.values(req.reward, pts)
+            _finite(values, "the reward", pts)
+            res["reward"], res["reward_se"] = _mean_se(values)
+            res = {"x": req.xs[j] if req.xs is not None else j, **res}
+        results.append(res)
+    if req.reward is None:
+        r = results[0]
+        run.out(f"kl({r['policy']} || {head['ref']}) = {r['kl']:.6g} +- {r['kl_se']:.2g} nats "
+                f"({r['samples']} samples, {head['prompts']} prompt(s), max_new_tokens={spec.max_new_tokens})")
+        _json_out(req.out, {**head, **r}, staging, req.overwrite, run)
+        return
+    head = {**head, "reward": str(req.reward), "xlabel": req.xlabel}
+    run.out(_front_table(req.xlabel, results))
+    _json_out(req.out, {**head, "results": results}, staging, req.overwrite, run)
+    if req.plot is not None:
+        import io
+
+        from .evaluate import plot_front
+
+        buf = io.BytesIO()
+        plot_front(buf, req.xlabel, results, f"{req.reward} against KL to {head['ref']}")
+        _atomic_write(req.plot, "", buf.getvalue(), staging=staging, overwrite=req.overwrite)
+        run.out(f"wrote {_rel(req.plot)}")
+
+
+def _front_table(xlabel: str, results: list[dict]) -> str:
+    from .evaluate import _fmt_x, _grid
+
+    return _grid((xlabel, "KL (nats)", "reward"),
+                 [(_fmt_x(r["x"]), f"{r['kl']:.4g} +- {r['kl_se']:.2g}", f"{r['reward']:.4g} +- {r['reward_se']:.2g}")
+                  for r in results])
+
+
+def _write_winrate(run: RewardRun, req: WinRequest, staging: Any) -> None:
+    from .policy_eval import win_rate
+
+    def means(d: Responses) -> dict:
+        pts = d.points()
+        values = run.values(req.reward, pts)
+        _finite(values, "the reward", pts, [r.line for r in d.rows])
+        by: dict = {}
+        for (p, _), v in zip(pts, values, strict=True):
+            by.setdefault(p, []).append(float(v))
+        return {p: float(np.mean(v)) for p, v in by.items()}
+
+    pol, base = means(run.data(req.samples)), means(run.data(req.base))
+    lacking = [p for p in pol if p not in base]
+    if lacking:
+        raise AlgRuntimeError(f"{len(lacking)} prompt(s) of the samples have no base sample, e.g. "
+                              f"{show_prompt(lacking[0])}; winrate compares prompt by prompt")
+    res = win_rate([pol[p] for p in pol], [base[p] for p in pol])
+    lo, hi = res["ci95"]
+    run.out(f"winrate of {req.samples} over {req.base} by {req.reward}: {res['winrate']:.4f} "
+            f"(95% CI {lo:.4f}-{hi:.4f}; {res['wins']} won, {res['ties']} tied, {res['losses']} lost "
+            f"of {res['prompts']} prompts)")
+    _json_out(req.out, {"reward": str(req.reward), "samples": str(req.samples), "base_samples": str(req.base),
+                        **res}, staging, req.overwrite, run)
+
+
+_WRITERS = {ScoreRequest: _write_scores, EvalRequest: _write_eval, KLRequest: _write_kl, WinRequest: _write_winrate}
 
 
 def _rel(p: Path) -> str:

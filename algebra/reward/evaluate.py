@@ -37,17 +37,24 @@ SUBSET_MAPPING = {
 }
 
 
-def accuracy(chosen: np.ndarray, rejected: np.ndarray, subsets: list[str | None]) -> dict[str, Any]:
+def _figures(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
+    """Accuracy (chosen strictly above rejected), the mean chosen-rejected margin and the
+    mean reward over every response, chosen and rejected alike."""
     correct = chosen > rejected
-    out: dict[str, Any] = {"n": int(len(correct)), "correct": int(correct.sum()),
-                           "accuracy": float(correct.mean()) if len(correct) else float("nan")}
+    if not len(correct):
+        return {"n": 0, "correct": 0, "accuracy": float("nan"), "margin": float("nan"), "mean_reward": float("nan")}
+    return {"n": int(len(correct)), "correct": int(correct.sum()), "accuracy": float(correct.mean()),
+            "margin": float(np.mean(chosen - rejected)), "mean_reward": float(np.mean(np.concatenate([chosen, rejected])))}
+
+
+def accuracy(chosen: np.ndarray, rejected: np.ndarray, subsets: list[str | None]) -> dict[str, Any]:
+    out: dict[str, Any] = _figures(chosen, rejected)
     names = list(dict.fromkeys(s for s in subsets if s is not None))
     if names:
         per = {}
         for name in names:
             mask = np.array([s == name for s in subsets])
-            per[name] = {"n": int(mask.sum()), "correct": int(correct[mask].sum()),
-                         "accuracy": float(correct[mask].mean())}
+            per[name] = _figures(chosen[mask], rejected[mask])
         out["subsets"] = per
         sections = section_scores({k: v["accuracy"] for k, v in per.items()})
         if sections:
@@ -80,11 +87,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 def format_sweep(xlabel: str, results: list[dict[str, Any]]) -> str:
     subsets = list(dict.fromkeys(s for r in results for s in r.get("subsets", {})))
-    head = (xlabel, "accuracy", *subsets)
+    sections = list(dict.fromkeys(s for r in results for s in r.get("sections", {})))
+    head = (xlabel, "accuracy", "margin", "mean reward", *subsets, *(f"section {s}" for s in sections))
     rows = []
     for r in results:
-        rows.append((_fmt_x(r["x"]), f"{r['accuracy']:.3f}",
-                     *(f"{r['subsets'][s]['accuracy']:.3f}" if s in r.get("subsets", {}) else "" for s in subsets)))
+        rows.append((_fmt_x(r["x"]), f"{r['accuracy']:.3f}", f"{r['margin']:.4g}", f"{r['mean_reward']:.4g}",
+                     *(f"{r['subsets'][s]['accuracy']:.3f}" if s in r.get("subsets", {}) else "" for s in subsets),
+                     *(f"{r['sections'][s]:.3f}" if s in r.get("sections", {}) else "" for s in sections)))
     return _grid(head, rows)
 
 
@@ -103,8 +112,9 @@ def _grid(head: tuple, rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(path, xlabel: str, results: list[dict[str, Any]], title: str) -> None:
-    """Accuracy against x, overall and per subset, as a PNG (matplotlib, Agg backend)."""
+def plot_sweep(path, xlabel: str, results: list[dict[str, Any]], title: str, by: str = "subset") -> None:
+    """Accuracy against x, overall and per subset (by="subset") or per RewardBench section
+    (by="section"), as a PNG (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,9 +123,14 @@ def plot_sweep(path, xlabel: str, results: list[dict[str, Any]], title: str) -> 
     xs = [r["x"] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(xs, [r["accuracy"] for r in results], marker="o", linewidth=2, label="overall")
-    for s in dict.fromkeys(s for r in results for s in r.get("subsets", {})):
-        ax.plot(xs, [r["subsets"].get(s, {}).get("accuracy", np.nan) for r in results], marker=".",
-                linewidth=1, alpha=0.7, label=s)
+    if by == "section":
+        for s in dict.fromkeys(s for r in results for s in r.get("sections", {})):
+            ax.plot(xs, [r.get("sections", {}).get(s, np.nan) for r in results], marker=".", linewidth=1,
+                    alpha=0.8, label=f"section {s}")
+    else:
+        for s in dict.fromkeys(s for r in results for s in r.get("subsets", {})):
+            ax.plot(xs, [r["subsets"].get(s, {}).get("accuracy", np.nan) for r in results], marker=".",
+                    linewidth=1, alpha=0.7, label=s)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -128,5 +143,29 @@ def plot_sweep(path, xlabel: str, results: list[dict[str, Any]], title: str) -> 
     plt.close(fig)
 
 
-__all__ = ["EXAMPLE_COUNTS", "SUBSET_MAPPING", "accuracy", "format_sweep", "format_table", "plot_sweep",
+def plot_front(path, xlabel: str, results: list[dict[str, Any]], title: str) -> None:
+    """Reward against KL for a sweep (WARP's front), each point labelled with its x and
+    drawn with its standard errors, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.errorbar([r["kl"] for r in results], [r["reward"] for r in results],
+                xerr=[r["kl_se"] for r in results], yerr=[r["reward_se"] for r in results],
+                marker="o", linewidth=1.5, capsize=3)
+    for r in results:
+        ax.annotate(f"{xlabel}={_fmt_x(r['x'])}", (r["kl"], r["reward"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("KL to the reference (nats)")
+    ax.set_ylabel("mean reward")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+__all__ = ["EXAMPLE_COUNTS", "SUBSET_MAPPING", "accuracy", "format_sweep", "format_table", "plot_front", "plot_sweep",
            "section_scores"]
