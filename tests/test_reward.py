@@ -80,7 +80,8 @@ def ref_logsig(x: float) -> float:
 # ---- scores -------------------------------------------------------------------------------
 
 
-def test_scores_match_a_direct_forward_pass(ws, rms):
+def test_scores_match_a_direct_forward_pass(ws, rms, monkeypatch):
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))  # counts what it scores, whatever ran before
     run = run_rewards(ws, 'score(reward("models/rm-helpful", batch_size=5), "data/prompts_responses.jsonl", "out/s.jsonl")')
     direct = Direct(rms["rm-helpful"])
     out = rows(ws / "out" / "s.jsonl")
