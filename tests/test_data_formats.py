@@ -352,8 +352,11 @@ def test_reading_modules_import_no_pyarrow_or_datasets():
 # ---- end to end ----------------------------------------------------------------------------------
 
 
-def test_evaluate_a_reward_model_on_a_parquet_file(ws, rms):
+def test_evaluate_a_reward_model_on_a_parquet_file(ws, rms, tmp_path_factory, monkeypatch):
     from test_reward import Direct
+
+    # scores computed here stay here: other files' tests count what they score
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path_factory.mktemp("alg-cache")))
 
     rows = [json.loads(line) for line in (ws / "data" / "prefs.jsonl").read_text().splitlines()]
     renamed = [{"question": r["prompt"], "a": r["chosen"], "b": r["rejected"], "cat": r["subset"]} for r in rows]

@@ -63,20 +63,19 @@ RESPONSE_ROLES = ("prompt", "response")
 
 DEFAULT = Preset("default", {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "subset": "subset",
                              "id": "id"}, frozenset({"subset", "id"}),
-                 doc="alg's own layout; a prompt may be text or a list of chat messages")
+                 doc="alg's own layout")
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("rewardbench", dict(DEFAULT.fields), frozenset({"id"}), split="filtered",
-           doc="allenai/reward-bench; `subset` gives RewardBench's section scores"),
+           doc="allenai/reward-bench; its subsets give the section scores"),
     Preset("autoj", {"prompt": "prompt", "first": "response 1", "second": "response 2", "label": "label",
                      "subset": "scenario", "id": "id"}, frozenset({"id"}), rule="autoj", split="test",
            doc="Auto-J's pairwise test set: `label` 0 prefers `response 1`, 1 `response 2`, 2 (a tie) "
-               "drops the row; `subset` is the scenario's group (`AUTOJ_GROUPS`)"),
+               "drops the row"),
     Preset("hh-rlhf", {"chosen": "chosen", "rejected": "rejected", "subset": "subset", "id": "id"},
            frozenset({"subset", "id"}), rule="hh-rlhf", split="test",
-           doc="Anthropic/hh-rlhf: `chosen` and `rejected` are whole `\\n\\nHuman: ...\\n\\nAssistant: ...` "
-               "transcripts; the prompt is the conversation before the final assistant turn (chat "
-               "messages), each response that turn"),
+           doc="Anthropic/hh-rlhf: `chosen`, `rejected` are whole `\\n\\nHuman: ...\\n\\nAssistant: ...` "
+               "transcripts (turns stripped); they must agree before their final assistant turn"),
 )}
 
 RESPONSES = Preset("responses", {"prompt": "prompt", "response": "response"},
@@ -112,7 +111,7 @@ def preset(name: str | None, span: Span | None = None) -> Preset:
 
 def preset_table() -> str:
     """The presets as a Markdown table (README.md and docs/design.md show it)."""
-    head = "| `format=` | prompt | chosen | rejected | subset | id | split | rows |"
+    head = "| `format=` | prompt | chosen | rejected | subset | id | split (of several) | notes |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
 
     def col(p: Preset, role: str) -> str:
@@ -126,16 +125,18 @@ def preset_table() -> str:
         if p.rule == "autoj":
             chosen = f"`{p.fields['first']}` or `{p.fields['second']}` by `{p.fields['label']}`"
             rejected = "the other"
-            subset = f"`{p.fields['subset']}` grouped: " + ", ".join(AUTOJ_GROUPS) + f", {AUTOJ_OTHER}"
+            subset = f"`{p.fields['subset']}`, grouped: " + "; ".join(
+                f"{g} = {', '.join(f'`{n}`' for n in names)}" for g, names in AUTOJ_GROUPS.items()) + \
+                f"; any other: {AUTOJ_OTHER}"
         elif p.rule == "hh-rlhf":
             chosen = f"`{p.fields['chosen']}`'s final assistant turn"
             rejected = f"`{p.fields['rejected']}`'s final assistant turn"
             subset = col(p, "subset")
         else:
             chosen, rejected, subset = col(p, "chosen"), col(p, "rejected"), col(p, "subset")
-        prompt = col(p, "prompt") if "prompt" in p.fields else "the transcripts' shared turns"
+        prompt = col(p, "prompt") if "prompt" in p.fields else "the turns before, as chat messages"
         lines.append(f"| {name} | {prompt} | {chosen} | {rejected} | {subset} | {col(p, 'id')} | "
-                     f"{p.split or 'the only one'} | {p.doc} |")
+                     f"{p.split or 'split= needed'} | {p.doc} |")
     return "\n".join(lines)
 
 
