@@ -290,9 +290,24 @@ def test_hh_rlhf_splits_multi_turn_transcripts(tmp_path):
     assert to_messages(p.rows[0].prompt)[-1] == {"role": "user", "content": "And 3+3?"}
 
 
+def test_hh_rlhf_rows_that_share_no_prompt_are_dropped_with_a_warning(tmp_path):
+    apart = {"chosen": H1 + " 6.", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 5.\n\nHuman: And 3+3?"
+                                              "\n\nAssistant: 6."}
+    good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, apart, apart, good)))
+    warnings = []
+    session = Session(Options(device="cpu", out=lambda _: None, warn=warnings.append), tmp_path, mode="file")
+    p = session.check(Source('pairs("hh.jsonl", format="hh-rlhf")', "t.alg")).result
+    assert [r.line for r in p.rows] == [1, 4]
+    said = [w.message for w in warnings if "dropped" in w.message]
+    assert said == ["2 row(s) of 'hh.jsonl' dropped: their 'chosen' and 'rejected' transcripts differ before the "
+                    "final assistant turn, so they share no prompt (the first: hh.jsonl:2)"]
+    (tmp_path / "all.jsonl").write_text(json.dumps(apart) + "\n")
+    err = error(tmp_path, 'pairs("all.jsonl", format="hh-rlhf")', '"all.jsonl"')
+    assert "holds no rows (no pair shared its prompt)" in err.message
+
+
 @pytest.mark.parametrize("chosen, rejected, message", [
-    (H1 + " 6.", "\n\nHuman: What is 2+2?\n\nAssistant: 5.\n\nHuman: And 3+3?\n\nAssistant: 6.",
-     "'chosen' and 'rejected' differ before their final assistant turn"),
     ("\n\nHuman: Hi", "\n\nHuman: Hi\n\nAssistant: x", "'chosen' does not end with an assistant turn"),
     ("just text", "\n\nHuman: Hi\n\nAssistant: x", "'chosen' has no"),
     ("\n\nHuman: Hi\n\nAssistant: x", 5, "'rejected' must be a transcript (text), not 5"),

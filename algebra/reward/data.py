@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import AlgIOError, did_you_mean
+from ..errors import AlgIOError, did_you_mean, warn
 from ..source import Span
 from .formats import AUTOJ_LABELS, AUTOJ_TIE, PAIR_ROLES, RESPONSES, Preset, Source, autoj_group, open_source, preset
 
@@ -340,16 +340,23 @@ def read_pairs(path: Path, label: str, span: Span | None = None, *, format: str 
     src = _open(path, label, span, split, spans, p)
     f.check_columns(src.columns())
     text = _text_columns(f, ("prompt", "chosen", "rejected", "first", "second", "subset"))
-    rows = []
+    rows, apart = [], []
     for loc, line, row in src.rows(f.wanted(), text):
         pair = _PAIR_RULES[p.rule](f, row, loc)
-        if pair is None:
+        if pair is None:  # an Auto-J tie
+            continue
+        if pair is _APART:
+            apart.append(loc)
             continue
         prompt, chosen, rejected, subset = pair
         rows.append(PairRow(prompt, chosen, rejected, subset, _plain(f.get(row, "id", loc)), line))
+    if apart:
+        warn(f"{len(apart)} row(s) of '{src.label}' dropped: their '{f.cols['chosen']}' and "
+             f"'{f.cols['rejected']}' transcripts differ before the final assistant turn, so they share no "
+             f"prompt (the first: {apart[0]})", span)
     if not rows:
-        raise AlgIOError(f"'{src.label}' holds no rows" + (" (every pair was a tie)" if p.rule == "autoj" else ""),
-                         span)
+        why = {"autoj": " (every pair was a tie)", "hh-rlhf": " (no pair shared its prompt)"}.get(p.rule, "")
+        raise AlgIOError(f"'{src.label}' holds no rows{why}", span)
     return Pairs(label, tuple(rows))
 
 
@@ -392,12 +399,12 @@ def _hh_pair(f: _Fields, row: dict, loc: str):
         got.append(split)
     (prompt, chosen), (other, rejected) = got
     if prompt != other:
-        raise AlgIOError(f"{loc}: '{f.cols['chosen']}' and '{f.cols['rejected']}' differ before their final "
-                         "assistant turn; a pair shares its prompt", f.span)
+        return _APART
     return (prompt_key(prompt), chosen, rejected,
             _text_or_none(f.get(row, "subset", loc), f.cols.get("subset", ""), loc, f.span))
 
 
+_APART = object()  # an hh-rlhf row whose transcripts differ before their last turn: dropped, with a warning
 _PAIR_RULES = {"plain": _plain_pair, "autoj": _autoj_pair, "hh-rlhf": _hh_pair}
 
 # a turn of an hh-rlhf transcript: "\n\nHuman: ..." or "\n\nAssistant: ..." (the first may

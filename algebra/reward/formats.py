@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("hh-rlhf", {"chosen": "chosen", "rejected": "rejected", "subset": "subset", "id": "id"},
            frozenset({"subset", "id"}), rule="hh-rlhf", split="test",
            doc="Anthropic/hh-rlhf: `chosen`, `rejected` are whole `\\n\\nHuman: ...\\n\\nAssistant: ...` "
-               "transcripts (turns stripped); they must agree before their final assistant turn"),
+               "transcripts (turns stripped); a row where they differ before it is dropped, with a warning"),
 )}
 
 RESPONSES = Preset("responses", {"prompt": "prompt", "response": "response"},
