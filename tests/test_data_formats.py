@@ -347,6 +347,27 @@ def test_responses_field_mapping_and_raw_rows(tmp_path):
     assert "no column 'question' (for prompt)" in err.message and "its columns: 'q', 'answer', 'when'" in err.message
 
 
+def test_only_the_needed_columns_are_read(tmp_path):
+    from algebra.reward.formats import open_source
+
+    files = write_all(tmp_path, PAIRS)
+    for kind in ("parquet", "csv", "saved"):
+        src = open_source(files[kind], kind, None, None, None)
+        assert src.columns() == ["prompt", "chosen", "rejected", "subset", "id"]
+        assert [row for _, _, row in src.rows(["prompt", "id"])] == [{"prompt": r["prompt"], "id": r["id"]}
+                                                                   for r in PAIRS]
+
+
+def test_generate_prompts_from_a_parquet_file(tmp_path):
+    from algebra.reward.data import read_prompts
+
+    Dataset.from_list([{"prompt": [{"role": "user", "content": "a"}], "n": 1}, {"prompt": [{"role": "user", "content": "b"},
+                                                           {"role": "assistant", "content": "c"},
+                                                           {"role": "user", "content": "d"}], "n": 2}]
+                      ).to_parquet(tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet", "p.parquet") == ("a", (("user", "b"), ("assistant", "c"), ("user", "d")))
+
+
 # ---- the table in the docs, and lazy imports ---------------------------------------------------
 
 
@@ -389,3 +410,15 @@ def test_evaluate_a_reward_model_on_a_parquet_file(ws, rms, tmp_path_factory, mo
     for name in {r["subset"] for r in rows}:
         sub = [w for w, r in zip(wins, rows, strict=True) if r["subset"] == name]
         assert out["subsets"][name]["accuracy"] == pytest.approx(sum(sub) / len(sub))
+    # score() of a Parquet responses file writes its rows back whole, a date column as ISO text
+    day = datetime.date(2024, 5, 1)
+    pq.write_table(pa.Table.from_pylist([{"q": r["prompt"], "a": r["chosen"], "day": day} for r in rows[:3]]),
+                   ws / "data" / "resp.parquet")
+    checked = session.check(Source('score(reward("models/rm-helpful"), responses("data/resp.parquet", prompt="q", '
+                                   'response="a"), "out/s.jsonl")', "t.alg"))
+    engine.run_sinks(checked.sinks, session.options)
+    scored = [json.loads(line) for line in (ws / "out" / "s.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in s.items() if k != "reward"} for s in scored] == [
+        {"q": r["prompt"], "a": r["chosen"], "day": "2024-05-01"} for r in rows[:3]]
+    for s, r in zip(scored, rows, strict=False):
+        assert s["reward"] == pytest.approx(H(r["prompt"], r["chosen"]), abs=2e-5)

@@ -261,7 +261,7 @@ class _Fields:
                 return None
             have = ", ".join(f"'{k}'" for k in row) or "none"
             raise AlgIOError(f"{loc}: row has no '{col}' field{did_you_mean(col, row)} (it has {have})",
-                             self.at(role) if self.spans.get(role) else self.span)
+                             self.at(role))
         return row[col]
 
     def value(self, row: dict, role: str, loc: str, kind: str) -> Any:
