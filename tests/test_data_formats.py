@@ -212,6 +212,14 @@ def test_chat_message_prompts(tmp_path):
     p = read_pairs(tmp_path / "c.parquet", "c.parquet")
     assert p.rows[0].prompt == (("system", "Be brief."), ("user", "Hi?"))
     assert p.rows[1].prompt == "One turn."  # one user turn is the plain prompt
+    # Parquet gives every message every key any message has: the missing ones are not fields
+    tool = [{"role": "user", "content": "Add 2 and 3."},
+            {"role": "assistant", "content": None, "name": "calc"}, {"role": "user", "content": "And?"}]
+    Dataset.from_list([{"prompt": tool, "chosen": "5", "rejected": "6"}]).to_parquet(tmp_path / "t.parquet")
+    p = read_pairs(tmp_path / "t.parquet", "t.parquet")
+    from algebra.reward.data import to_messages
+
+    assert to_messages(p.rows[0].prompt) == tool
     # a list that is not messages
     pq.write_table(pa.Table.from_pylist([{"prompt": ["a", "b"], "chosen": "x", "rejected": "y"}]), tmp_path / "l.parquet")
     err = error(tmp_path, 'pairs("l.parquet")', '"l.parquet"')

@@ -278,7 +278,17 @@ def _derived(preset: Preset, role: str) -> str:
     return f"it has no field for {role}"
 
 
+def _unnull(value: Any) -> Any:
+    """Messages without their null fields other than role and content: Parquet and Arrow
+    store a list of messages as structs of every key any message has, the missing ones
+    null (a chat template would see `name: None`)."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return [{k: v for k, v in m.items() if v is not None or k in ("role", "content")} for m in value]
+    return value
+
+
 def _convert(value: Any, col: str, loc: str, span: Span | None, kind: str) -> Any:
+    value = _unnull(value)
     out = prompt_key(value) if kind == "prompt" else response_text(value)
     if out is None:
         what = "text or a list of messages" if kind == "prompt" else "text"
