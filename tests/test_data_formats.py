@@ -43,6 +43,7 @@ def check(ws: Path, text: str):
 def error(ws: Path, text: str, caret: str) -> AlgError:
     with pytest.raises(AlgError) as e:
         check(ws, text)
+    assert isinstance(e.value, AlgIOError), e.value
     assert e.value.span is not None and e.value.span.text() == caret, (e.value.message, e.value.span)
     return e.value
 

@@ -27,7 +27,17 @@ from typing import Any
 
 from ..errors import AlgIOError, did_you_mean, warn
 from ..source import Span
-from .formats import AUTOJ_LABELS, AUTOJ_TIE, PAIR_ROLES, RESPONSES, Preset, Source, autoj_group, open_source, preset
+from .formats import (
+    AUTOJ_LABELS,
+    AUTOJ_TIE,
+    PAIR_ROLES,
+    RESPONSES,
+    Preset,
+    Source,
+    autoj_group,
+    open_source,
+    preset,
+)
 
 Prompt = str | tuple  # text, or ((role, content), ...)
 
