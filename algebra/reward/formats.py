@@ -195,7 +195,7 @@ class Source:
 
 
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-            ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz"}
+            ".jsonl.gz": "jsonl.gz"}
 
 
 def _kind(p: Path) -> str | None:
@@ -328,7 +328,7 @@ def _part_rows(part: Part, columns: list[str] | None, text: tuple[str, ...], spa
         yield from _jsonl_rows(read_text(part.path, part.where, span, "data file"), part.where, span)
     elif part.kind == "json":
         yield from _json_rows(part, span)
-    elif part.kind in ("jsonl.gz", "json.gz"):
+    elif part.kind == "jsonl.gz":
         yield from _jsonl_rows(_gunzip(part, span), part.where, span)
     else:
         yield from _arrow_rows(part, columns, text, span)
