@@ -149,7 +149,7 @@ class Part:
 
     path: Path
     where: str
-    kind: str  # "jsonl", "json", "csv", "parquet"
+    kind: str  # "jsonl", "jsonl.gz", "json", "csv", "parquet"
 
 
 @dataclass
