@@ -307,7 +307,8 @@ def test_bad_model_paths(tmp_path):
 @pytest.mark.parametrize("builtin", ["pairs", "responses"])
 def test_bad_data_paths(tmp_path, builtin):
     (tmp_path / "folder").mkdir()
-    cases = _bad_paths(tmp_path) + [("folder", "is a folder, not a regular file")]
+    # a folder is a data set (save_to_disk, Hub layout): an empty one holds no data files
+    cases = _bad_paths(tmp_path) + [("folder", "is a folder with no data files")]
     for path, said in cases:
         err = check_error(f'x = {builtin}("{path}")', tmp_path, f'"{path}"')
         assert said in err.message, (path, err.message)

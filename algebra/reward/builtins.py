@@ -251,18 +251,29 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
     return ModelReward(model.node, fmt, bs, ml, label, model)
 
 
-@builtin("responses(path: String)",
-         "Prompts with responses, from JSONL rows with 'prompt' and 'response' (several "
-         "responses per prompt allowed). A prompt is text or a list of chat messages.")
-def _responses_builtin(call: Call, path: str) -> Responses:
-    return read_responses(_read_path(call, path, "path"), path, call.at("path"))
+@builtin('responses(path: String, prompt: String = "prompt", response: String = "response", '
+         'split: String | None = none)',
+         "Prompts with responses (several per prompt allowed): a JSONL, JSON, CSV or Parquet "
+         "file, a datasets save_to_disk folder or a Hub-layout folder (split picks one of its "
+         "splits). prompt and response name the columns. A prompt is text or a list of chat "
+         "messages.")
+def _responses_builtin(call: Call, path: str, prompt: str, response: str, split: str | None) -> Responses:
+    return read_responses(_read_path(call, path, "path"), path, call.at("path"),
+                          fields={"prompt": prompt, "response": response}, split=split, spans=call.spans)
 
 
-@builtin("pairs(path: String)",
-         "Preference pairs, from JSONL rows with 'prompt', 'chosen', 'rejected' and optional "
-         "'subset' and 'id'.")
-def _pairs_builtin(call: Call, path: str) -> Pairs:
-    return read_pairs(_read_path(call, path, "path"), path, call.at("path"))
+@builtin('pairs(path: String, prompt: String | None = none, chosen: String | None = none, '
+         'rejected: String | None = none, subset: String | None = none, id: String | None = none, '
+         'split: String | None = none, format: String | None = none)',
+         "Preference pairs: a JSONL, JSON, CSV or Parquet file, a datasets save_to_disk folder "
+         "or a Hub-layout folder (split picks one of its splits). Columns 'prompt', 'chosen', "
+         "'rejected' and optional 'subset' and 'id', or as format= lays them out (\"rewardbench\", "
+         "\"autoj\", \"hh-rlhf\"); prompt=, chosen=, ... name other columns.")
+def _pairs_builtin(call: Call, path: str, prompt: str | None, chosen: str | None, rejected: str | None,
+                   subset: str | None, id: str | None, split: str | None, format: str | None) -> Pairs:
+    fields = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "subset": subset, "id": id}
+    return read_pairs(_read_path(call, path, "path"), path, call.at("path"), format=format, fields=fields,
+                      split=split, spans=call.spans)
 
 
 # ---- pointwise algebra: an alg function for each op of reward.ops --------------------------------
@@ -421,10 +432,9 @@ def _distinct_prompts(call: Call, prompts: Any) -> tuple:
 
 
 def _prompt_rows(call: Call, path: str) -> tuple:
-    from .data import _field, _rows
+    from .data import read_prompts
 
-    p = _read_path(call, path, "prompts")
-    return tuple(_field(row, "prompt", path, n, call.at("prompts"), "prompt") for n, row in _rows(p, path, call.at("prompts")))
+    return read_prompts(_read_path(call, path, "prompts"), path, call.at("prompts"))
 
 
 # ---- sinks -------------------------------------------------------------------------------
