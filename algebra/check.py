@@ -58,7 +58,7 @@ from .errors import (
 )
 from .graph import Node
 from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
-from .io.files import absolute, joined, missing, resolved, stat_path
+from .io.files import absolute, joined, missing, read_source, resolved, stat_path
 from .options import Options
 from .parser import MAX_NESTING, parse
 from .resources import stdlib_dir, stdlib_names
@@ -272,7 +272,7 @@ class Checker:
         env = self.prelude_env.child()
         self._imports[path] = ns = Namespace(stmt.alias, env)  # a cycle finds it half-built
         try:
-            self._run_library(Source.from_file(path, stmt.path), env, stmt.path)
+            self._run_library(read_source(path, stmt.path), env, stmt.path)
         except AlgError as err:
             del self._imports[path]
             if err.span is None:  # the file itself could not be read

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any
-
-import networkx as nx
+from typing import TYPE_CHECKING, Any
 
 from .source import Span
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 _INTERN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -122,6 +123,8 @@ def build(roots: Iterable[Node]) -> nx.DiGraph:
     """The DiGraph of everything the roots need; node attribute `op`, edge attribute
     `pos` (argument position). Insertion order is deterministic (depth-first, arguments
     first), so iterating the graph's nodes is a valid, reproducible topological order."""
+    import networkx as nx  # only for library users (api.build) and the card's input list
+
     g = nx.DiGraph()
     for root in roots:
         for node in root.walk():

@@ -39,7 +39,7 @@ from . import ast
 from .builtins import BUILTINS, Builtin, show
 from .errors import AlgError, AlgNameError, AlgSyntaxError, AlgTypeError, did_you_mean
 from .interpreter import Session
-from .io.files import joined, missing
+from .io.files import joined, missing, read_source
 from .options import Options
 from .parser import parse, parse_expr
 from .plan import format_plan, plan_tensors
@@ -331,7 +331,7 @@ class Repl:
         if missing(path):
             self.error(f"alg: error: no such recipe file: '{arg.strip()}'")
             return
-        self._run(Source.from_file(path))  # an unreadable file is an AlgIOError
+        self._run(read_source(path))  # an unreadable file is an AlgIOError
 
     # ---- readline ----------------------------------------------------------------------
 

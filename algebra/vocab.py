@@ -33,13 +33,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .builtins import Call, builtin, did_you_mean
 from .errors import AlgIOError, AlgShapeError, AlgTypeError, warn
 from .graph import Node
 from .io.checkpoint import GENERATION_CONFIG, TOKENIZER_FILES
 from .io.tokenizer import Vocab, read_vocab
+from .lazy import np
 from .types import CheckpointType, TensorSpec, TokenizerSpec, type_name
 from .values import Model
 

@@ -22,11 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..builtins import Call, builtin, derived, same_tables
 from ..errors import AlgRuntimeError, AlgTypeError
 from ..graph import DESCRIBE, Node
+from ..lazy import np
 from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin, lowering
 from ..ops.geometric import (
     grid_pieces,

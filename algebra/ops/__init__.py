@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import did_you_mean
+from ..lazy import torch
 
 
 @dataclass(frozen=True)

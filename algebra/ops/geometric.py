@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import torch
-
+from ..lazy import np, torch
 from . import primitive
 
 # NuSLERP: directions within this much of (anti)parallel (|sin W| below it) interpolate

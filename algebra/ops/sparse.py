@@ -27,8 +27,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-import torch
-
+from ..lazy import torch
 from . import primitive
 
 M32 = 0xFFFFFFFF
