@@ -22,27 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import (
-    ast,
-    layer_builtins,  # noqa: F401  (registers builtins)
-    methods,  # noqa: F401  (registers the merge methods)
-    vocab,  # noqa: F401  (registers builtins)
-)
-from .builtins import (
-    BUILTINS,
-    Builtin,
-    Call,
-    bind,
-    check_type_expr,
-    conforms,
-    is_finite,
-    model_arith,
-    model_neg,
-    show_number,
-)
-from .builtins import (
-    show as show_value,
-)
+from . import ast
 from .errors import (
     _WARN,
     SIZE_ENV,
@@ -61,8 +41,21 @@ from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
 from .io.files import absolute, joined, missing, read_source, resolved, stat_path
 from .options import Options
 from .parser import MAX_NESTING, parse
+from .registry import in_use
 from .resources import stdlib_dir, stdlib_names
-from .reward import builtins as _reward_builtins  # noqa: F401  (registers builtins)
+from .rules import model_arith, model_neg
+from .signature import (
+    Builtin,
+    Call,
+    bind,
+    check_type_expr,
+    conforms,
+    is_finite,
+    show_number,
+)
+from .signature import (
+    show as show_value,
+)
 from .source import Source, Span
 from .types import CheckpointType, type_name
 from .values import Closure, Env, Model, Namespace, Sink
@@ -128,7 +121,7 @@ class Checker:
         self.options = options or Options()
         self.base_dir = (base_dir or Path.cwd()).resolve()
         self.mode = mode  # "file": bare expressions warn; "repl": they show; "eval": last is result
-        self.builtins_env = Env(None, dict(BUILTINS))
+        self.builtins_env = Env(None, dict(in_use().builtins))
         self._sources: dict[tuple, CheckpointSource] = {}
         self._stdlib: dict[str, Env] = {}
         self._imports: dict[Path, Namespace] = {}
@@ -226,7 +219,7 @@ class Checker:
         if isinstance(stmt, ast.Def):
             for p in stmt.params:
                 if p.type is not None:
-                    check_type_expr(p.type)
+                    check_type_expr(p.type, in_use().value_types)
             env.values[stmt.name] = Closure(stmt.name, stmt.params, stmt.body, env, stmt.span)
             return None, False
         if isinstance(stmt, ast.Use):

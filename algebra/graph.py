@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .family import in_use
 from .source import Span
 
 if TYPE_CHECKING:
@@ -73,45 +74,29 @@ class Node:
                 stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
 
     def describe(self) -> str:
-        """A one-line rendering in alg syntax, for plans, `info` and model cards."""
+        """A one-line rendering in alg syntax, for plans, `info` and model cards. `load`
+        and `rename` (layer surgery, tied heads: surgery.py) are structure; every other op
+        renders as its family declares (family.describe), else as a call."""
         a = [x.describe() for x in self.args]
         p = self.params
         if self.op == "load":
             return f'load("{p[0].label}")'
-        if self.op in ("add", "sub", "mul", "div"):
-            return f"({a[0]} {dict(add='+', sub='-', mul='*', div='/')[self.op]} {a[1]})"
-        if self.op == "scale":
-            return f"-{a[0]}" if p[0] == -1 else f"{_fmt(p[0])} * {a[0]}"
-        if self.op == "shift":
-            return f"({a[0]} + {_fmt(p[0])})"
-        if self.op == "rdiv":
-            return f"({_fmt(p[0])} / {a[0]})"
-        if self.op == "merge":
-            return f"merge({a[0]}, {a[1]}, {_fmt(p[0])})"
-        if self.op == "slerp":
-            return f"slerp({a[0]}, {a[1]}, {_fmt(p[0])})"
-        if self.op == "rename":  # surgery.py: layers, stack, tied heads
+        if self.op == "rename":
             kind, info = p[0], p[1]
             if kind == "layers":
                 return f"layers({a[0]}, {info[0]}, {info[1]})"
             if kind == "stack":
                 return f"stack({', '.join(a)})"
             return a[0]
-        if self.op == "slerp_tv":
-            return f"slerp([{', '.join(a[1:])}], base={a[0]}, per={_fmt(p[0])})"
-        if self.op == "align":  # params: (alignment, which model); args: (model, *providers)
-            return f"align([{', '.join(a[1:])}], {p[0]!r})[{p[1]}]"
-        if self.op in DESCRIBE:
-            return DESCRIBE[self.op](self, a)
-        inner = ", ".join(a + [_fmt(x) for x in p])
+        render = in_use().describes.get(self.op)
+        if render is not None:
+            return render(self, a)
+        inner = ", ".join(a + [fmt_param(x) for x in p])
         return f"{self.op}({inner})"
 
 
-# How method modules render their ops: op -> fn(node, rendered args) -> alg text.
-DESCRIBE: dict[str, Any] = {}
-
-
-def _fmt(p: Any) -> str:
+def fmt_param(p: Any) -> str:
+    """A node parameter as alg text."""
     if isinstance(p, float):
         return f"{p:g}"
     if isinstance(p, str):

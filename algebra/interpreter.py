@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from . import graph
-from .builtins import show
 from .check import Checked, Checker, SaveRequest, bind_source
 from .errors import AlgError, AlgIOError, AlgTypeError
 from .io.checkpoint import CheckpointSource, MemorySource
@@ -29,6 +28,7 @@ from .lower import Lowerer
 from .options import Options
 from .parser import parse
 from .plan import format_plan, plan_save, plan_tensors
+from .signature import show
 from .source import Source
 from .types import dtype_name, human_bytes, human_count, parse_size
 from .values import Model, Sink

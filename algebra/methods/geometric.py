@@ -22,11 +22,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..builtins import Call, builtin, derived, same_tables
 from ..errors import AlgRuntimeError, AlgTypeError
-from ..graph import DESCRIBE, Node
+from ..family import Family
+from ..graph import Node
 from ..lazy import np
-from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin, lowering
+from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin
 from ..ops.geometric import (
     grid_pieces,
     karcher_coefficients,
@@ -34,8 +34,13 @@ from ..ops.geometric import (
     multislerp_coefficients,
     nuslerp_coefficients,
 )
+from ..rules import derived, same_tables
+from ..signature import Call
 from ..values import Model
 from .common import model_list, per_model, same_as_base, with_tokenizer
+
+family = Family("geometric")
+builtin = family.builtin
 
 # ---- row-wise reductions and coefficients --------------------------------------------------
 
@@ -201,7 +206,7 @@ def _model_stock(call: Call, base: Model, ms: Any, filter_wise: bool, tokenizer:
     return derived(node, base)
 
 
-@lowering("model_stock")
+@family.lowering("model_stock")
 def _lower_model_stock(low: Lowerer, node: Node, name: str) -> TExpr:
     (filter_wise,) = node.params
     base, deltas = _vectors(low, node, name, True)
@@ -224,7 +229,7 @@ def _lower_model_stock(low: Lowerer, node: Node, name: str) -> TExpr:
     return lin([(1.0, base), (1.0, _row_scaled(mean_delta, "row", rg.width, s, 0))])
 
 
-DESCRIBE["model_stock"] = lambda node, a: (
+family.describes["model_stock"] = lambda node, a: (
     f"model_stock({a[0]}, [{', '.join(a[1:])}]" + (", filter_wise=true)" if node.params[0] else ")"))
 
 
@@ -274,7 +279,7 @@ def _nuslerp_t(low: Lowerer, node: Node, name: str, t: Any) -> float:
     return float(low.param(t, node, name))
 
 
-@lowering("nuslerp")
+@family.lowering("nuslerp")
 def _lower_nuslerp(low: Lowerer, node: Node, name: str) -> TExpr:
     t_param, flatten, row_wise, has_base = node.params
     t = _nuslerp_t(low, node, name, t_param)
@@ -302,7 +307,7 @@ def _describe_nuslerp(node: Node, a: list[str]) -> str:
     return text + ")"
 
 
-DESCRIBE["nuslerp"] = _describe_nuslerp
+family.describes["nuslerp"] = _describe_nuslerp
 
 
 # ---- multislerp and karcher -------------------------------------------------------------------
@@ -352,7 +357,7 @@ def _multislerp(call: Call, ms: Any, weights: Any, base: Model | None, normalize
     return derived(node, base if base is not None else models[0])
 
 
-@lowering("multislerp")
+@family.lowering("multislerp")
 def _lower_multislerp(low: Lowerer, node: Node, name: str) -> TExpr:
     ws, normalize, has_base = node.params
     if len(node.args) == 1 + has_base:
@@ -394,7 +399,7 @@ def _karcher(call: Call, ms: Any, weights: Any, base: Model | None, max_iter: An
     return derived(node, base if base is not None else models[0])
 
 
-@lowering("karcher")
+@family.lowering("karcher")
 def _lower_karcher(low: Lowerer, node: Node, name: str) -> TExpr:
     ws, max_iter, tol, has_base = node.params
     if len(node.args) == 1 + has_base:
@@ -421,9 +426,9 @@ def _describe_list(op: str, extra):
     return describe
 
 
-DESCRIBE["multislerp"] = _describe_list(
+family.describes["multislerp"] = _describe_list(
     "multislerp", lambda n: [_fmt(n.params[0])] + ([] if n.params[1] else ["normalize=false"]))
-DESCRIBE["karcher"] = _describe_list(
+family.describes["karcher"] = _describe_list(
     "karcher", lambda n: [f"weights={_fmt(n.params[0])}", f"max_iter={n.params[1]}", f"tol={n.params[2]:g}"])
 
 
@@ -444,7 +449,7 @@ def _nearswap(call: Call, base: Model, m: Model, t: Any, tokenizer: Any) -> Mode
     return derived(Node("nearswap", (base.node, m.node), (t,), span=call.span), base)
 
 
-@lowering("nearswap")
+@family.lowering("nearswap")
 def _lower_nearswap(low: Lowerer, node: Node, name: str) -> TExpr:
     t = float(low.param(node.params[0], node, name))
     if not t > 0:
@@ -453,4 +458,4 @@ def _lower_nearswap(low: Lowerer, node: Node, name: str) -> TExpr:
     return Map("nearswap", (base, m), (t,), base.spec)
 
 
-DESCRIBE["nearswap"] = lambda node, a: f"nearswap({a[0]}, {a[1]}, {_fmt(node.params[0])})"
+family.describes["nearswap"] = lambda node, a: f"nearswap({a[0]}, {a[1]}, {_fmt(node.params[0])})"

@@ -31,15 +31,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..builtins import Call, builtin, derived, same_tables
 from ..errors import AlgRuntimeError, AlgTypeError
+from ..family import Family
 from ..graph import Node
-from ..lower import Lowerer, Map, TExpr, lin, lowering, s_mul
+from ..lower import Lowerer, Map, TExpr, lin, s_mul
 from ..ops.sparse import Combine, Sparsify, rng_key
+from ..rules import derived, same_tables
 from ..schedule import Schedule, resolve
+from ..signature import Call
 from ..values import Model
 from .common import model_list, per_model, same_as_base, with_tokenizer
 from .select import KEEP_ALL, KEEP_NONE, MaskedSquares, OfNonzero, Pick, SceWeight, Select
+
+family = Family("sparse")
+builtin = family.builtin
 
 # method -> (sparsifier, consensus)
 METHODS = {
@@ -305,7 +310,7 @@ def _delta(low: Lowerer, node: Node, i: int, name: str) -> TExpr:
     return lin([(1.0, low.tensor(node.args[i], name)), (-1.0, low.tensor(node.args[0], name))])
 
 
-@lowering("linear")
+@family.lowering("linear")
 def _lower_linear(low: Lowerer, node: Node, name: str) -> TExpr:
     (p,) = node.params
     w = [low.param(x, node, name) for x in p.weights]
@@ -410,6 +415,6 @@ def _row(e: TExpr) -> int:
 
 
 for _op in METHODS:
-    lowering(_op)(_lower_tv)
+    family.lowering(_op)(_lower_tv)
 
 __all__ = ["METHODS", "TVParams"]

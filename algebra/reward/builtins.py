@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..builtins import Call, builtin, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
+from ..family import Family
 from ..io.files import absolute, joined, resolved
 from ..io.remote_code import code_markers
+from ..signature import Call
 from ..types import type_name
 from ..values import Model, Sink
 from .data import Pairs, Responses, read_pairs, read_responses
@@ -36,9 +37,13 @@ from .values import (
     is_number,
 )
 
-register_type("Reward", lambda v: isinstance(v, Reward))
-register_type("Responses", lambda v: isinstance(v, Responses | Generated))
-register_type("Pairs", lambda v: isinstance(v, Pairs))
+family = Family("reward")
+builtin = family.builtin
+# a value is of these types when its class says so (alg_type): Reward and its kinds,
+# Responses and Generated, Pairs
+family.value_type("Reward")
+family.value_type("Responses")
+family.value_type("Pairs")
 
 DEFAULT_TEMPLATE = "{prompt}\n{response}"
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
