@@ -24,16 +24,16 @@ from hypothesis import strategies as st
 
 from algebra import api
 from algebra.errors import AlgError
-from algebra.family import Family
 from algebra.execute import new_evaluator
+from algebra.family import Family
 from algebra.graph import Node
 from algebra.lower import Lowerer, lin
-from algebra.registry import scoped
 from algebra.methods.select import Select
 from algebra.ops import primitive
 from algebra.ops.sparse import top_mask
 from algebra.options import Options
 from algebra.plan import plan_tensors
+from algebra.registry import scoped
 
 F64 = dict(compute_dtype="float64")
 
