@@ -106,3 +106,80 @@ def test_a_name_declared_twice_is_refused():
         registry.add(again)
     with pytest.raises(ValueError, match="defined twice"):
         again.lowering("merge")(lambda low, node, name: None)
+
+
+# ---- the README's function tables agree with the registry -------------------------------------
+
+
+def _readme_functions() -> dict[str, list[str | None]]:
+    """Function name -> the argument lists written for it in the first column of the
+    README's `| function | meaning |` tables (None where only the name is written)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    found: dict[str, list[str | None]] = {}
+    in_table = False
+    for line in text.splitlines():
+        if line.startswith("| function | meaning |"):
+            in_table = True
+            continue
+        if not line.startswith("|"):
+            in_table = False
+            continue
+        if in_table and not line.startswith("|---"):
+            for span in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
+                m = re.fullmatch(r"(\w+)(?:\((.*)\))?", span.strip())
+                if m:
+                    found.setdefault(m.group(1), []).append(m.group(2))
+    return found
+
+
+def _keywords(args: str) -> list[str]:
+    """The `name=` keywords of a written argument list, at its top level."""
+    import re
+
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(args):
+        depth += 1 if ch in "([" else -1 if ch in ")]" else 0
+        if ch == "," and depth == 0:
+            parts.append(args[start:i])
+            start = i + 1
+    parts.append(args[start:])
+    return [m.group(1) for p in parts if (m := re.match(r"\s*(\w+)\s*=(?!=)", p))]
+
+
+def _disagreements(documented: dict[str, list[str | None]]) -> list[str]:
+    """How README.md's function tables (`documented`) and the registry disagree: builtins
+    missing there, functions there alg does not have (neither a builtin nor a standard
+    library def), keywords there that are no parameter of their function."""
+    import re
+
+    from algebra.resources import stdlib_dir
+
+    library: dict[str, list[str]] = {}
+    for path in stdlib_dir().glob("*.alg"):
+        for name, params in re.findall(r"^def (\w+)\((.*?)\) =", path.read_text(), re.M):
+            library[name] = re.findall(r"(\w+)\s*:", params)
+    out = [f"builtin {n} is missing" for n in sorted(set(REGISTRY.builtins) - set(documented))]
+    out += [f"{n} is no function of alg" for n in sorted(set(documented) - set(REGISTRY.builtins) - set(library))]
+    for name, arglists in documented.items():
+        if name not in REGISTRY.builtins and name not in library:
+            continue
+        params = [p.name for p in REGISTRY.builtins[name].params] if name in REGISTRY.builtins else library[name]
+        for args in filter(None, arglists):
+            out += [f"{name}({args}): {name} has no parameter '{kw}'" for kw in _keywords(args) if kw not in params]
+    return out
+
+
+def test_the_readme_function_tables_agree_with_the_registry():
+    assert _disagreements(_readme_functions()) == []
+
+
+def test_the_readme_check_sees_a_difference():
+    assert _keywords('m, path, dtype=none, shard_size="5GB", f(a=1), [x, y]') == ["dtype", "shard_size"]
+    documented = _readme_functions()
+    assert _disagreements({**documented, "lerp": ["a, b, weight=0.5"]}) == [
+        "lerp(a, b, weight=0.5): lerp has no parameter 'weight'"]
+    assert _disagreements({k: v for k, v in documented.items() if k != "ties"}) == ["builtin ties is missing"]
+    assert _disagreements({**documented, "soup": [None]}) == ["soup is no function of alg"]
