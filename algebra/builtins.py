@@ -21,7 +21,7 @@ from .errors import SIZE_ENV, AlgLimitError, AlgShapeError, AlgTypeError, did_yo
 from .family import Family
 from .graph import Node, fmt_param
 from .lower import Cat, Lowerer, SlerpCoef, Slice, TExpr, lin
-from .methods.common import model_list, with_tokenizer
+from .methods.common import TOKENIZER_PARAM, model_list, with_tokenizer
 from .rules import _first, _is_vocab, derived, same_tables
 from .schedule import as_param
 from .signature import Call, show
@@ -63,7 +63,7 @@ def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, o
 
 
 @builtin(
-    "merge(rm: Checkpoint, lm: Checkpoint, lam: Param, tokenizer: String | Checkpoint | None = none)",
+    f"merge(rm: Checkpoint, lm: Checkpoint, lam: Param, {TOKENIZER_PARAM})",
     "DogeRM: (1-lam)*rm + lam*lm on the tensors both hold; tensors only in rm (the score "
     "head) are kept, tensors only in lm (its lm_head) dropped; rm's config and tokenizer. "
     "tokenizer=\"union\" (or \"base\", or a checkpoint) aligns the vocabularies first (see align).",
@@ -121,7 +121,7 @@ PER_CHOICES = ("tensor", "layer", "model")
 @builtin(
     "slerp(a: Checkpoint | List[Checkpoint], b: Checkpoint | None = none, t: Param | None = none, "
     "base: Checkpoint | None = none, per: String | None = none, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "slerp(a, b, t): spherical interpolation per tensor of raw weights. "
     "slerp([m1, ..., mM], base=init, per=\"layer\"): WARP's SLERP of task vectors m_i - init, "
     "folded left with t = 1/k, one angle per layer, tensor or the whole model; the result "

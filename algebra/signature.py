@@ -9,6 +9,7 @@ declare them (family.py) and the registry assembles them (registry.py).
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -287,6 +288,12 @@ def make_builtin(header: str, doc: str, fn: Callable[..., Any], variadic: bool =
             check_type_expr(p.type, value_types)
     defaults = {p.name: literal_value(p.default) for p in d.params if p.default is not None}
     params = d.params
+    # the header is the signature; the function must take exactly its parameters, in its
+    # order, after the Call (so a parameter renamed in one place is an error at start-up)
+    names = [p.name for p in inspect.signature(fn).parameters.values()][1:]
+    if names != [p.name for p in params]:
+        raise ValueError(f"builtin {d.name}: the header declares ({', '.join(p.name for p in params)}) "
+                         f"but {fn.__module__}.{fn.__qualname__} takes ({', '.join(names)}) after the call")
     if variadic:
         p0 = params[0]
         params = (VarParam(p0.name, p0.type, p0.default, span=p0.span), *params[1:])

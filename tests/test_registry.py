@@ -4,6 +4,8 @@ with decorators, nothing else edited."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import read_folder
@@ -183,3 +185,13 @@ def test_the_readme_check_sees_a_difference():
         "lerp(a, b, weight=0.5): lerp has no parameter 'weight'"]
     assert _disagreements({k: v for k, v in documented.items() if k != "ties"}) == ["builtin ties is missing"]
     assert _disagreements({**documented, "soup": [None]}) == ["soup is no function of alg"]
+
+
+def test_a_header_and_its_function_must_agree():
+    """The alg header is the signature; the Python function takes exactly its parameters."""
+    odd = Family("odd")
+    odd.builtin("test_odd(a: Checkpoint, t: Param)", "Parameters that disagree.")(lambda call, a, weight: a)
+    with scoped() as registry, pytest.raises(ValueError, match=r"declares \(a, t\) but .* takes \(a, weight\)"):
+        registry.add(odd)
+    assert all(list(inspect.signature(b.impl).parameters)[1:] == [p.name for p in b.params]
+               for b in REGISTRY.builtins.values())
