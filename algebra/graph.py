@@ -1,4 +1,4 @@
-"""Stage 3, the model-level graph: hash-consed nodes and the networkx DiGraph of a run.
+"""Stage 3, the model-level graph: hash-consed nodes.
 
 A `Node` is an operation on whole checkpoints (`load`, `add`, `merge`, `slerp`, ...).
 Nodes are frozen and interned: building the same operation on the same arguments twice
@@ -6,8 +6,10 @@ returns the same object, so a shared subexpression is one node and is computed o
 (common-subexpression elimination by construction). A node's type (tensor table,
 config) is computed by check and carried beside it, never inside the key.
 
-`build(sinks)` collects every node that the sinks need into one `networkx.DiGraph`
-(edges from argument to user), which `lower` and `plan` walk.
+A node's arguments are the graph: `lower` and `plan` follow them (`Node.walk`, the
+Lowerer's recursion). `build(roots)` collects every node the roots need into a
+`networkx.DiGraph` (edges from argument to user) for library users (`api.build`) and for
+listing a save's inputs (`inputs`).
 """
 
 from __future__ import annotations

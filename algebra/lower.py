@@ -525,7 +525,9 @@ def _label(key: tuple) -> str:
 
 class Lowerer:
     """Lowers model-level nodes tensor by tensor, memoised so that a shared node (and the
-    reductions it needs) is lowered once."""
+    reductions it needs) is lowered once. `load` and `rename` are structure; every other
+    op lowers as its family declares (`family.lowering`, looked up in the registry in
+    use), or, for an elementwise primitive of `ops/`, to a `Map`."""
 
     def __init__(self) -> None:
         self._memo: dict[tuple[int, str], TExpr] = {}
@@ -591,10 +593,11 @@ class Lowerer:
         return key, groups[key]
 
     def param(self, value: Any, node: Node, name: str) -> Any:
-        """A scalar parameter of `node` as it applies to tensor `name`. Every lowering
-        reads its scalar parameters through here, so that per-layer and per-tensor
-        values resolve in one place (numbers pass through; tuples are resolved item by
-        item)."""
+        """A scalar parameter of `node` as it applies to tensor `name`. Every family's
+        lowering (the core ops' in builtins.py included) reads its scalar parameters
+        through here, and a primitive's are resolved by the same `resolve_params`, so
+        that per-layer and per-tensor values resolve in one place (numbers pass through;
+        tuples are resolved item by item)."""
         return resolve_params((value,), name, node.type)[0]
 
     def reduction(self, key: tuple, make) -> Any:
