@@ -15,6 +15,9 @@ surgery, vocabulary alignment, each merge-method module, rewards. The module mak
     @family.describe("ties")
     def _show(node, args): ...              # the node in alg syntax, for plans and cards
 
+    @family.primitive("tv_combine", arity=-1)
+    def tv_combine(*chunks, ...): ...       # an elementwise torch function (ops/)
+
 Declaring registers nothing: `registry.py` lists the families in one place and assembles
 them into the `Registry` in use. This module imports nothing of alg, so the stages that
 look things up in the registry in use (`lower.Lowerer`, `graph.Node.describe`) can read it
@@ -45,6 +48,30 @@ class Declared:
         return self.header.split("(", 1)[0].strip()
 
 
+@dataclass(frozen=True)
+class Primitive:
+    """An elementwise tensor primitive (see ops/__init__.py): a pure torch function over
+    equally shaped chunks plus scalar parameters."""
+
+    name: str
+    fn: Callable[..., Any]
+    arity: int  # tensor arguments (-1: any number); scalar parameters follow them
+    doc: str
+    # extra chunk-sized buffers alive during the call, beyond the result: a number, or a
+    # function of the Map expression (for primitives whose scratch depends on their arity)
+    scratch: float | Callable[[object], float] = 0
+    positional: bool = False  # fn receives e0= (see ops/__init__.py)
+    # fn sees whole rows of its result's last dimension (or a function of the Map
+    # expression saying whether this call needs them)
+    rowwise: bool | Callable[[object], bool] = False
+
+    def scratch_for(self, expr: object) -> float:
+        return float(self.scratch(expr) if callable(self.scratch) else self.scratch)
+
+    def rowwise_for(self, expr: object) -> bool:
+        return bool(self.rowwise(expr) if callable(self.rowwise) else self.rowwise)
+
+
 @dataclass(eq=False)
 class Family:
     name: str
@@ -52,6 +79,7 @@ class Family:
     lowerings: dict[str, Callable[..., Any]] = field(default_factory=dict)
     describes: dict[str, Callable[..., str]] = field(default_factory=dict)
     value_types: list[str] = field(default_factory=list)
+    primitives: dict[str, Primitive] = field(default_factory=dict)
 
     def builtin(self, header: str, doc: str, variadic: bool = False):
         """Declare the builtin `def <header>` with the decorated implementation, which
@@ -81,6 +109,20 @@ class Family:
 
         def declare(fn: Callable[..., str]) -> Callable[..., str]:
             self.describes[op] = fn
+            return fn
+
+        return declare
+
+    def primitive(self, name: str, arity: int, scratch: float | Callable[[object], float] = 0,
+                  positional: bool = False, rowwise: bool | Callable[[object], bool] = False):
+        """Declare an elementwise primitive (ops/__init__.py): a node whose op is its name
+        lowers to a `Map` over its tensor arguments and scalar parameters."""
+
+        def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self.primitives:
+                raise ValueError(f"primitive '{name}' is defined twice")
+            self.primitives[name] = Primitive(name, fn, arity, (fn.__doc__ or "").strip(), scratch,
+                                              positional, rowwise)
             return fn
 
         return declare

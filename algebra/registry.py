@@ -1,5 +1,5 @@
 """The registry: every family of the language, listed here, assembled into one table of
-builtins, lowerings, renderings and value types.
+builtins, lowerings, renderings, value types and primitives.
 
 `FAMILIES` is the one place that says which families alg has; nothing registers itself
 by being imported. Importing this module assembles `REGISTRY` from them and puts it in
@@ -19,9 +19,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import builtins as core
-from . import layer_builtins, vocab
-from .family import Family, _pop, _push, in_use
+from . import layer_builtins, ops, vocab
+from .family import Family, Primitive, _pop, _push, in_use
 from .methods import geometric, sparse
+from .ops import geometric as ops_geometric
+from .ops import sparse as ops_sparse
 from .reward import builtins as reward
 from .signature import Builtin, make_builtin
 
@@ -32,6 +34,9 @@ FAMILIES: tuple[Family, ...] = (
     sparse.family,
     geometric.family,
     reward.family,
+    ops.family,
+    ops_geometric.family,
+    ops_sparse.family,
 )
 
 
@@ -45,6 +50,7 @@ class Registry:
         self.lowerings: dict[str, Callable[..., Any]] = {}
         self.describes: dict[str, Callable[..., str]] = {}
         self.value_types: list[str] = []
+        self.primitives: dict[str, Primitive] = {}
 
     @classmethod
     def of(cls, families: tuple[Family, ...]) -> Registry:
@@ -62,13 +68,15 @@ class Registry:
         names = [b.name for b in made]
         for table, new, what in ((self.builtins, names, "builtin"),
                                  (self.lowerings, list(family.lowerings), "lowering for op"),
-                                 (self.describes, list(family.describes), "rendering of op")):
+                                 (self.describes, list(family.describes), "rendering of op"),
+                                 (self.primitives, list(family.primitives), "primitive")):
             twice = [k for k in new if k in table or new.count(k) > 1]
             if twice:
                 raise ValueError(f"{what} '{twice[0]}' is declared twice (family '{family.name}')")
         self.builtins.update(zip(names, made, strict=True))
         self.lowerings.update(family.lowerings)
         self.describes.update(family.describes)
+        self.primitives.update(family.primitives)
         self.families.append(family)
 
     def copy(self) -> Registry:
@@ -78,6 +86,7 @@ class Registry:
         reg.lowerings = dict(self.lowerings)
         reg.describes = dict(self.describes)
         reg.value_types = list(self.value_types)
+        reg.primitives = dict(self.primitives)
         return reg
 
 

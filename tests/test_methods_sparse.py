@@ -29,7 +29,6 @@ from algebra.family import Family
 from algebra.graph import Node
 from algebra.lower import Lowerer, lin
 from algebra.methods.select import Select
-from algebra.ops import primitive
 from algebra.ops.sparse import top_mask
 from algebra.options import Options
 from algebra.plan import plan_tensors
@@ -444,13 +443,13 @@ def test_integer_tensors_come_from_the_base(tmp_path):
 # ---- a method defined by a user ---------------------------------------------------------------
 
 
-@primitive("test_sign_keep", arity=2)
+user = Family("test_user")  # a method of the user's own, added in a scoped registry
+
+
+@user.primitive("test_sign_keep", arity=2)
 def _sign_keep(base: torch.Tensor, m: torch.Tensor, limit: float) -> torch.Tensor:
     """base + clamp(m - base, -limit, limit): a task vector with bounded entries."""
     return torch.sub(m, base).clamp_(-limit, limit).add_(base)
-
-
-user = Family("test_user")  # a method of the user's own, added in a scoped registry
 
 
 @user.builtin("test_clipped(base: Checkpoint, m: Checkpoint, limit: Scalar)", "A clipped task vector.")

@@ -95,6 +95,7 @@ def test_the_registry_is_its_families():
     # every op a builtin builds lowers through a family, the core ops included
     assert {"add", "sub", "scale", "shift", "merge", "slerp", "slerp_tv", "align", "ties"} <= set(REGISTRY.lowerings)
     assert set(REGISTRY.value_types) == {"Reward", "Responses", "Pairs"}
+    assert {"mul", "div", "close_excess", "rdiv", "nearswap", "row_scale", "tv_combine"} <= set(REGISTRY.primitives)
 
 
 def test_a_name_declared_twice_is_refused():
