@@ -29,6 +29,7 @@ CACHES: tuple[Cache, ...] = (
     Cache("hashes", "sha256", "sha256 of checkpoint files, keyed by path, size and mtime"),
     Cache("scores", "rewards.sqlite", "reward scores, keyed by model content, text format and text"),
     Cache("generations", "generations", "generate() samples, keyed by policy content, prompt and options"),
+    Cache("parser", "parser", "the recipe parser's tables, keyed by grammar, lark and Python version"),
 )
 
 WHERE = "$ALG_CACHE, else $XDG_CACHE_HOME/alg, else ~/.cache/alg"

@@ -22,27 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import (
-    ast,
-    layer_builtins,  # noqa: F401  (registers builtins)
-    methods,  # noqa: F401  (registers the merge methods)
-    vocab,  # noqa: F401  (registers builtins)
-)
-from .builtins import (
-    BUILTINS,
-    Builtin,
-    Call,
-    bind,
-    check_type_expr,
-    conforms,
-    is_finite,
-    model_arith,
-    model_neg,
-    show_number,
-)
-from .builtins import (
-    show as show_value,
-)
+from . import ast
 from .errors import (
     _WARN,
     SIZE_ENV,
@@ -58,11 +38,24 @@ from .errors import (
 )
 from .graph import Node
 from .io.checkpoint import CheckpointSource, MemorySource, open_checkpoint
-from .io.files import absolute, joined, missing, resolved, stat_path
+from .io.files import absolute, joined, missing, read_source, resolved, stat_path
 from .options import Options
 from .parser import MAX_NESTING, parse
+from .registry import in_use
 from .resources import stdlib_dir, stdlib_names
-from .reward import builtins as _reward_builtins  # noqa: F401  (registers builtins)
+from .rules import model_arith, model_neg
+from .signature import (
+    Builtin,
+    Call,
+    bind,
+    check_type_expr,
+    conforms,
+    is_finite,
+    show_number,
+)
+from .signature import (
+    show as show_value,
+)
 from .source import Source, Span
 from .types import CheckpointType, type_name
 from .values import Closure, Env, Model, Namespace, Sink
@@ -128,7 +121,7 @@ class Checker:
         self.options = options or Options()
         self.base_dir = (base_dir or Path.cwd()).resolve()
         self.mode = mode  # "file": bare expressions warn; "repl": they show; "eval": last is result
-        self.builtins_env = Env(None, dict(BUILTINS))
+        self.builtins_env = Env(None, dict(in_use().builtins))
         self._sources: dict[tuple, CheckpointSource] = {}
         self._stdlib: dict[str, Env] = {}
         self._imports: dict[Path, Namespace] = {}
@@ -226,7 +219,7 @@ class Checker:
         if isinstance(stmt, ast.Def):
             for p in stmt.params:
                 if p.type is not None:
-                    check_type_expr(p.type)
+                    check_type_expr(p.type, in_use().value_types)
             env.values[stmt.name] = Closure(stmt.name, stmt.params, stmt.body, env, stmt.span)
             return None, False
         if isinstance(stmt, ast.Use):
@@ -272,7 +265,7 @@ class Checker:
         env = self.prelude_env.child()
         self._imports[path] = ns = Namespace(stmt.alias, env)  # a cycle finds it half-built
         try:
-            self._run_library(Source.from_file(path, stmt.path), env, stmt.path)
+            self._run_library(read_source(path, stmt.path), env, stmt.path)
         except AlgError as err:
             del self._imports[path]
             if err.span is None:  # the file itself could not be read
@@ -515,7 +508,7 @@ class Checker:
 
     def _Compare(self, e: ast.Compare, env: Env) -> Any:
         left, left_node = self.expr(e.operands[0], env), e.operands[0]
-        for op, right_node in zip(e.ops, e.operands[1:]):
+        for op, right_node in zip(e.ops, e.operands[1:], strict=True):
             right = self.expr(right_node, env)
             span = Span(e.span.source, left_node.span.start, right_node.span.end)
             if not _compare(op, left, right, span, left_node.span, right_node.span):

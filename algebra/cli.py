@@ -27,11 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .caches import WHERE
 from .errors import AlgError, AlgUsageError, Note, did_you_mean
 from .options import DEVICE_CHOICES, MIN_CHUNK_ELEMS, Options, check_device, chunk_problem
 from .source import Source
+from .version import __version__
 
 UsageError = AlgUsageError  # a bad option or argument: exit status 2
 
@@ -380,7 +380,9 @@ def demo(args: argparse.Namespace, options: Options) -> int:
 
 def recipe(args: argparse.Namespace, options: Options) -> int:
     """run, check, plan and score: check the recipe (with --set), then act."""
-    source = Source.from_file(_input_file(args.file, "recipe file"))  # unreadable: AlgIOError
+    from .io.files import read_source
+
+    source = read_source(_input_file(args.file, "recipe file"))  # unreadable: AlgIOError
     _check_set_values(source, args.set)
     if args.command == "score":
         _input_file(args.data, "data file")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from .errors import AlgError
 from .interpreter import Session
+from .io.files import read_source
 from .options import Options
 from .resources import examples_dir
-from .source import Source
 from .types import human_bytes
 
 RECIPES = ("dogerm.alg", "warp.alg", "rewards.alg", "dogerm_sweep.alg")
@@ -68,7 +68,7 @@ def run_demo(folder: Path, options: Options) -> int:
         say(f"\n$ alg run {recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe}")
         session = Session(options, folder, mode="file")
         try:
-            checked = session.check(Source.from_file(recipe))
+            checked = session.check(read_source(recipe))
             session.run_sinks(checked.sinks)
         except AlgError as e:
             print(e.format())

@@ -1,4 +1,4 @@
-"""Stage 3, the model-level graph: hash-consed nodes and the networkx DiGraph of a run.
+"""Stage 3, the model-level graph: hash-consed nodes.
 
 A `Node` is an operation on whole checkpoints (`load`, `add`, `merge`, `slerp`, ...).
 Nodes are frozen and interned: building the same operation on the same arguments twice
@@ -6,19 +6,23 @@ returns the same object, so a shared subexpression is one node and is computed o
 (common-subexpression elimination by construction). A node's type (tensor table,
 config) is computed by check and carried beside it, never inside the key.
 
-`build(sinks)` collects every node that the sinks need into one `networkx.DiGraph`
-(edges from argument to user), which `lower` and `plan` walk.
+A node's arguments are the graph: `lower` and `plan` follow them (`Node.walk`, the
+Lowerer's recursion). `build(roots)` collects every node the roots need into a
+`networkx.DiGraph` (edges from argument to user) for library users (`api.build`) and for
+listing a save's inputs (`inputs`).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
-
+from .family import in_use
 from .source import Span
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 _INTERN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -72,45 +76,29 @@ class Node:
                 stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
 
     def describe(self) -> str:
-        """A one-line rendering in alg syntax, for plans, `info` and model cards."""
+        """A one-line rendering in alg syntax, for plans, `info` and model cards. `load`
+        and `rename` (layer surgery, tied heads: surgery.py) are structure; every other op
+        renders as its family declares (family.describe), else as a call."""
         a = [x.describe() for x in self.args]
         p = self.params
         if self.op == "load":
             return f'load("{p[0].label}")'
-        if self.op in ("add", "sub", "mul", "div"):
-            return f"({a[0]} {dict(add='+', sub='-', mul='*', div='/')[self.op]} {a[1]})"
-        if self.op == "scale":
-            return f"-{a[0]}" if p[0] == -1 else f"{_fmt(p[0])} * {a[0]}"
-        if self.op == "shift":
-            return f"({a[0]} + {_fmt(p[0])})"
-        if self.op == "rdiv":
-            return f"({_fmt(p[0])} / {a[0]})"
-        if self.op == "merge":
-            return f"merge({a[0]}, {a[1]}, {_fmt(p[0])})"
-        if self.op == "slerp":
-            return f"slerp({a[0]}, {a[1]}, {_fmt(p[0])})"
-        if self.op == "rename":  # surgery.py: layers, stack, tied heads
+        if self.op == "rename":
             kind, info = p[0], p[1]
             if kind == "layers":
                 return f"layers({a[0]}, {info[0]}, {info[1]})"
             if kind == "stack":
                 return f"stack({', '.join(a)})"
             return a[0]
-        if self.op == "slerp_tv":
-            return f"slerp([{', '.join(a[1:])}], base={a[0]}, per={_fmt(p[0])})"
-        if self.op == "align":  # params: (alignment, which model); args: (model, *providers)
-            return f"align([{', '.join(a[1:])}], {p[0]!r})[{p[1]}]"
-        if self.op in DESCRIBE:
-            return DESCRIBE[self.op](self, a)
-        inner = ", ".join(a + [_fmt(x) for x in p])
+        render = in_use().describes.get(self.op)
+        if render is not None:
+            return render(self, a)
+        inner = ", ".join(a + [fmt_param(x) for x in p])
         return f"{self.op}({inner})"
 
 
-# How method modules render their ops: op -> fn(node, rendered args) -> alg text.
-DESCRIBE: dict[str, Any] = {}
-
-
-def _fmt(p: Any) -> str:
+def fmt_param(p: Any) -> str:
+    """A node parameter as alg text."""
     if isinstance(p, float):
         return f"{p:g}"
     if isinstance(p, str):
@@ -122,6 +110,8 @@ def build(roots: Iterable[Node]) -> nx.DiGraph:
     """The DiGraph of everything the roots need; node attribute `op`, edge attribute
     `pos` (argument position). Insertion order is deterministic (depth-first, arguments
     first), so iterating the graph's nodes is a valid, reproducible topological order."""
+    import networkx as nx  # only for library users (api.build) and the card's input list
+
     g = nx.DiGraph()
     for root in roots:
         for node in root.walk():

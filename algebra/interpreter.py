@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import execute, graph
-from .builtins import show
+from . import graph
 from .check import Checked, Checker, SaveRequest, bind_source
 from .errors import AlgError, AlgIOError, AlgTypeError
 from .io.checkpoint import CheckpointSource, MemorySource
+from .lazy import torch
 from .lower import Lowerer
 from .options import Options
 from .parser import parse
 from .plan import format_plan, plan_save, plan_tensors
+from .signature import show
 from .source import Source
 from .types import dtype_name, human_bytes, human_count, parse_size
 from .values import Model, Sink
@@ -73,6 +73,8 @@ class Session:
         # (a SLERP angle) computed once, however many saves use it
         lowerer = Lowerer()
         computes = any(s.kind in ("save", "assert_close") for s in sinks)
+        if computes:
+            from . import execute  # only a run that computes a tensor imports torch
         evaluator = execute.new_evaluator(self.options) if computes else None
         rewards_done = False
         for sink in sinks:
@@ -204,6 +206,8 @@ class Result:
         for node in self.model.node.walk():
             if node.op == "load" and isinstance(node.params[0], MemorySource):
                 return node.params[0].device
+        from . import execute
+
         return execute.resolve_device(self._interp.options.device)
 
     def plan(self) -> str:
@@ -219,6 +223,8 @@ class Result:
         if opts.device == "auto":
             opts = _with_device(opts, str(dev))
         tp = plan_tensors(self.model, opts, code)
+        from . import execute
+
         return execute.materialize(tp, opts, dev)
 
     def save(self, path: str | Path, dtype: str | None = None, shard_size: str | int = "5GB",
@@ -241,14 +247,41 @@ class Result:
                           parse_size(shard_size), force, None, guard)
         sp = plan_save(req, self._interp.options)
         base_dir = self._interp.session.checker.base_dir
+        from . import execute
+
         return execute.save(sp, self._interp.options, self._source_text, _hasher(self.model, base_dir),
                             base_dir=base_dir)
 
 
 def _with_device(opts: Options, device: str) -> Options:
-    from dataclasses import replace
-
     return replace(opts, device=device)
+
+
+def replay_recipe(recipe: Any) -> Any:
+    """The reward a `reward.trl.Recipe` gives, rebuilt in this process: its evals replayed
+    by checking alone, so no sink of an earlier eval runs again."""
+    from .reward.trl import ResultRef, assigned_reward
+    from .reward.values import Reward
+
+    # checked, never run: the outputs the evals wrote exist now and are no error
+    interp = Interpreter(options=replace(recipe.options, force=True), base_dir=recipe.base_dir)
+    checked = None
+    for text, bindings in recipe.history:
+        env = interp.session.checker.env
+        for name, value in bindings.items():
+            if isinstance(value, ResultRef):
+                value = interp.session.check(Source(value.text, "<eval>")).result
+            else:
+                value = interp._bind(name, value)
+            env.values[name] = value
+        checked = interp.session.check(Source(text, "<eval>"))
+    value = checked.result if checked is not None and checked.has_result else \
+        assigned_reward(interp.session.checker.env.values, recipe.history[-1][0]) if recipe.history else None
+    for i in recipe.index:
+        value = value[i] if isinstance(value, tuple) and i < len(value) else None
+    if not isinstance(value, Reward):
+        raise AlgTypeError("the recipe of this reward function no longer gives a reward")
+    return value
 
 
 class Interpreter:
@@ -292,7 +325,8 @@ class Interpreter:
 
             history = tuple((t, {k: ResultRef(v._source_text) if isinstance(v, Result) else v for k, v in b.items()})
                             for t, b in self._history)
-            recipe = Recipe(picklable_options(self.options), str(self.session.checker.base_dir), history, index)
+            recipe = Recipe(picklable_options(self.options), str(self.session.checker.base_dir), history, index,
+                            replay=replay_recipe)
             return RewardFunction(value, self.options, reward_name(self.session.checker.env.values, value, text),
                                   recipe)
         if isinstance(value, tuple):

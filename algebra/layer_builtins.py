@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .builtins import Call, builtin
 from .errors import AlgTypeError, did_you_mean
+from .family import Family
 from .schedule import RAMP_RULES, Ramp, Schedule, Where, as_param, compile_pattern
+from .signature import Call
 from .surgery import layer_stack, stack, take_layers
 from .values import Model
+
+family = Family("layers")
+builtin = family.builtin
 
 
 @builtin(

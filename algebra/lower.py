@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .arch import Arch, arch_of, layer_index
+from .family import in_use
 from .graph import Node
 from .ops import OPS
 from .ops.slerp import slerp_coefficients
@@ -522,26 +523,11 @@ def _label(key: tuple) -> str:
     return key[1]
 
 
-LOWERINGS: dict[str, Any] = {}
-
-
-def lowering(op: str):
-    """Register how a node op lowers: `fn(lowerer, node, name) -> TExpr` for one float
-    tensor `name` of the node's result. Method modules (`algebra/methods/`) register
-    their ops here instead of growing `Lowerer._lower`."""
-
-    def register(fn):
-        if op in LOWERINGS:
-            raise ValueError(f"lowering for op '{op}' is defined twice")
-        LOWERINGS[op] = fn
-        return fn
-
-    return register
-
-
 class Lowerer:
     """Lowers model-level nodes tensor by tensor, memoised so that a shared node (and the
-    reductions it needs) is lowered once."""
+    reductions it needs) is lowered once. `load` and `rename` are structure; every other
+    op lowers as its family declares (`family.lowering`, looked up in the registry in
+    use), or, for an elementwise primitive of `ops/`, to a `Map`."""
 
     def __init__(self) -> None:
         self._memo: dict[tuple[int, str], TExpr] = {}
@@ -579,35 +565,13 @@ class Lowerer:
         if not spec.is_float:
             # integer buffers (position ids, masks) are carried from the primary input
             return self.tensor(args[0], name)
-        # per-layer and per-tensor values (ramp, where) become this tensor's numbers
-        params = resolve_params(params, name, node.type)
-        T = lambda i: self.tensor(args[i], name)  # noqa: E731
-        if op == "add":
-            return lin([(1.0, T(0)), (1.0, T(1))])
-        if op == "sub":
-            return lin([(1.0, T(0)), (-1.0, T(1))])
-        if op == "scale":
-            return lin([(params[0], T(0))])
-        if op == "shift":
-            return lin([(1.0, T(0))], params[0])
-        if op in LOWERINGS:
-            return LOWERINGS[op](self, node, name)
+        lower = in_use().lowerings.get(op)
+        if lower is not None:  # the core ops (builtins.py) and every family's ops
+            return lower(self, node, name)
         if op in OPS:  # a registered elementwise primitive: tensor args, then scalar params
-            return Map(op, tuple(T(i) for i in range(len(args))), params, T(0).spec)
-        if op == "merge":
-            return self._merge(node, name, params)
-        if op == "slerp":
-            t, per = params
-            g = self._gram(node, name, per, lambda n: (self.tensor(args[0], n), self.tensor(args[1], n)), "slerp")
-            return lin([(SlerpCoef(g, t, 0), T(0)), (SlerpCoef(g, t, 1), T(1))])
-        if op == "slerp_tv":
-            base = T(0)
-            s = self._slerp_tv_vector(node, name, len(args) - 1)
-            return lin([(1.0, base), (1.0, s)])
-        if op == "align":
-            from .vocab import lower_align
-
-            return lower_align(self, node, name)
+            # per-layer and per-tensor values (ramp, where) become this tensor's numbers
+            params = resolve_params(params, name, node.type)
+            return Map(op, tuple(self.tensor(a, name) for a in args), params, self.tensor(args[0], name).spec)
         raise AssertionError(f"no lowering for op {op!r}")
 
     def _renames(self, node: Node) -> dict[str, tuple[int, str]]:
@@ -615,25 +579,6 @@ class Lowerer:
         if table is None:
             table = self._rename_tables[id(node)] = {out: (i, src) for out, i, src in node.params[2]}
         return table
-
-    def _merge(self, node: Node, name: str, params: tuple) -> TExpr:
-        rm, lm = node.args
-        lam, vocab_rows = params
-        a = self.tensor(rm, name)
-        if name not in lm.type.tensors:
-            return a  # only in rm: the score head is kept
-        b = self.tensor(lm, name)
-        rows = dict(vocab_rows).get(name)
-        if rows is None:
-            return lin([(1.0 - lam, a), (lam, b)])
-        row = math.prod(a.spec.shape[1:])
-        n = rows * row
-        head_spec = TensorSpec((rows, *a.spec.shape[1:]), a.spec.dtype)
-        tail_spec = TensorSpec((a.spec.shape[0] - rows, *a.spec.shape[1:]), a.spec.dtype)
-        head = lin([(1.0 - lam, Slice(a, 0, head_spec)), (lam, Slice(b, 0, TensorSpec(head_spec.shape, b.spec.dtype)))])
-        if tail_spec.numel == 0:
-            return head
-        return Cat((head, Slice(a, n, tail_spec)), a.spec)
 
     def _group(self, node: Node, name: str, per: str) -> tuple[tuple, list[str]]:
         groups = self._groups.get((id(node), per))
@@ -648,10 +593,11 @@ class Lowerer:
         return key, groups[key]
 
     def param(self, value: Any, node: Node, name: str) -> Any:
-        """A scalar parameter of `node` as it applies to tensor `name`. Every lowering
-        reads its scalar parameters through here, so that per-layer and per-tensor
-        values resolve in one place (numbers pass through; tuples are resolved item by
-        item)."""
+        """A scalar parameter of `node` as it applies to tensor `name`. Every family's
+        lowering (the core ops' in builtins.py included) reads its scalar parameters
+        through here, and a primitive's are resolved by the same `resolve_params`, so
+        that per-layer and per-tensor values resolve in one place (numbers pass through;
+        tuples are resolved item by item)."""
         return resolve_params((value,), name, node.type)[0]
 
     def reduction(self, key: tuple, make) -> Any:
@@ -666,7 +612,9 @@ class Lowerer:
         """The group key of tensor `name` and the float tensors of `node` sharing it."""
         return self._group(node, name, per)
 
-    def _gram(self, node: Node, name: str, per: str, pair, tag: str, step: int = 0) -> Gram:
+    def gram(self, node: Node, name: str, per: str, pair, tag: str, step: int = 0) -> Gram:
+        """The Gram reduction (dot products and norms of `pair(n)` for every tensor n of
+        the group of `name`) that SLERP-like ops share within a group, made once."""
         key, names = self._group(node, name, per)
         gkey = (id(node), key, step)
         g = self._grams.get(gkey)
@@ -676,7 +624,7 @@ class Lowerer:
             self._grams[gkey] = g
         return g
 
-    def _slerp_tv_vector(self, node: Node, name: str, k: int) -> TExpr:
+    def slerp_tv_vector(self, node: Node, name: str, k: int) -> TExpr:
         """The task vector s_k of WARP's SLERP over the first k models: s_1 = d_1,
         s_k = slerp(s_{k-1}, d_k, 1/k), with d_i = m_i - init."""
         key = (id(node), name, f"tv{k}")
@@ -687,19 +635,19 @@ class Lowerer:
         if k == 1:
             expr = delta(1, name)
         else:
-            g = self._gram(
+            g = self.gram(
                 node, name, per,
-                lambda n: (self._slerp_tv_vector(node, n, k - 1), delta(k, n)),
+                lambda n: (self.slerp_tv_vector(node, n, k - 1), delta(k, n)),
                 "slerp", step=k - 1 if len(node.args) > 3 else 0,
             )
             t = 1.0 / k
-            expr = lin([(SlerpCoef(g, t, 0), self._slerp_tv_vector(node, name, k - 1)), (SlerpCoef(g, t, 1), delta(k, name))])
+            expr = lin([(SlerpCoef(g, t, 0), self.slerp_tv_vector(node, name, k - 1)), (SlerpCoef(g, t, 1), delta(k, name))])
         self._memo[key] = expr
         return expr
 
 
 __all__ = [
-    "Cat", "Coef", "Gram", "GramMatrix", "LOWERINGS", "Leaf", "Lin", "Lowerer", "Map", "Reduction",
+    "Cat", "Coef", "Gram", "GramMatrix", "Leaf", "Lin", "Lowerer", "Map", "Reduction",
     "Rows", "SPick", "Slice", "SlerpCoef", "Solve", "Sym", "TExpr", "children", "coef_value", "expr_deps",
-    "group_key", "leaves", "lin", "lowering", "slerp_coefficients",
+    "group_key", "leaves", "lin", "slerp_coefficients",
 ]

@@ -14,7 +14,11 @@ one level however long it is, and the checker folds such chains without recursio
 from __future__ import annotations
 
 import ast as pyast
+import hashlib
+import os
 import re
+import sys
+import tempfile
 from functools import cache
 from typing import Any
 
@@ -22,6 +26,7 @@ import lark
 from lark import Lark, Token, Tree
 
 from . import ast
+from .caches import cache_path
 from .errors import AlgSyntaxError
 from .resources import grammar_path
 from .source import Source, Span
@@ -52,13 +57,33 @@ class _BracketNewlines:
 
 @cache
 def _lark() -> Lark:
-    return Lark.open(
-        str(grammar_path()),
-        parser="lalr",
-        propagate_positions=True,
-        postlex=_BracketNewlines(),
-        maybe_placeholders=True,
-    )
+    """The parser. Building its LALR tables takes about a third of a second, most of a
+    short command's start, so they are kept in the `parser` cache (caches.py), in a file
+    named after what they are built from; lark itself checks the grammar's digest when it
+    loads one. A file is written under a temporary name and renamed into place, so a
+    concurrent start reads a whole file or none; a failure to write it is no error."""
+    path = grammar_path()
+    options: dict[str, Any] = dict(parser="lalr", propagate_positions=True, postlex=_BracketNewlines(),
+                                   maybe_placeholders=True)
+    text = path.read_text(encoding="utf-8")
+    key = hashlib.sha256(f"{text}\0{lark.__version__}\0{sys.version_info[:2]}".encode()).hexdigest()[:24]
+    target = cache_path("parser") / f"alg-{key}.lark"
+    if target.is_file():
+        return Lark.open(str(path), cache=str(target), **options)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+    except OSError:
+        return Lark.open(str(path), **options)
+    os.unlink(tmp)  # lark writes the file itself (an empty one would read as corrupt)
+    parser = Lark.open(str(path), cache=tmp, **options)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return parser
 
 
 _PRETTY = {

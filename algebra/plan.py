@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from .io.safetensors import ShardLayout
 from .lower import (
     Cat,
@@ -209,6 +207,8 @@ def output_nbytes(model: Model, out_dtype: str | None = None) -> int:
 
 def order_steps(outs: list[OutTensor], chunk_elems: int, cs: int) -> tuple[list[Step], int]:
     """Order reductions and writes (see the module's policy) and predict the peak."""
+    import networkx as nx  # here, not at module level: `alg check` imports this module
+
     g = nx.DiGraph()
     rank: dict[Any, tuple] = {}
     grams: dict[int, Reduction] = {}

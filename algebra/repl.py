@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import ast
-from .builtins import BUILTINS, Builtin, show
 from .errors import AlgError, AlgNameError, AlgSyntaxError, AlgTypeError, did_you_mean
 from .interpreter import Session
-from .io.files import joined, missing
+from .io.files import joined, missing, read_source
 from .options import Options
 from .parser import parse, parse_expr
 from .plan import format_plan, plan_tensors
+from .registry import in_use
+from .signature import Builtin, show
 from .source import Source
 from .types import Function, type_name
 from .values import Closure, Model
@@ -287,7 +288,7 @@ class Repl:
 
     def _help_all(self) -> str:
         lines = ["builtins:"]
-        for b in sorted(BUILTINS.values(), key=lambda b: b.name):
+        for b in sorted(in_use().builtins.values(), key=lambda b: b.name):
             lines.append(f"  {b.signature()}")
             lines.append(f"      {_first_sentence(b.doc)}")
         lines.append("prelude:")
@@ -331,7 +332,7 @@ class Repl:
         if missing(path):
             self.error(f"alg: error: no such recipe file: '{arg.strip()}'")
             return
-        self._run(Source.from_file(path))  # an unreadable file is an AlgIOError
+        self._run(read_source(path))  # an unreadable file is an AlgIOError
 
     # ---- readline ----------------------------------------------------------------------
 

@@ -28,14 +28,6 @@ class Source:
                 starts.append(i + 1)
         self._line_starts = starts
 
-    @classmethod
-    def from_file(cls, path: str | Path, name: str | None = None) -> Source:
-        """A recipe file. It must be a regular UTF-8 file under the size limit; every
-        failure is an `AlgIOError` (see `algebra.io.files.read_source`)."""
-        from .io.files import read_source  # io imports errors, which imports this module
-
-        return read_source(path, name)
-
     def line_col(self, offset: int) -> tuple[int, int]:
         """1-based (line, column) of a character offset."""
         offset = max(0, min(offset, len(self.text)))

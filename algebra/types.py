@@ -14,27 +14,28 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from .io.checkpoint import CheckpointSource
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype code -> (torch's name for the dtype, bytes per element). Plain data:
+# checking and planning read sizes and names from here without importing torch; only
+# execution asks for the torch dtype itself (`torch_dtype`).
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _name):
-        DTYPES[_code] = (getattr(torch, _name), 1)
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
@@ -55,7 +56,10 @@ def dtype_name(code: str) -> str:
 
 
 def torch_dtype(code: str) -> torch.dtype:
-    return DTYPES[code][0]
+    """The torch dtype of a safetensors code (execution only: this imports torch)."""
+    import torch
+
+    return getattr(torch, DTYPES[code][0])
 
 
 def itemsize(code: str) -> int:
@@ -63,8 +67,10 @@ def itemsize(code: str) -> int:
 
 
 def code_of(dtype: torch.dtype) -> str:
-    for code, (td, _) in DTYPES.items():
-        if td == dtype:
+    import torch
+
+    for code, (name, _) in DTYPES.items():
+        if getattr(torch, name, None) == dtype:
             return code
     raise KeyError(f"unsupported tensor dtype {dtype}")
 
@@ -152,9 +158,9 @@ class Function:
 
 
 def type_name(value: Any) -> str:
-    """The alg name of a value's type, for messages and `:type`."""
-    from .values import Model, Namespace
-
+    """The alg name of a value's type, for messages and `:type`. Value classes defined
+    elsewhere (checkpoints, modules, rewards) name their type in a class attribute
+    `alg_type`."""
     if isinstance(value, bool):
         return "Bool"
     if isinstance(value, int | float):
@@ -163,12 +169,8 @@ def type_name(value: Any) -> str:
         return "String"
     if value is None:
         return "None"
-    if isinstance(value, Model):
-        return "Checkpoint"
     if isinstance(value, Function):
         return "Function"
-    if isinstance(value, Namespace):
-        return "Module"
     if isinstance(value, tuple):
         inner = sorted({type_name(v) for v in value})
         return f"List[{' | '.join(inner) if inner else 'Any'}]"

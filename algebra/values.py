@@ -9,7 +9,7 @@ REPL expression) for the executor to run, in program order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from . import ast
 from .graph import Node
@@ -23,6 +23,7 @@ class Model:
 
     node: Node
     type: CheckpointType
+    alg_type: ClassVar[str] = "Checkpoint"  # its name in alg (types.type_name)
 
     def __post_init__(self) -> None:
         # an interned node's type follows from its op, arguments and parameters, so the
@@ -50,6 +51,7 @@ class Closure(Function):
 class Namespace:
     name: str
     env: Env
+    alg_type: ClassVar[str] = "Module"
 
     def __repr__(self) -> str:
         return f"<module {self.name}>"

@@ -33,15 +33,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .builtins import Call, builtin, did_you_mean
-from .errors import AlgIOError, AlgShapeError, AlgTypeError, warn
+from .errors import AlgIOError, AlgShapeError, AlgTypeError, did_you_mean, warn
+from .family import Family
 from .graph import Node
 from .io.checkpoint import GENERATION_CONFIG, TOKENIZER_FILES
 from .io.tokenizer import Vocab, read_vocab
+from .lazy import np
+from .signature import Call
 from .types import CheckpointType, TensorSpec, TokenizerSpec, type_name
 from .values import Model
+
+family = Family("vocab")
+builtin = family.builtin
 
 # names of tensors whose rows may be tokens; a tensor counts only if its first dimension
 # also equals the model's vocabulary rows
@@ -445,6 +448,11 @@ def _generation_config(m: Model) -> dict[str, Any] | None:
 # ---- lowering and saving ----------------------------------------------------------------
 
 
+# params: (alignment, which model); args: (model, *providers)
+family.describe("align")(lambda node, a: f"align([{', '.join(a[1:])}], {node.params[0]!r})[{node.params[1]}]")
+
+
+@family.lowering("align")
 def lower_align(lowerer: Any, node: Node, name: str):
     """The tensor `name` of an aligned model: a `Rows` gather, or the input unchanged."""
     from .lower import Rows

@@ -135,7 +135,7 @@ CHOICES = "the choices are cpu, cuda, cuda:N (N = 0, 1, ...) or auto"
          ["alg score: error: --verbose: not an option of alg score (alg plan takes it)"]),
         (["repl", "--force"], ["alg repl: error: --force: not an option of alg repl (alg run, alg check"]),
         (["run", "dogerm.alg", "--verbose"], ["alg run: error: --verbose: not an option of alg run (alg plan takes it)"]),
-        (["cache", "clear", "nope"], ["alg cache clear: error: no cache named 'nope'; the caches are hashes, scores and generations"]),
+        (["cache", "clear", "nope"], ["alg cache clear: error: no cache named 'nope'; the caches are hashes, scores, generations and parser"]),
     ],
 )
 def test_usage_errors_name_the_fix_after_their_commands_usage(ws, args, lines):

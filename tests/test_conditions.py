@@ -16,7 +16,6 @@ from algebra.parser import parse, parse_expr
 from algebra.source import Source
 
 
-
 def value(text: str, base=None):
     ck = Checker(Options(device="cpu"), base, mode="eval")
     return ck.check(parse(Source(text, "t.alg"))).result
@@ -79,7 +78,7 @@ def bools(draw, depth=0) -> tuple[str, str, int]:
         ops = [draw(st.sampled_from(CMP_OPS)) for _ in range(n)]
         parts_a = [_wrap(operands[0][0], operands[0][2], SUM)]
         parts_p = [_wrap(operands[0][1], operands[0][2], SUM)]
-        for op, (a, p, pr) in zip(ops, operands[1:]):
+        for op, (a, p, pr) in zip(ops, operands[1:], strict=True):
             parts_a += [op, _wrap(a, pr, SUM)]
             parts_p += [op, _wrap(p, pr, SUM)]
         return " ".join(parts_a), " ".join(parts_p), CMP

@@ -454,7 +454,7 @@ def test_recipe_with_a_byte_order_mark_reads(tmp_path, capsys):
     """Editors on Windows write a UTF-8 byte-order mark; it is not a character of the recipe."""
     recipe = tmp_path / "bom.alg"
     recipe.write_bytes(b"\xef\xbb\xbfx = 1\n")
-    assert Source.from_file(recipe).text == "x = 1\n"
+    assert read_source(recipe).text == "x = 1\n"
     assert main(["check", str(recipe)]) == 0, capsys.readouterr().err
 
 

@@ -23,16 +23,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from algebra import api
-from algebra.builtins import builtin, derived
 from algebra.errors import AlgError
 from algebra.execute import new_evaluator
+from algebra.family import Family
 from algebra.graph import Node
 from algebra.lower import Lowerer, lin
 from algebra.methods.select import Select
-from algebra.ops import primitive
 from algebra.ops.sparse import top_mask
 from algebra.options import Options
 from algebra.plan import plan_tensors
+from algebra.registry import scoped
 
 F64 = dict(compute_dtype="float64")
 
@@ -443,15 +443,19 @@ def test_integer_tensors_come_from_the_base(tmp_path):
 # ---- a method defined by a user ---------------------------------------------------------------
 
 
-@primitive("test_sign_keep", arity=2)
+user = Family("test_user")  # a method of the user's own, added in a scoped registry
+
+
+@user.primitive("test_sign_keep", arity=2)
 def _sign_keep(base: torch.Tensor, m: torch.Tensor, limit: float) -> torch.Tensor:
     """base + clamp(m - base, -limit, limit): a task vector with bounded entries."""
     return torch.sub(m, base).clamp_(-limit, limit).add_(base)
 
 
-@builtin("test_clipped(base: Checkpoint, m: Checkpoint, limit: Scalar)", "A clipped task vector.")
+@user.builtin("test_clipped(base: Checkpoint, m: Checkpoint, limit: Scalar)", "A clipped task vector.")
 def _clipped(call, base, m, limit):
     from algebra.methods.common import same_as_base
+    from algebra.rules import derived
 
     same_as_base(call, base, (m,), "base", "m")
     return derived(Node("test_sign_keep", (base.node, m.node), (float(limit),), span=call.span), base)
@@ -460,7 +464,9 @@ def _clipped(call, base, m, limit):
 def test_user_defined_method_in_python_and_in_alg(family, f64, tmp_path):
     """One decorated primitive and a builtin over it; then a method written in alg (an
     imported .alg file) over the builtins."""
-    out = _run(family, "test_clipped(b, m1, 0.0002)", **F64)
+    with scoped() as registry:
+        registry.add(user)
+        out = _run(family, "test_clipped(b, m1, 0.0002)", **F64)
     for k, b in f64["base"].items():
         if b.is_floating_point():
             ref = b + (f64["math"][k] - b).clamp(-0.0002, 0.0002)

@@ -397,13 +397,13 @@ def test_terminal_session_exits_zero_after_errors(tmp_path):
 
 def test_help_shows_each_whole_first_sentence(tmp_path):
     """`:help` gives each function's first sentence whole: "et al." or "e.g." end none."""
-    from algebra.builtins import BUILTINS
+    from algebra.registry import REGISTRY
 
     out = run(":help\n", tmp_path)
     assert "Model Stock (Jang et al. 2024), per tensor: " in out
     assert "floats allowed, e.g. range(0, 1.01, 0.1).\n" in out
     lines = out.splitlines()
-    for b in BUILTINS.values():
+    for b in REGISTRY.builtins.values():
         flat = " ".join(b.doc.split())
         got = lines[lines.index(f"  {b.signature()}") + 1].strip()
         assert flat.startswith(got) and got.endswith("."), b.name

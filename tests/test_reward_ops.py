@@ -17,9 +17,9 @@ import pytest
 from test_reward import Direct, rows, run_rewards
 
 from algebra import AlgError, Interpreter
-from algebra.builtins import BUILTINS
 from algebra.convert.signatures import builtin_signatures, function_names
 from algebra.errors import AlgTypeError
+from algebra.registry import in_use
 from algebra.reward import ops
 from algebra.reward.ops import POINTWISE, PointwiseOp
 
@@ -240,7 +240,7 @@ def test_the_registry_and_the_converters_names_import_no_numpy():
 
 
 def test_registration_errors_leave_the_registry_as_it_was():
-    before, builtins_before = dict(POINTWISE), dict(BUILTINS)
+    before, builtins_before = dict(POINTWISE), dict(in_use().builtins)
     with ops.scoped():
         with pytest.raises(ValueError, match="exists"):
             ops.register(PointwiseOp("logsig", 1, lambda x: x, "again"))
@@ -250,7 +250,7 @@ def test_registration_errors_leave_the_registry_as_it_was():
             ops.register(PointwiseOp("nullary", 0, lambda: 0.0, "nothing in"))
         with pytest.raises(ValueError, match="help text"):
             ops.register(PointwiseOp("undocumented", 1, lambda x: x, ""))
-    assert POINTWISE == before and BUILTINS == builtins_before
+    assert POINTWISE == before and in_use().builtins == builtins_before
 
 
 # ---- adding one: a reward transform defined in this test only ------------------------------------
@@ -270,11 +270,11 @@ def r_softplus(x: float) -> float:
 
 
 def test_adding_a_reward_transform_is_one_registration(ws, rms):
-    assert "softplus" not in POINTWISE and "softplus" not in BUILTINS
+    assert "softplus" not in POINTWISE and "softplus" not in in_use().builtins
     with ops.scoped():
         ops.register(SOFTPLUS)
         # an alg function, with its help, and a name the converter will not use for a variable
-        assert BUILTINS["softplus"].doc == SOFTPLUS.doc
+        assert in_use().builtins["softplus"].doc == SOFTPLUS.doc
         assert "softplus" in function_names() and builtin_signatures()["softplus"].params == ("x",)
         # on numbers, out to the extremes
         interp = Interpreter(device="cpu")
@@ -298,7 +298,7 @@ score(r, "data/prompts_responses.jsonl", "out/s.jsonl")
             assert row["soft"] == pytest.approx(r_softplus(h - g), abs=1e-4)
             assert row["reward"] == pytest.approx(r_softplus(h - g) + r_softplus(2.0) * g - r_softplus(h + 1), abs=1e-4)
     # nothing leaks: not in the registry, not an alg function, not a converter name
-    assert "softplus" not in POINTWISE and "softplus" not in BUILTINS and "softplus" not in function_names()
+    assert "softplus" not in POINTWISE and "softplus" not in in_use().builtins and "softplus" not in function_names()
     with pytest.raises(AlgError, match="softplus"):
         Interpreter(device="cpu").eval("softplus(1)")
 
@@ -306,6 +306,6 @@ score(r, "data/prompts_responses.jsonl", "out/s.jsonl")
 def test_a_scope_is_undone_when_its_block_fails():
     with pytest.raises(RuntimeError), ops.scoped():
         ops.register(SOFTPLUS)
-        assert "softplus" in BUILTINS
+        assert "softplus" in in_use().builtins
         raise RuntimeError
-    assert "softplus" not in POINTWISE and "softplus" not in BUILTINS
+    assert "softplus" not in POINTWISE and "softplus" not in in_use().builtins

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..types import dtype_name, human_bytes
+from ..version import __version__
 from .remote_code import card_note
 
 CARD_MARK = "Made by alg"  # how a later save knows an earlier alg output

@@ -16,10 +16,9 @@ import stat
 from functools import cached_property
 from pathlib import Path
 
-import torch
-
 from ..caches import cache_path
 from ..errors import AlgIOError
+from ..lazy import torch
 from ..types import TensorSpec, code_of
 from .files import kind_of, read_json, stat_path
 from .safetensors import SafetensorsFile, pickle_refusal

@@ -21,9 +21,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import AlgIOError
+from ..lazy import torch
 from ..types import DTYPES, TensorSpec, itemsize, torch_dtype
 from .files import open_regular
 

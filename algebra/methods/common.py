@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..builtins import Call, same_tables
 from ..errors import AlgTypeError
+from ..rules import same_tables
+from ..signature import Call
 from ..types import type_name
 from ..values import Model
 

@@ -22,12 +22,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ..builtins import Call, builtin, derived, same_tables
 from ..errors import AlgRuntimeError, AlgTypeError
-from ..graph import DESCRIBE, Node
-from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin, lowering
+from ..family import Family
+from ..graph import Node
+from ..lazy import np
+from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin
 from ..ops.geometric import (
     grid_pieces,
     karcher_coefficients,
@@ -35,8 +34,13 @@ from ..ops.geometric import (
     multislerp_coefficients,
     nuslerp_coefficients,
 )
+from ..rules import derived, same_tables
+from ..signature import Call
 from ..values import Model
-from .common import model_list, per_model, same_as_base, with_tokenizer
+from .common import TOKENIZER_PARAM, model_list, per_model, same_as_base, with_tokenizer
+
+family = Family("geometric")
+builtin = family.builtin
 
 # ---- row-wise reductions and coefficients --------------------------------------------------
 
@@ -186,7 +190,7 @@ def _number(call: Call, v: Any, param: str, lo: float | None = None, lo_open: bo
 
 @builtin(
     "model_stock(base: Checkpoint, ms: List[Checkpoint], filter_wise: Bool = false, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Model Stock (Jang et al. 2024), per tensor: with task vectors d_i = m_i - base, c the "
     "mean pairwise cosine of the d_i and N = len(ms), t = N*c / (1 + (N-1)*c) and the "
     "result is t*mean(ms) + (1-t)*base. A zero task vector has cosine 0 with every other; "
@@ -202,7 +206,7 @@ def _model_stock(call: Call, base: Model, ms: Any, filter_wise: bool, tokenizer:
     return derived(node, base)
 
 
-@lowering("model_stock")
+@family.lowering("model_stock")
 def _lower_model_stock(low: Lowerer, node: Node, name: str) -> TExpr:
     (filter_wise,) = node.params
     base, deltas = _vectors(low, node, name, True)
@@ -225,7 +229,7 @@ def _lower_model_stock(low: Lowerer, node: Node, name: str) -> TExpr:
     return lin([(1.0, base), (1.0, _row_scaled(mean_delta, "row", rg.width, s, 0))])
 
 
-DESCRIBE["model_stock"] = lambda node, a: (
+family.describes["model_stock"] = lambda node, a: (
     f"model_stock({a[0]}, [{', '.join(a[1:])}]" + (", filter_wise=true)" if node.params[0] else ")"))
 
 
@@ -235,7 +239,7 @@ DESCRIBE["model_stock"] = lambda node, a: (
 @builtin(
     "nuslerp(a: Checkpoint, b: Checkpoint, t: Param | List[Param], base: Checkpoint | None = none, "
     "flatten: Bool = true, row_wise: Bool = false, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "NuSLERP (mergekit): spherical interpolation from a (t=0) to b (t=1), "
     "sin((1-t)W)/sin(W)*a + sin(tW)/sin(W)*b with W the angle between them; with base, of "
     "the task vectors a-base and b-base, added to base. t may be mergekit's pair of weights "
@@ -275,7 +279,7 @@ def _nuslerp_t(low: Lowerer, node: Node, name: str, t: Any) -> float:
     return float(low.param(t, node, name))
 
 
-@lowering("nuslerp")
+@family.lowering("nuslerp")
 def _lower_nuslerp(low: Lowerer, node: Node, name: str) -> TExpr:
     t_param, flatten, row_wise, has_base = node.params
     t = _nuslerp_t(low, node, name, t_param)
@@ -303,7 +307,7 @@ def _describe_nuslerp(node: Node, a: list[str]) -> str:
     return text + ")"
 
 
-DESCRIBE["nuslerp"] = _describe_nuslerp
+family.describes["nuslerp"] = _describe_nuslerp
 
 
 # ---- multislerp and karcher -------------------------------------------------------------------
@@ -334,7 +338,7 @@ def _weight_sum_nonzero(call: Call, ws: tuple[Any, ...], positive: bool) -> None
 @builtin(
     "multislerp(ms: List[Checkpoint], weights: Param | List[Param], base: Checkpoint | None = none, "
     "normalize: Bool = true, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Multi-SLERP (mergekit), per tensor: the weighted barycentre of the models' unit "
     "directions on the sphere, rescaled by the weighted mean norm sum w_i*|m_i|; with base, "
     "of the task vectors m_i - base, added to base. As mergekit computes it: the normalised "
@@ -353,7 +357,7 @@ def _multislerp(call: Call, ms: Any, weights: Any, base: Model | None, normalize
     return derived(node, base if base is not None else models[0])
 
 
-@lowering("multislerp")
+@family.lowering("multislerp")
 def _lower_multislerp(low: Lowerer, node: Node, name: str) -> TExpr:
     ws, normalize, has_base = node.params
     if len(node.args) == 1 + has_base:
@@ -371,7 +375,7 @@ def _lower_multislerp(low: Lowerer, node: Node, name: str) -> TExpr:
 @builtin(
     "karcher(ms: List[Checkpoint], weights: Param | List[Param] | None = none, "
     "base: Checkpoint | None = none, max_iter: Int = 10, tol: Scalar = 1e-5, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Karcher mean (mergekit), per tensor: the weighted geodesic (Riemannian) mean of the "
     "models' unit directions on the sphere, found by at most max_iter fixed-point steps "
     "(stopping when a step is shorter than tol), rescaled by the weighted mean norm "
@@ -395,7 +399,7 @@ def _karcher(call: Call, ms: Any, weights: Any, base: Model | None, max_iter: An
     return derived(node, base if base is not None else models[0])
 
 
-@lowering("karcher")
+@family.lowering("karcher")
 def _lower_karcher(low: Lowerer, node: Node, name: str) -> TExpr:
     ws, max_iter, tol, has_base = node.params
     if len(node.args) == 1 + has_base:
@@ -422,9 +426,9 @@ def _describe_list(op: str, extra):
     return describe
 
 
-DESCRIBE["multislerp"] = _describe_list(
+family.describes["multislerp"] = _describe_list(
     "multislerp", lambda n: [_fmt(n.params[0])] + ([] if n.params[1] else ["normalize=false"]))
-DESCRIBE["karcher"] = _describe_list(
+family.describes["karcher"] = _describe_list(
     "karcher", lambda n: [f"weights={_fmt(n.params[0])}", f"max_iter={n.params[1]}", f"tol={n.params[2]:g}"])
 
 
@@ -433,7 +437,7 @@ DESCRIBE["karcher"] = _describe_list(
 
 @builtin(
     "nearswap(base: Checkpoint, m: Checkpoint, t: Param, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "NearSwap (mergekit), elementwise: base + w*(m - base) with w = clamp(t/|base - m|, 0, 1) "
     "(w = 1 where they are equal): elements of m within t of base are taken whole, distant "
     "ones move toward m by t/|base - m|. t must be greater than 0. base's config.",
@@ -445,7 +449,7 @@ def _nearswap(call: Call, base: Model, m: Model, t: Any, tokenizer: Any) -> Mode
     return derived(Node("nearswap", (base.node, m.node), (t,), span=call.span), base)
 
 
-@lowering("nearswap")
+@family.lowering("nearswap")
 def _lower_nearswap(low: Lowerer, node: Node, name: str) -> TExpr:
     t = float(low.param(node.params[0], node, name))
     if not t > 0:
@@ -454,4 +458,4 @@ def _lower_nearswap(low: Lowerer, node: Node, name: str) -> TExpr:
     return Map("nearswap", (base, m), (t,), base.spec)
 
 
-DESCRIBE["nearswap"] = lambda node, a: f"nearswap({a[0]}, {a[1]}, {_fmt(node.params[0])})"
+family.describes["nearswap"] = lambda node, a: f"nearswap({a[0]}, {a[1]}, {_fmt(node.params[0])})"

@@ -26,9 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
+from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops.sparse import population_var, top_mask, trim_heap
 

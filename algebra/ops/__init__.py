@@ -6,7 +6,9 @@ chunk-sized buffers it allocates beyond its result (for the planner's memory
 prediction). No I/O and no globals inside a primitive. Linear combinations are not
 primitives: `lower.lin` folds them and the executor accumulates them in place.
 
-Add a primitive with `@primitive("name", arity=N)`; `lower` refers to it by name.
+Declare a primitive on a family with `@family.primitive("name", arity=N)` (here: the
+`ops` family's `primitive`); the registry (registry.py) assembles them, and `OPS` is the
+registry in use's table; `lower` refers to a primitive by name.
 Two flags widen what a primitive may depend on: `positional` (it receives `e0=`, the
 index of the chunk's first element in its own tensor, for rules that depend on an
 element's position: counter-based random draws, ties broken by index) and `rowwise`
@@ -16,47 +18,30 @@ a range to whole rows, and the planner aligns write chunks to rows).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
+from collections.abc import Iterator, Mapping
 
 from ..errors import did_you_mean
+from ..family import Family, Primitive, in_use
+from ..lazy import torch
+
+family = Family("ops")
+primitive = family.primitive
 
 
-@dataclass(frozen=True)
-class Primitive:
-    name: str
-    fn: Callable[..., torch.Tensor]
-    arity: int  # tensor arguments (-1: any number); scalar parameters follow them
-    doc: str
-    # extra chunk-sized buffers alive during the call, beyond the result: a number, or a
-    # function of the Map expression (for primitives whose scratch depends on their arity)
-    scratch: float | Callable[[object], float] = 0
-    positional: bool = False  # fn receives e0= (see the module docstring)
-    # fn sees whole rows of its result's last dimension (or a function of the Map
-    # expression saying whether this call needs them)
-    rowwise: bool | Callable[[object], bool] = False
+class _InUse(Mapping):
+    """The primitives of the registry in use (family.in_use), by name."""
 
-    def scratch_for(self, expr: object) -> float:
-        return float(self.scratch(expr) if callable(self.scratch) else self.scratch)
+    def __getitem__(self, name: str) -> Primitive:
+        return in_use().primitives[name]
 
-    def rowwise_for(self, expr: object) -> bool:
-        return bool(self.rowwise(expr) if callable(self.rowwise) else self.rowwise)
+    def __iter__(self) -> Iterator[str]:
+        return iter(in_use().primitives)
+
+    def __len__(self) -> int:
+        return len(in_use().primitives)
 
 
-OPS: dict[str, Primitive] = {}
-
-
-def primitive(name: str, arity: int, scratch: float | Callable[[object], float] = 0,
-              positional: bool = False, rowwise: bool | Callable[[object], bool] = False):
-    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        if name in OPS:
-            raise ValueError(f"primitive '{name}' is defined twice")
-        OPS[name] = Primitive(name, fn, arity, (fn.__doc__ or "").strip(), scratch, positional, rowwise)
-        return fn
-
-    return register
+OPS: Mapping[str, Primitive] = _InUse()
 
 
 def get(name: str) -> Primitive:

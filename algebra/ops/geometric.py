@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import torch
+from ..family import Family
+from ..lazy import np, torch
 
-from . import primitive
+family = Family("ops.geometric")
+primitive = family.primitive
 
 # NuSLERP: directions within this much of (anti)parallel (|sin W| below it) interpolate
 # linearly, as mergekit's nuslerp does.

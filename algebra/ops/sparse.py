@@ -27,9 +27,11 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-import torch
+from ..family import Family
+from ..lazy import torch
 
-from . import primitive
+family = Family("ops.sparse")
+primitive = family.primitive
 
 M32 = 0xFFFFFFFF
 DRAW_BITS = 24

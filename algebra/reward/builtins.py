@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..builtins import BUILTINS, Call, builtin, is_finite, register_type
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
+from ..family import Family
 from ..io.files import absolute, joined, resolved
 from ..io.remote_code import code_markers
+from ..signature import Call, is_finite
 from ..types import type_name
 from ..values import Model, Sink
 from . import ops
@@ -39,9 +40,13 @@ from .values import (
     is_number,
 )
 
-register_type("Reward", lambda v: isinstance(v, Reward))
-register_type("Responses", lambda v: isinstance(v, Responses | Generated))
-register_type("Pairs", lambda v: isinstance(v, Pairs))
+family = Family("reward")
+builtin = family.builtin
+# a value is of these types when its class says so (alg_type): Reward and its kinds,
+# Responses and Generated, Pairs
+family.value_type("Reward")
+family.value_type("Responses")
+family.value_type("Pairs")
 
 DEFAULT_TEMPLATE = "{prompt}\n{response}"
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
@@ -285,8 +290,6 @@ def _declare(op: PointwiseOp) -> Callable[[], None]:
     name, header = op.name, op.header
     if header is None:
         return lambda: None
-    if name in BUILTINS:
-        raise ValueError(f"'{name}' is an alg function already")
 
     def impl(call: Call, **kw: Any) -> Any:
         if op.arity is None:
@@ -315,11 +318,31 @@ def _declare(op: PointwiseOp) -> Callable[[], None]:
             raise call.error(AlgTypeError, f"{name}({', '.join(map(str, args))}) is not a finite number", at)
         return out
 
-    builtin(header, op.doc, variadic=op.arity is None)(impl)
-    return lambda: BUILTINS.pop(name, None)
+    if _AT_IMPORT:  # one of this family's builtins, assembled with it by registry.py
+        builtin(header, op.doc, variadic=op.arity is None)(impl)
+        return lambda: None
+    # an op registered later (a test, an extension): a family of its own, added to the
+    # registry in use and taken out again by the retraction
+    from ..family import in_use
+
+    reg = in_use()
+    if name in reg.builtins:
+        raise ValueError(f"'{name}' is an alg function already")
+    own = Family(f"reward op {name}")
+    own.builtin(header, op.doc, variadic=op.arity is None)(impl)
+    reg.add(own)
+
+    def retract() -> None:
+        reg.builtins.pop(name, None)
+        if own in reg.families:
+            reg.families.remove(own)
+
+    return retract
 
 
+_AT_IMPORT = True
 ops.watch(_declare)
+_AT_IMPORT = False
 
 
 # ---- per-prompt baselines and normalisation ---------------------------------------------------

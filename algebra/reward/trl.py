@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -75,29 +76,14 @@ class Recipe:
     history: tuple[tuple[str, dict[str, Any]], ...]
     index: tuple[int, ...] = ()  # where the reward is in the last eval's value (a list of rewards)
 
-    def build(self) -> Reward:
-        from ..interpreter import Interpreter
-        from ..source import Source
+    # rebuilds the reward from this recipe (interpreter.replay_recipe, a module-level
+    # function, so a recipe pickles by reference to it)
+    replay: Callable[[Recipe], Reward] | None = None
 
-        # checked, never run: the outputs the evals wrote exist now and are no error
-        interp = Interpreter(options=replace(self.options, force=True), base_dir=self.base_dir)
-        checked = None
-        for text, bindings in self.history:
-            env = interp.session.checker.env
-            for name, value in bindings.items():
-                if isinstance(value, ResultRef):
-                    value = interp.session.check(Source(value.text, "<eval>")).result
-                else:
-                    value = interp._bind(name, value)
-                env.values[name] = value
-            checked = interp.session.check(Source(text, "<eval>"))
-        value = checked.result if checked is not None and checked.has_result else \
-            assigned_reward(interp.session.checker.env.values, self.history[-1][0]) if self.history else None
-        for i in self.index:
-            value = value[i] if isinstance(value, tuple) and i < len(value) else None
-        if not isinstance(value, Reward):
-            raise AlgTypeError("the recipe of this reward function no longer gives a reward")
-        return value
+    def build(self) -> Reward:
+        if self.replay is None:
+            raise AlgTypeError("this reward function's recipe cannot be replayed")
+        return self.replay(self)
 
 
 def picklable_options(options: Options) -> Options:
