@@ -133,7 +133,7 @@ CHOICES = "the choices are cpu, cuda, cuda:N (N = 0, 1, ...) or auto"
         (["demo", "--set", "lam=1"], ["alg demo: error: --set: not an option of alg demo"]),
         (["score", "dogerm.alg", "r", "--data", "d", "--out", "o", "--verbose"],
          ["alg score: error: --verbose: not an option of alg score (alg plan takes it)"]),
-        (["repl", "--force"], ["alg repl: error: --force: not an option of alg repl (alg run, alg check"]),
+        (["repl", "--force"], ["alg repl: error: --force: not an option of alg repl (alg run, alg check, alg plan and alg score take it)"]),
         (["run", "dogerm.alg", "--verbose"], ["alg run: error: --verbose: not an option of alg run (alg plan takes it)"]),
         (["cache", "clear", "nope"], ["alg cache clear: error: no cache named 'nope'; the caches are hashes, scores and generations"]),
     ],
@@ -192,7 +192,7 @@ def test_options_are_those_the_command_uses():
     assert run | bars <= takes["run"] and bars <= takes["score"]
     assert [name for name in takes if bars & takes[name]] == ["run", "score"]
     assert takes["check"] == takes["run"] - bars and takes["plan"] == takes["run"] - bars | {"--verbose"}
-    assert {"--data", "--out", "--set", "--device", "--float64", "--chunk"} <= takes["score"]
+    assert {"--data", "--out", "--force", "--set", "--device", "--float64", "--chunk"} <= takes["score"]
     for name in ("repl", "demo"):  # they define no recipe names and write no named output
         assert {"--device", "--float64", "--chunk"} <= takes[name] and not {"--set", "--force"} & takes[name]
     assert [name for name in takes if "--set" in takes[name]] == ["run", "check", "plan", "score"]
