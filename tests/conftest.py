@@ -96,3 +96,27 @@ def quiet_interpreter(base: Path, **kw):
                          base_dir=base)
     interp.warnings = warnings  # type: ignore[attr-defined]
     return interp
+
+
+def alg_main(*args: str, cwd: Path):
+    """`alg ARGS` run in this process: `algebra.cli.main` in `cwd`, with stdout and stderr
+    of its own and argparse's SystemExit (usage errors, --help) taken as the exit status.
+    Returns a `subprocess.CompletedProcess`, as `subprocess.run([... "-m", "algebra", ...])`
+    would. It saves each test the seconds of a `python -m algebra` start-up; a test whose
+    point is the process boundary (signals, the real entry point's exit status) runs a
+    subprocess instead, and each command keeps at least one such test."""
+    import contextlib
+    import io
+    import subprocess
+
+    from algebra.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return subprocess.CompletedProcess(["alg", *args], code, out.getvalue(), err.getvalue())

@@ -25,16 +25,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import quiet_interpreter
+from conftest import alg_main, quiet_interpreter
 
 from algebra.errors import AlgError
 
-ALG = [sys.executable, "-m", "algebra"]
-
-
-def alg(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*ALG, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+def alg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`alg ARGS` in this process (tests/conftest.py `alg_main`): the same output and exit
+    status without a start-up; the signal tests below run real subprocesses."""
+    return alg_main(*args, cwd=cwd)
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -152,16 +152,19 @@ def test_every_transformers_loader_in_alg_refuses_remote_code():
 # ---- the chunk size ------------------------------------------------------------------------
 
 
-def test_a_tiny_chunk_is_a_usage_error_with_a_hint(tmp_path):
+def test_a_tiny_chunk_is_a_usage_error_with_a_hint(tmp_path, monkeypatch):
+    from conftest import alg_main
+
+    monkeypatch.setattr(Options, "min_chunk", MIN_CHUNK_ELEMS)  # the floor users get
     (tmp_path / "r.alg").write_text('x = 1\n')
     for n in (1, MIN_CHUNK_ELEMS - 1):
         r = subprocess.run([*ALG, "check", "r.alg", "--chunk", str(n)], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300)  # as a user gets it: the floor conftest does not lower
         assert r.returncode == 2, r.stderr
         assert f"--chunk must be a positive number of elements, at least {MIN_CHUNK_ELEMS}, not {n}" in r.stderr
         assert "Traceback" not in r.stderr
-    r = subprocess.run([*ALG, "check", "r.alg", "--chunk", str(MIN_CHUNK_ELEMS)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+        assert alg_main("check", "r.alg", "--chunk", str(n), cwd=tmp_path).stderr == r.stderr
+    r = alg_main("check", "r.alg", "--chunk", str(MIN_CHUNK_ELEMS), cwd=tmp_path)  # in this process: no start-up
     assert r.returncode == 0, r.stderr
 
 
