@@ -14,6 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# One intra-op thread, here and in the `python -m algebra` subprocesses tests start (an
+# OMP_NUM_THREADS of the caller's wins): the tests' tensors are tiny, so a second thread
+# only adds synchronisation, and on a busy machine every parallel region waits for it to be
+# scheduled (a forward pass of the tiny reward model: 12 ms on one thread, 0.2-0.6 s on two
+# at a load of 10). The real-model tier keeps torch's own choice, TORCH_THREADS
+# (tests/real/conftest.py).
+TORCH_THREADS = torch.get_num_threads()
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
