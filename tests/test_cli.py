@@ -181,7 +181,7 @@ def test_check_force(ws):
     (ws / "out" / "exists").mkdir(parents=True, exist_ok=True)
     r = alg("check", "exists.alg", cwd=ws)
     assert r.returncode == 1 and "'out/exists' already exists" in r.stderr
-    r = alg("check", "exists.alg", "--force", cwd=ws)
+    r = alg_main("check", "exists.alg", "--force", cwd=ws)
     assert r.returncode == 0 and r.stdout == "exists.alg: ok (1 save)\n", r.stderr
 
 

@@ -20,6 +20,7 @@ within it. The default run takes about a minute; `-m fuzz` runs a ten times long
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -112,9 +113,10 @@ PRELUDE = 'a = load("models/base"); b = load("models/math"); m = load("models/rl
 MAX_DEPTH = 24  # rule levels; a bare literal is already 7 deep (expr, sum, ..., atom)
 
 
+@functools.cache
 def _grammar():
     """The parser's rules as origin -> expansions (lists of symbol names), each rule's
-    minimal derivation depth, and how each anonymous terminal is written."""
+    minimal derivation depth, and how each anonymous terminal is written (computed once)."""
     lark = _lark()
     rules: dict[str, list[list[tuple[str, bool]]]] = {}
     for r in lark.rules:
@@ -139,18 +141,34 @@ def _grammar():
     return rules, depth, literal
 
 
+@functools.cache
+def _choices():
+    """One sampled_from strategy per rule (all its expansions, and the shallowest ones
+    that end a derivation past MAX_DEPTH) and per kind of terminal, built once: a
+    strategy made afresh for each of a recipe's thousands of draws is validated and
+    labelled afresh, which was most of the generator's time."""
+    rules, depth, _ = _grammar()
+
+    def d(e):
+        return 1 + max((depth[s] for s, t in e if not t), default=0)
+
+    full = {name: st.sampled_from(exps) for name, exps in rules.items()}
+    shallow = {name: st.sampled_from([e for e in exps if d(e) == min(map(d, exps))])
+               for name, exps in rules.items()}
+    terminals = {"NAME": st.sampled_from(NAMES), "NUMBER": st.sampled_from(NUMBERS),
+                 "STRING": st.sampled_from(STRINGS)}
+    return full, shallow, terminals
+
+
 @st.composite
 def grammar_recipes(draw) -> str:
-    rules, depth, literal = _grammar()
+    _, _, literal = _grammar()
+    full, shallow, terminals = _choices()
     out: list[str] = []
 
     def terminal(name: str) -> str:
-        if name == "NAME":
-            return draw(st.sampled_from(NAMES))
-        if name == "NUMBER":
-            return draw(st.sampled_from(NUMBERS))
-        if name == "STRING":
-            return draw(st.sampled_from(STRINGS))
+        if name in terminals:
+            return draw(terminals[name])
         if name == "_NL":
             return "\n"
         assert literal.get(name) is not None, f"no spelling for terminal {name}"
@@ -163,11 +181,8 @@ def grammar_recipes(draw) -> str:
         if term:
             out.append(terminal(sym))
             continue
-        exps = rules[sym]
-        if level >= MAX_DEPTH:  # only the shallowest ways out from here
-            best = min(1 + max((depth[s] for s, t in e if not t), default=0) for e in exps)
-            exps = [e for e in exps if 1 + max((depth[s] for s, t in e if not t), default=0) == best]
-        exp = draw(st.sampled_from(exps))
+        # past MAX_DEPTH, only the shallowest ways out from here
+        exp = draw(shallow[sym] if level >= MAX_DEPTH else full[sym])
         todo.extend((s, t, level + 1) for s, t in reversed(exp))
     return PRELUDE + " ".join(out)
 
