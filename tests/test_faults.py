@@ -308,7 +308,10 @@ def _start_paused(cwd: Path, recipe: str) -> tuple[subprocess.Popen, Path]:
     return proc, ready
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+# SIGHUP takes SIGTERM's handler (cli._install_signal_handlers installs one for both): its
+# case repeats SIGTERM's path in a subprocess of its own, so it runs in the slow tier
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)],
+                         ids=lambda s: s.name)
 def test_signal_mid_save_leaves_nothing(tiny, tmp_path, sig):
     (tmp_path / "x.alg").write_text('save(load("tiny/base") * 2, "out/m")\n')
     proc, _ = _start_paused(tmp_path, "x.alg")

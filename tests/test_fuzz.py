@@ -15,7 +15,8 @@ Only parse + check run (no save, no weights read), against the tiny fixture chec
 Each recipe gets RECIPE_SECONDS of wall-clock time, enforced with SIGALRM; it exists to
 catch hangs, not to time anything, so it is generous for a loaded machine, and the
 fuzz lowers the check-time step budget (ALG_MAX_STEPS) so a budget error comes well
-within it. The default run takes about a minute; `-m fuzz` runs a ten times longer tier.
+within it. The default tier checks DEFAULT_EXAMPLES recipes per generator, the slow tier
+(`-m slow`, which CI runs) SLOW_EXAMPLES, and `-m fuzz` FUZZ_EXAMPLES, by hand.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted([*ROOT.glob("examples/*.alg"), *ROOT.glob("tests/alg/*.alg")])
 RECIPE_SECONDS = 20
 FUZZ_STEPS = "200000"
-DEFAULT_EXAMPLES = 150  # per generator; the `fuzz` tier runs ten times as many
+# recipes per generator: the default tier, the slow tier (CI runs it) and the long `fuzz`
+# tier, run by hand (each test derives its own fixed seed, so each tier checks other recipes)
+DEFAULT_EXAMPLES, SLOW_EXAMPLES, FUZZ_EXAMPLES = 50, 150, 1500
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="needs SIGALRM to bound each recipe")
 
@@ -277,22 +280,43 @@ def test_builtin_calls_check_or_fail_positioned(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
 
 
+@pytest.mark.slow
+@_settings(SLOW_EXAMPLES)
+@given(text=grammar_recipes())
+def test_grammar_recipes_more(fuzz_ws, text):
+    check_outcome(fuzz_ws, text)
+
+
+@pytest.mark.slow
+@_settings(SLOW_EXAMPLES)
+@given(text=mutated_recipes())
+def test_mutated_examples_more(fuzz_ws, text):
+    check_outcome(fuzz_ws, text)
+
+
+@pytest.mark.slow
+@_settings(SLOW_EXAMPLES)
+@given(text=call_recipes())
+def test_builtin_calls_more(fuzz_ws, text):
+    check_outcome(fuzz_ws, text)
+
+
 @pytest.mark.fuzz
-@_settings(DEFAULT_EXAMPLES * 10)
+@_settings(FUZZ_EXAMPLES)
 @given(text=call_recipes())
 def test_builtin_calls_long(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
 
 
 @pytest.mark.fuzz
-@_settings(DEFAULT_EXAMPLES * 10)
+@_settings(FUZZ_EXAMPLES)
 @given(text=grammar_recipes())
 def test_grammar_recipes_long(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
 
 
 @pytest.mark.fuzz
-@_settings(DEFAULT_EXAMPLES * 10)
+@_settings(FUZZ_EXAMPLES)
 @given(text=mutated_recipes())
 def test_mutated_examples_long(fuzz_ws, text):
     check_outcome(fuzz_ws, text)

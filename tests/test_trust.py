@@ -103,8 +103,10 @@ def test_a_merge_is_judged_by_the_folder_transformers_would_read(ws):
 
 
 def test_alg_check_refuses_with_a_position_and_exit_1(ws):
+    from conftest import alg_main  # in this process: the same output and status, no start-up
+
     (ws / "r.alg").write_text('r = reward("rm_tokenizer")\n')
-    r = subprocess.run([*ALG, "check", "r.alg"], cwd=ws, capture_output=True, text=True, timeout=300)
+    r = alg_main("check", "r.alg", cwd=ws)
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("r.alg:1:12: error: reward() would load this checkpoint"), r.stderr
     assert "Traceback" not in r.stderr
