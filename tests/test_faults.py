@@ -29,6 +29,7 @@ from conftest import alg_main, quiet_interpreter
 
 from algebra.errors import AlgError
 
+
 def alg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`alg ARGS` in this process (tests/conftest.py `alg_main`): the same output and exit
     status without a start-up; the signal tests below run real subprocesses."""
