@@ -265,6 +265,7 @@ def _settings(n: int):
 @_settings(DEFAULT_EXAMPLES)
 @given(text=grammar_recipes())
 def test_grammar_recipes_check_or_fail_positioned(fuzz_ws, text):
+    _lark().parse(text)  # the generator follows the grammar (as the test below checks alone)
     check_outcome(fuzz_ws, text)
 
 
@@ -328,6 +329,7 @@ def test_the_examples_check(fuzz_ws):
         assert check_outcome(fuzz_ws, path.read_text(encoding="utf-8")) == "ok", path.name
 
 
+@pytest.mark.slow  # the default tier parses every recipe it checks: the same assertion
 def test_the_grammar_generator_makes_valid_programs():
     """Every generated recipe is accepted by the grammar: the generator follows it (a
     syntax error would mean it does not, and the fuzz would test only the error path)."""
