@@ -3,7 +3,7 @@
     alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--force]
     alg check FILE      types, names, shapes and dtypes from headers; reads no weight
     alg plan FILE       the steps and the predicted peak memory
-    alg score FILE NAME --data D --out O   score D's rows with the recipe's reward NAME
+    alg score FILE NAME --data D --out O [--force]   score D's rows with the recipe's reward NAME
     alg repl            an interactive session (piped input: a script, no prompts)
     alg demo [--dir D]  build small demo checkpoints and run the example recipes
     alg convert mergekit CONFIG.yml [-o OUT.alg]   a mergekit config as an alg recipe
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("name", metavar="NAME", help="the recipe's name for the reward")
     sc.add_argument("--data", required=True, help="JSONL rows with 'prompt' and 'response'")
     sc.add_argument("--out", required=True, help="JSONL output: the rows with a 'reward' field")
+    sc.add_argument("--force", action="store_true", help="replace an existing --out file")
     _set_opt(sc)
     _device_opt(sc)
     _compute_opts(sc)

@@ -14,6 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# One intra-op thread, here and in the `python -m algebra` subprocesses tests start (an
+# OMP_NUM_THREADS of the caller's wins): the tests' tensors are tiny, so a second thread
+# only adds synchronisation, and on a busy machine every parallel region waits for it to be
+# scheduled (a forward pass of the tiny reward model: 12 ms on one thread, 0.2-0.6 s on two
+# at a load of 10). The real-model tier keeps torch's own choice, TORCH_THREADS
+# (tests/real/conftest.py).
+TORCH_THREADS = torch.get_num_threads()
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,3 +106,27 @@ def quiet_interpreter(base: Path, **kw):
                          base_dir=base)
     interp.warnings = warnings  # type: ignore[attr-defined]
     return interp
+
+
+def alg_main(*args: str, cwd: Path):
+    """`alg ARGS` run in this process: `algebra.cli.main` in `cwd`, with stdout and stderr
+    of its own and argparse's SystemExit (usage errors, --help) taken as the exit status.
+    Returns a `subprocess.CompletedProcess`, as `subprocess.run([... "-m", "algebra", ...])`
+    would. It saves each test the seconds of a `python -m algebra` start-up; a test whose
+    point is the process boundary (signals, the real entry point's exit status) runs a
+    subprocess instead, and each command keeps at least one such test."""
+    import contextlib
+    import io
+    import subprocess
+
+    from algebra.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return subprocess.CompletedProcess(["alg", *args], code, out.getvalue(), err.getvalue())

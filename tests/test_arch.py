@@ -44,15 +44,6 @@ def root(tmp_path_factory) -> Path:
     return r
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny forward passes: on a busy machine, a second OpenMP thread costs ~1 s each
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def warnings() -> list:
     return []

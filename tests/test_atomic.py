@@ -188,18 +188,16 @@ def test_a_python_api_run_with_a_failing_save_leaves_nothing(family, tmp_path, m
 
 
 def test_the_command_line_refuses_an_existing_score_output_without_force(ws):
-    import subprocess
-    import sys
+    from conftest import alg_main  # in this process: the same output and status, no start-up
 
     (ws / "r.alg").write_text('score(reward("models/rm-helpful"), "data/prompts_responses.jsonl", "o.jsonl")\n')
     (ws / "o.jsonl").write_text("mine\n")
-    r = subprocess.run([sys.executable, "-m", "algebra", "check", "r.alg"], cwd=ws, capture_output=True, text=True)
+    r = alg_main("check", "r.alg", cwd=ws)
     assert r.returncode == 1
     assert ("r.alg:1:68: error: 'o.jsonl' already exists; pass overwrite=true to score(), or --force to alg run"
             in r.stderr)
     assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "algebra", "check", "--force", "r.alg"], cwd=ws, capture_output=True,
-                       text=True)
+    r = alg_main("check", "--force", "r.alg", cwd=ws)
     assert r.returncode == 0, r.stderr
 
 

@@ -1,4 +1,7 @@
-"""The command line, run as a subprocess (`python -m algebra` is the `alg` script)."""
+"""The command line. Each command runs at least once as a subprocess (`python -m algebra`
+is the `alg` script: `alg`); the other cases call `algebra.cli.main` in this process
+(`alg_main`, tests/conftest.py), which checks the same output and exit status without a
+start-up each."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import alg_main
 from safetensors.torch import load_file, save_file
 
 from algebra.cli import main
@@ -48,7 +52,7 @@ def test_run_example_with_set(ws, read):
 
 
 def test_run_warp_example(ws):
-    r = alg("run", "warp.alg", cwd=ws)
+    r = alg_main("run", "warp.alg", cwd=ws)
     assert r.returncode == 0, r.stderr
     for name in ("warp-iter1", "warp-eta0.5", "ema-anchor"):
         assert (ws / "out" / name / "model.safetensors.index.json").is_file()
@@ -64,12 +68,12 @@ def test_check_and_plan_read_no_weights(ws, tmp_path):
     save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, nan / "model.safetensors")
     shutil.copyfile(ws / "models" / "sft" / "config.json", nan / "config.json")
     (tmp_path / "r.alg").write_text('save(lerp(load("models/nan"), load("models/nan"), 0.5), "out")\n')
-    r = alg("check", "r.alg", cwd=tmp_path)
+    r = alg_main("check", "r.alg", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "r.alg: ok (1 save)", r.stdout + r.stderr
-    r = alg("plan", "r.alg", cwd=tmp_path)
+    r = alg_main("plan", "r.alg", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "predicted peak working memory" in r.stdout and "write   model.norm.weight" in r.stdout
-    r = alg("run", "r.alg", cwd=tmp_path)
+    r = alg_main("run", "r.alg", cwd=tmp_path)
     assert r.returncode == 1
     assert "r.alg:1:1: error: tensor" in r.stderr and "is not finite" in r.stderr
     assert "holds nan" in r.stderr
@@ -78,7 +82,7 @@ def test_check_and_plan_read_no_weights(ws, tmp_path):
 
 def test_plan_verbose_lists_every_step(ws):
     short = alg("plan", "warp.alg", cwd=ws)
-    full = alg("plan", "warp.alg", "--verbose", cwd=ws)
+    full = alg_main("plan", "warp.alg", "--verbose", cwd=ws)
     assert short.returncode == full.returncode == 0
     assert "more steps (alg plan --verbose shows all)" in short.stdout
     assert "more steps" not in full.stdout
@@ -98,7 +102,7 @@ def test_plan_verbose_lists_every_step(ws):
     ],
 )
 def test_usage_errors_exit_2(ws, args, message):
-    r = alg(*args, cwd=ws)
+    r = alg_main(*args, cwd=ws)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -133,14 +137,14 @@ CHOICES = "the choices are cpu, cuda, cuda:N (N = 0, 1, ...) or auto"
         (["demo", "--set", "lam=1"], ["alg demo: error: --set: not an option of alg demo"]),
         (["score", "dogerm.alg", "r", "--data", "d", "--out", "o", "--verbose"],
          ["alg score: error: --verbose: not an option of alg score (alg plan takes it)"]),
-        (["repl", "--force"], ["alg repl: error: --force: not an option of alg repl (alg run, alg check"]),
+        (["repl", "--force"], ["alg repl: error: --force: not an option of alg repl (alg run, alg check, alg plan and alg score take it)"]),
         (["run", "dogerm.alg", "--verbose"], ["alg run: error: --verbose: not an option of alg run (alg plan takes it)"]),
         (["cache", "clear", "nope"], ["alg cache clear: error: no cache named 'nope'; the caches are hashes, scores, generations and parser"]),
     ],
 )
 def test_usage_errors_name_the_fix_after_their_commands_usage(ws, args, lines):
     (ws / "param.alg").touch()  # whatever test_set_string_value wrote, this folder holds it
-    r = alg(*args, cwd=ws)
+    r = alg_main(*args, cwd=ws)
     assert r.returncode == 2, (r.returncode, r.stderr)
     command = " ".join(a for a in args[:2] if a in ("run", "check", "plan", "score", "repl", "demo", "convert", "cache", "clear"))
     assert r.stderr.startswith(f"usage: alg {command} "), r.stderr
@@ -149,17 +153,30 @@ def test_usage_errors_name_the_fix_after_their_commands_usage(ws, args, lines):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def test_usage_errors_of_the_real_entry_point(ws):
+    """The cases above run in this process; through `python -m algebra`, a usage error of
+    the parser and one of alg's own reach the same exit status 2 and stderr."""
+    def words(text):  # the usage is wrapped to the terminal's width, which may differ here
+        return text.split()
+
+    for args in ([], ["run", "dogerm.alg", "--device", "tpu"]):
+        r = alg(*args, cwd=ws)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert words(r.stderr) == words(alg_main(*args, cwd=ws).stderr), r.stderr
+    assert "'tpu' is not a device" in r.stderr and r.stderr.startswith("usage: alg run ")
+
+
 def test_set_value_taken_as_a_string_is_blamed_on_set(ws):
     """Where the recipe's value is computed, the type error at its use names --set."""
     (ws / "computed.alg").write_text('lam = 0.1 + 0.2\nsave(merge(load("models/rm"), load("models/math"), lam), "out/c")\n')
-    r = alg("check", "computed.alg", "--set", "lam=abc", cwd=ws)
+    r = alg_main("check", "computed.alg", "--set", "lam=abc", cwd=ws)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("usage: alg check ")
     assert ('alg check: error: --set lam=abc: the value given with --set is not a number, true/false, '
             'none or a list, so lam is the string "abc", which the recipe cannot use here') in r.stderr
     assert "computed.alg:2:52: note: argument 'lam' of merge() must be Param, not String" in r.stderr
     # a string where the recipe has a string is fine
-    r = alg("check", "computed.alg", "--set", "lam=0.4", cwd=ws)
+    r = alg_main("check", "computed.alg", "--set", "lam=0.4", cwd=ws)
     assert r.returncode == 0, r.stderr
 
 
@@ -168,12 +185,12 @@ def test_check_force(ws):
     (ws / "out" / "exists").mkdir(parents=True, exist_ok=True)
     r = alg("check", "exists.alg", cwd=ws)
     assert r.returncode == 1 and "'out/exists' already exists" in r.stderr
-    r = alg("check", "exists.alg", "--force", cwd=ws)
+    r = alg_main("check", "exists.alg", "--force", cwd=ws)
     assert r.returncode == 0 and r.stdout == "exists.alg: ok (1 save)\n", r.stderr
 
 
 def test_help_describes_merges_rewards_and_caches(tmp_path):
-    r = alg("--help", cwd=tmp_path)
+    r = alg_main("--help", cwd=tmp_path)
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     assert "merge checkpoints" in text and "compose reward models" in text
@@ -192,7 +209,7 @@ def test_options_are_those_the_command_uses():
     assert run | bars <= takes["run"] and bars <= takes["score"]
     assert [name for name in takes if bars & takes[name]] == ["run", "score"]
     assert takes["check"] == takes["run"] - bars and takes["plan"] == takes["run"] - bars | {"--verbose"}
-    assert {"--data", "--out", "--set", "--device", "--float64", "--chunk"} <= takes["score"]
+    assert {"--data", "--out", "--force", "--set", "--device", "--float64", "--chunk"} <= takes["score"]
     for name in ("repl", "demo"):  # they define no recipe names and write no named output
         assert {"--device", "--float64", "--chunk"} <= takes[name] and not {"--set", "--force"} & takes[name]
     assert [name for name in takes if "--set" in takes[name]] == ["run", "check", "plan", "score"]
@@ -225,7 +242,7 @@ def test_cuda_index_past_the_devices(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_unavailable_is_a_user_error(ws):
-    r = alg("run", "dogerm.alg", "--device", "cuda", "--set", "lam=0.7", cwd=ws)
+    r = alg_main("run", "dogerm.alg", "--device", "cuda", "--set", "lam=0.7", cwd=ws)
     assert r.returncode == 1
     assert "CUDA is not available" in r.stderr
     assert not (ws / "out" / "dogerm-0.7").exists()
@@ -234,7 +251,7 @@ def test_cuda_unavailable_is_a_user_error(ws):
 def test_set_string_value_and_float64(ws, read):
     recipe = ws / "param.alg"
     recipe.write_text('src = "models/math"\nt = 0.25\nsave(lerp(load("models/sft"), load(src), t), "out/param", overwrite=true)\n')
-    r = alg("run", "param.alg", "--set", "src=models/rl1", "--set", "t=0.75", "--float64", cwd=ws)
+    r = alg_main("run", "param.alg", "--set", "src=models/rl1", "--set", "t=0.75", "--float64", cwd=ws)
     assert r.returncode == 0, r.stderr
     a, b, got = read(ws / "models" / "sft"), read(ws / "models" / "rl1"), read(ws / "out" / "param")
     for name in ("model.norm.weight", "lm_head.weight"):

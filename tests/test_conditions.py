@@ -98,13 +98,24 @@ def bools(draw, depth=0) -> tuple[str, str, int]:
             f"{_wrap(p1, r1, prec)} {kind} {_wrap(p2, r2, prec + 1)}", prec)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.one_of(ints(), bools()))
-def test_precedence_matches_python(expr):
+def _matches_python(expr):
     alg_text, py_text, _ = expr
     expected = eval(py_text)  # noqa: S307 - our own generated arithmetic and logic
     got = value(alg_text)
     assert got == expected and type(got) is type(expected), (alg_text, py_text, got, expected)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.one_of(ints(), bools()))
+def test_precedence_matches_python(expr):
+    _matches_python(expr)
+
+
+@pytest.mark.slow  # the same property on three times the expressions
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.one_of(ints(), bools()))
+def test_precedence_matches_python_long(expr):
+    _matches_python(expr)
 
 
 @pytest.mark.parametrize("alg_text, py_text", [

@@ -25,16 +25,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import quiet_interpreter
+from conftest import alg_main, quiet_interpreter
 
 from algebra.errors import AlgError
 
-ALG = [sys.executable, "-m", "algebra"]
 
-
-def alg(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*ALG, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+def alg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`alg ARGS` in this process (tests/conftest.py `alg_main`): the same output and exit
+    status without a start-up; the signal tests below run real subprocesses."""
+    return alg_main(*args, cwd=cwd)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -310,7 +309,10 @@ def _start_paused(cwd: Path, recipe: str) -> tuple[subprocess.Popen, Path]:
     return proc, ready
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+# SIGHUP takes SIGTERM's handler (cli._install_signal_handlers installs one for both): its
+# case repeats SIGTERM's path in a subprocess of its own, so it runs in the slow tier
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)],
+                         ids=lambda s: s.name)
 def test_signal_mid_save_leaves_nothing(tiny, tmp_path, sig):
     (tmp_path / "x.alg").write_text('save(load("tiny/base") * 2, "out/m")\n')
     proc, _ = _start_paused(tmp_path, "x.alg")

@@ -15,11 +15,13 @@ Only parse + check run (no save, no weights read), against the tiny fixture chec
 Each recipe gets RECIPE_SECONDS of wall-clock time, enforced with SIGALRM; it exists to
 catch hangs, not to time anything, so it is generous for a loaded machine, and the
 fuzz lowers the check-time step budget (ALG_MAX_STEPS) so a budget error comes well
-within it. The default run takes about a minute; `-m fuzz` runs a ten times longer tier.
+within it. The default tier checks DEFAULT_EXAMPLES recipes per generator, the slow tier
+(`-m slow`, which CI runs) SLOW_EXAMPLES, and `-m fuzz` FUZZ_EXAMPLES, by hand.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -39,7 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted([*ROOT.glob("examples/*.alg"), *ROOT.glob("tests/alg/*.alg")])
 RECIPE_SECONDS = 20
 FUZZ_STEPS = "200000"
-DEFAULT_EXAMPLES = 150  # per generator; the `fuzz` tier runs ten times as many
+# recipes per generator: the default tier, the slow tier (CI runs it) and the long `fuzz`
+# tier, run by hand (each test derives its own fixed seed, so each tier checks other recipes)
+DEFAULT_EXAMPLES, SLOW_EXAMPLES, FUZZ_EXAMPLES = 50, 150, 1500
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="needs SIGALRM to bound each recipe")
 
@@ -112,9 +116,10 @@ PRELUDE = 'a = load("models/base"); b = load("models/math"); m = load("models/rl
 MAX_DEPTH = 24  # rule levels; a bare literal is already 7 deep (expr, sum, ..., atom)
 
 
+@functools.cache
 def _grammar():
     """The parser's rules as origin -> expansions (lists of symbol names), each rule's
-    minimal derivation depth, and how each anonymous terminal is written."""
+    minimal derivation depth, and how each anonymous terminal is written (computed once)."""
     lark = _lark()
     rules: dict[str, list[list[tuple[str, bool]]]] = {}
     for r in lark.rules:
@@ -139,18 +144,34 @@ def _grammar():
     return rules, depth, literal
 
 
+@functools.cache
+def _choices():
+    """One sampled_from strategy per rule (all its expansions, and the shallowest ones
+    that end a derivation past MAX_DEPTH) and per kind of terminal, built once: a
+    strategy made afresh for each of a recipe's thousands of draws is validated and
+    labelled afresh, which was most of the generator's time."""
+    rules, depth, _ = _grammar()
+
+    def d(e):
+        return 1 + max((depth[s] for s, t in e if not t), default=0)
+
+    full = {name: st.sampled_from(exps) for name, exps in rules.items()}
+    shallow = {name: st.sampled_from([e for e in exps if d(e) == min(map(d, exps))])
+               for name, exps in rules.items()}
+    terminals = {"NAME": st.sampled_from(NAMES), "NUMBER": st.sampled_from(NUMBERS),
+                 "STRING": st.sampled_from(STRINGS)}
+    return full, shallow, terminals
+
+
 @st.composite
 def grammar_recipes(draw) -> str:
-    rules, depth, literal = _grammar()
+    _, _, literal = _grammar()
+    full, shallow, terminals = _choices()
     out: list[str] = []
 
     def terminal(name: str) -> str:
-        if name == "NAME":
-            return draw(st.sampled_from(NAMES))
-        if name == "NUMBER":
-            return draw(st.sampled_from(NUMBERS))
-        if name == "STRING":
-            return draw(st.sampled_from(STRINGS))
+        if name in terminals:
+            return draw(terminals[name])
         if name == "_NL":
             return "\n"
         assert literal.get(name) is not None, f"no spelling for terminal {name}"
@@ -163,11 +184,8 @@ def grammar_recipes(draw) -> str:
         if term:
             out.append(terminal(sym))
             continue
-        exps = rules[sym]
-        if level >= MAX_DEPTH:  # only the shallowest ways out from here
-            best = min(1 + max((depth[s] for s, t in e if not t), default=0) for e in exps)
-            exps = [e for e in exps if 1 + max((depth[s] for s, t in e if not t), default=0) == best]
-        exp = draw(st.sampled_from(exps))
+        # past MAX_DEPTH, only the shallowest ways out from here
+        exp = draw(shallow[sym] if level >= MAX_DEPTH else full[sym])
         todo.extend((s, t, level + 1) for s, t in reversed(exp))
     return PRELUDE + " ".join(out)
 
@@ -247,6 +265,7 @@ def _settings(n: int):
 @_settings(DEFAULT_EXAMPLES)
 @given(text=grammar_recipes())
 def test_grammar_recipes_check_or_fail_positioned(fuzz_ws, text):
+    _lark().parse(text)  # the generator follows the grammar (as the test below checks alone)
     check_outcome(fuzz_ws, text)
 
 
@@ -262,22 +281,43 @@ def test_builtin_calls_check_or_fail_positioned(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
 
 
+@pytest.mark.slow
+@_settings(SLOW_EXAMPLES)
+@given(text=grammar_recipes())
+def test_grammar_recipes_more(fuzz_ws, text):
+    check_outcome(fuzz_ws, text)
+
+
+@pytest.mark.slow
+@_settings(SLOW_EXAMPLES)
+@given(text=mutated_recipes())
+def test_mutated_examples_more(fuzz_ws, text):
+    check_outcome(fuzz_ws, text)
+
+
+@pytest.mark.slow
+@_settings(SLOW_EXAMPLES)
+@given(text=call_recipes())
+def test_builtin_calls_more(fuzz_ws, text):
+    check_outcome(fuzz_ws, text)
+
+
 @pytest.mark.fuzz
-@_settings(DEFAULT_EXAMPLES * 10)
+@_settings(FUZZ_EXAMPLES)
 @given(text=call_recipes())
 def test_builtin_calls_long(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
 
 
 @pytest.mark.fuzz
-@_settings(DEFAULT_EXAMPLES * 10)
+@_settings(FUZZ_EXAMPLES)
 @given(text=grammar_recipes())
 def test_grammar_recipes_long(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
 
 
 @pytest.mark.fuzz
-@_settings(DEFAULT_EXAMPLES * 10)
+@_settings(FUZZ_EXAMPLES)
 @given(text=mutated_recipes())
 def test_mutated_examples_long(fuzz_ws, text):
     check_outcome(fuzz_ws, text)
@@ -289,6 +329,7 @@ def test_the_examples_check(fuzz_ws):
         assert check_outcome(fuzz_ws, path.read_text(encoding="utf-8")) == "ok", path.name
 
 
+@pytest.mark.slow  # the default tier parses every recipe it checks: the same assertion
 def test_the_grammar_generator_makes_valid_programs():
     """Every generated recipe is accepted by the grammar: the generator follows it (a
     syntax error would mean it does not, and the fuzz would test only the error path)."""

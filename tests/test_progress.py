@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_folder
+from conftest import alg_main, read_folder
 from tqdm import tqdm
 
 from algebra import Interpreter, Options
@@ -66,7 +66,9 @@ def run_on_pty(args: list[str], cwd: Path, size: tuple[int, int] = (30, 120)) ->
 
 
 def piped(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*ALG, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    """The CLI with stdout and stderr that are no terminal (in this process: the
+    subprocess runs above are the ones on a terminal)."""
+    return alg_main(*args, cwd=cwd)
 
 
 def _expected(ws: Path) -> tuple[int, str]:

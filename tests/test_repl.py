@@ -337,8 +337,12 @@ def test_piped_repl_is_a_script(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_piped_repl_without_errors_exits_zero(tmp_path):
-    proc = alg_repl("def f(t) = t * 3\nf(5)\n:type f\n", tmp_path)
+def test_piped_repl_without_errors_exits_zero(tmp_path, monkeypatch):
+    """`alg repl` on a pipe's text, in this process (the subprocess above runs one)."""
+    from conftest import alg_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(t) = t * 3\nf(5)\n:type f\n"))
+    proc = alg_main("repl", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "15\nFunction f(t)\n"
     assert proc.stderr == ""

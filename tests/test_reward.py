@@ -53,8 +53,14 @@ class Direct:
         self.model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.template = template
+        self.seen: dict[tuple[str, str], float] = {}  # a text's score, computed once
 
     def __call__(self, prompt: str, response: str) -> float:
+        if (prompt, response) not in self.seen:
+            self.seen[prompt, response] = self._score(prompt, response)
+        return self.seen[prompt, response]
+
+    def _score(self, prompt: str, response: str) -> float:
         if self.template is None:
             msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             ids = self.tok(self.tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False,

@@ -104,21 +104,42 @@ def test_dogerm_sweep_writes_table_and_png(ws, rms, monkeypatch):
     assert again.loads == 0 and (ws / "out" / "dogerm_sweep.png").read_bytes() == png
 
 
-def test_alg_score_and_plan_on_the_command_line(ws):
+def test_alg_score_and_plan_on_the_command_line(ws, monkeypatch, capsys):
     (ws / "rewards.alg").write_text((EXAMPLES / "rewards.alg").read_text())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    cmd = [sys.executable, "-m", "algebra", "score", "rewards.alg", "r", "--data", "data/prompts_responses.jsonl",
-           "--out", "out/cli.jsonl", "--device", "cpu"]
-    p = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    args = ["score", "rewards.alg", "r", "--data", "data/prompts_responses.jsonl", "--out", "out/cli.jsonl",
+            "--device", "cpu"]
+    p = subprocess.run([sys.executable, "-m", "algebra", *args], cwd=ws, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr
     out = rows(ws / "out" / "cli.jsonl")
     assert len(out) == 12 and {"reward", "help", "harm"} <= set(out[0])
     assert not (ws / "out" / "eval.json").exists()  # the recipe's own sinks did not run
-    bad = subprocess.run(cmd[:5] + ["nope"] + cmd[6:], cwd=ws, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "no name 'nope'" in bad.stderr
-    plan = subprocess.run([sys.executable, "-m", "algebra", "plan", "rewards.alg"], cwd=ws, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert plan.returncode == 0 and "scoring (reward models are loaded one at a time)" in plan.stdout
+
+    # the rest in this process, to save start-ups
+    from algebra.cli import main
+
+    monkeypatch.chdir(ws)
+    assert main(args[:2] + ["nope"] + args[3:]) == 1
+    assert "no name 'nope'" in capsys.readouterr().err
+    # an existing --out is refused unless --force, which replaces it
+    (ws / "out" / "cli.jsonl").write_text("stale\n")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "'out/cli.jsonl' already exists; pass --force to alg score to replace it" in err, err
+    assert (ws / "out" / "cli.jsonl").read_text() == "stale\n"
+    assert main([*args, "--force"]) == 0, capsys.readouterr().err
+    assert rows(ws / "out" / "cli.jsonl") == out
+    assert main(["plan", "rewards.alg"]) == 0
+    assert "scoring (reward models are loaded one at a time)" in capsys.readouterr().out
+
+
+def test_alg_score_usage_and_help_name_force():
+    from algebra.cli import build_parser
+
+    score = next(a for a in build_parser()._actions if a.choices).choices["score"]
+    assert "[--force]" in score.format_usage()
+    assert "replace an existing --out file" in " ".join(score.format_help().split())
 
 
 def test_generate_from_a_computed_policy_samples_as_its_saved_folder(ws, monkeypatch):

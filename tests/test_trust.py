@@ -103,8 +103,10 @@ def test_a_merge_is_judged_by_the_folder_transformers_would_read(ws):
 
 
 def test_alg_check_refuses_with_a_position_and_exit_1(ws):
+    from conftest import alg_main  # in this process: the same output and status, no start-up
+
     (ws / "r.alg").write_text('r = reward("rm_tokenizer")\n')
-    r = subprocess.run([*ALG, "check", "r.alg"], cwd=ws, capture_output=True, text=True, timeout=300)
+    r = alg_main("check", "r.alg", cwd=ws)
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("r.alg:1:12: error: reward() would load this checkpoint"), r.stderr
     assert "Traceback" not in r.stderr
@@ -152,16 +154,20 @@ def test_every_transformers_loader_in_alg_refuses_remote_code():
 # ---- the chunk size ------------------------------------------------------------------------
 
 
-def test_a_tiny_chunk_is_a_usage_error_with_a_hint(tmp_path):
+def test_a_tiny_chunk_is_a_usage_error_with_a_hint(tmp_path, monkeypatch):
+    from conftest import alg_main
+
+    monkeypatch.setattr(Options, "min_chunk", MIN_CHUNK_ELEMS)  # the floor users get
     (tmp_path / "r.alg").write_text('x = 1\n')
     for n in (1, MIN_CHUNK_ELEMS - 1):
         r = subprocess.run([*ALG, "check", "r.alg", "--chunk", str(n)], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300)  # as a user gets it: the floor conftest does not lower
         assert r.returncode == 2, r.stderr
         assert f"--chunk must be a positive number of elements, at least {MIN_CHUNK_ELEMS}, not {n}" in r.stderr
         assert "Traceback" not in r.stderr
-    r = subprocess.run([*ALG, "check", "r.alg", "--chunk", str(MIN_CHUNK_ELEMS)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+        in_process = alg_main("check", "r.alg", "--chunk", str(n), cwd=tmp_path)
+        assert in_process.returncode == 2 and in_process.stderr.split() == r.stderr.split()  # wrapping aside
+    r = alg_main("check", "r.alg", "--chunk", str(MIN_CHUNK_ELEMS), cwd=tmp_path)  # in this process: no start-up
     assert r.returncode == 0, r.stderr
 
 

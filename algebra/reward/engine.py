@@ -409,7 +409,7 @@ def plan_text(sinks: list, options: Options) -> str:
 def score_command(session: Any, name: str, data: Path, out: Path) -> None:
     """`alg score RECIPE NAME --data FILE --out FILE`: NAME's rewards for FILE's rows, with
     its named sub-terms, as score() would write them. Paths are relative to the cwd."""
-    from ..errors import AlgNameError, AlgTypeError
+    from ..errors import AlgIOError, AlgNameError, AlgTypeError
     from ..io.files import absolute
     from ..values import Sink
     from .data import read_responses
@@ -426,8 +426,10 @@ def score_command(session: Any, name: str, data: Path, out: Path) -> None:
         raise AlgTypeError(f"'{name}' is a {type_name(r)}, not a Reward")
     terms = set(r.walk())
     names = [(n, v) for n, v in env.items() if isinstance(v, Reward) and v in terms and v != r]
-    # the command line names --out itself: it is replaced, as an -o FILE is
-    req = ScoreRequest(r, read_responses(absolute(data, Path.cwd()), str(data)), out.resolve(), names, True)
+    force = session.options.force  # --force: an existing --out is replaced
+    if os.path.lexists(out) and not force:
+        raise AlgIOError(f"'{out}' already exists; pass --force to alg score to replace it")
+    req = ScoreRequest(r, read_responses(absolute(data, Path.cwd()), str(data)), out.resolve(), names, force)
     run_sinks([Sink("score", None, req)], session.options)
 
 

@@ -16,8 +16,20 @@ from . import build
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """A 135M-parameter model: torch's own thread count, not the one thread that
+    tests/conftest.py sets for the default tier's tiny tensors."""
+    from conftest import TORCH_THREADS
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
-def real() -> dict[str, Path]:
+def real(_torch_threads) -> dict[str, Path]:
     """name -> folder: base (the bf16 model), ft1, ft2 (its fine-tunes), rm (its reward model)."""
     return build.ensure()
 
