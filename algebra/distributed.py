@@ -101,10 +101,24 @@ def _node(op: str, args: tuple, params: tuple, span: Any, typ: Any) -> Node:
     return node
 
 
+def _unmapped(cls: type, state: dict) -> Any:
+    f = cls.__new__(cls)
+    f.__dict__.update(state)
+    return f
+
+
+def _safetensors_file(f: Any) -> tuple:
+    # its header, without the mapping of a file it has read (the actor maps its own)
+    return (_unmapped, (type(f), {**f.__dict__, "_mm": None, "_file": None}))
+
+
 class _ModelPickler(pickle.Pickler):
+    from .io.safetensors import SafetensorsFile
+
     dispatch_table = copyreg.dispatch_table.copy()
     dispatch_table[MappingProxyType] = lambda m: (_proxy, (dict(m),))
     dispatch_table[Node] = lambda n: (_node, (n.op, n.args, n.params, n.span, n.type))
+    dispatch_table[SafetensorsFile] = _safetensors_file
 
 
 def dumps_model(model: Any) -> bytes:
