@@ -190,7 +190,7 @@ def _fault_hook(path: str) -> None:
 class Pool:
     """The actors serving one reward model (one `reward.plan.Job`)."""
 
-    def __init__(self, ray: Any, job: Any, options: Options, pad: int, n_batches: int):
+    def __init__(self, ray: Any, job: Any, options: Options, pad: int, n_batches: int | None = None):
         self.ray = ray
         self.label = job.label
         res = ray.cluster_resources()
@@ -199,7 +199,7 @@ class Pool:
             n, need = gpus, {"num_gpus": 1, "num_cpus": 1}
         else:
             n, need = max(1, int(res.get("CPU", 1)) // CPUS_PER_WORKER), {"num_cpus": CPUS_PER_WORKER}
-        n = max(1, min(n, n_batches))
+        n = max(1, min(n, n_batches or n))  # no idle actor: at most one per batch
         actor = ray.remote(_Scorer).options(max_restarts=RETRIES, max_task_retries=RETRIES, **need)
         # passed by value (a few kB; a binding's tensors more): Ray keeps it for restarts
         blob = dumps_model(job.model)
@@ -270,7 +270,8 @@ def score_job(run: Any, job: Any) -> int:
     key = ("ray", job.node, job.dtype)
     pool = run._loaded.get(key)
     if pool is None:
-        pool = Pool(ray, job, run.options, pad_id(job), len(batches))
+        # a pool kept for later calls (a TRL reward function) is sized by the cluster alone
+        pool = Pool(ray, job, run.options, pad_id(job), None if run.keep_loaded else len(batches))
         if run.keep_loaded:
             run._loaded[key] = pool
     try:

@@ -9,8 +9,8 @@ chat template: `algebra.tiny.build_reward_models`) and `--texts` synthetic
 (`reward.plan.plan_rewards`: tokenized, length-sorted batches of `--batch`), then the
 same batches are scored
 
-  local   in this process: `engine.load_model` once, `engine.score_batch` per batch
-          (torch's default thread count)
+  local   in this process: `engine.load_model` once, `engine.score_batch` per batch,
+          with torch's default thread count, and again with one thread (local-1t)
   ray     on a local Ray cluster of `--workers` CPUs (`ray.init(num_cpus=...)`, timed
           apart): `distributed.Pool`, one actor per CPU, each loading the model once and
           taking batches as it finishes them
@@ -93,18 +93,23 @@ def main() -> None:
     n = sum(len(b.input_ids) for b in batches)
     tokens = sum(len(x) for b in batches for x in b.input_ids)
 
-    # ---- local --------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    model = engine.load_model(job.model, options, torch.device("cpu"), job.dtype)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad
-    t1 = time.perf_counter()
-    local = {}
-    for b in batches:
-        local.update(zip(b.keys, engine.score_batch(model, b.input_ids, pad, torch.device("cpu")), strict=True))
-    t2 = time.perf_counter()
-    del model
-    res = {"local": {"startup_s": t1 - t0, "score_s": t2 - t1, "threads": torch.get_num_threads()}}
+    # ---- local: torch's default threads, then one thread (as each Ray actor has) -------------
+    res: dict = {}
+    default_threads = torch.get_num_threads()
+    for name, threads in (("local", default_threads), ("local-1t", 1)):
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        model = engine.load_model(job.model, options, torch.device("cpu"), job.dtype)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad
+        t1 = time.perf_counter()
+        local = {}
+        for b in batches:
+            local.update(zip(b.keys, engine.score_batch(model, b.input_ids, pad, torch.device("cpu")), strict=True))
+        t2 = time.perf_counter()
+        del model
+        res[name] = {"startup_s": t1 - t0, "score_s": t2 - t1, "threads": threads}
+    torch.set_num_threads(default_threads)
 
     # ---- Ray ----------------------------------------------------------------------------
     import ray
@@ -136,7 +141,7 @@ def main() -> None:
     for name, r in res.items():
         extra = r.get("init_s", 0.0)
         print(f"{name:8} {r['startup_s']:>9.2f}s {r['score_s']:>9.2f}s {n / r['score_s']:>10.1f} "
-              f"{r['startup_s'] + r['score_s'] + extra:>11.2f}s" + (f"  (+ ray.init {extra:.1f}s)" if extra else ""))
+              f"{r['startup_s'] + r['score_s'] + extra:>11.2f}s" + (f"  (ray.init {extra:.1f}s of it)" if extra else ""))
     print(f"largest score difference, Ray against local: {worst:.2e}")
     res.update(texts=n, tokens=tokens, batches=len(batches), load_average=load, max_abs_diff=worst)
     (work / "results.json").write_text(json.dumps(res, indent=2))

@@ -232,3 +232,25 @@ def test_a_worker_that_is_not_restarted_fails_the_run_with_no_output(cluster, ws
         Interpreter(device="cpu", base_dir=ws, ray="local:2", out=lambda _: None).eval(
             'score(reward("models/rm-helpful", batch_size=2), "data/prompts_responses.jsonl", "out/t.jsonl")')
     assert not (ws / "out" / "t.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_trl_reward_function_keeps_its_ray_pool_between_calls(cluster, ws, monkeypatch):
+    prompts = ["What is 12 plus 30?", "Name a colour.", "Say hi."]
+    completions = ["42.", "Blue.", "Hi there, how can I help?"]
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local = Interpreter(device="cpu", base_dir=ws, out=lambda _: None).eval(
+        'r = reward("models/rm-helpful", batch_size=2)')(prompts=prompts, completions=completions)
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))
+    r = Interpreter(device="cpu", base_dir=ws, ray="local:2", out=lambda _: None).eval(
+        'r = reward("models/rm-helpful", batch_size=2)')
+    first = r(prompts=prompts[:1], completions=completions[:1])  # one batch: the pool is still 2 wide
+    [pool] = r._run._loaded.values()
+    assert len(pool.actors) == 2
+    got = r(prompts=prompts, completions=completions)
+    assert r._run._loaded == {next(iter(r._run._loaded)): pool}  # the same pool served both calls
+    assert r.texts_scored == 3
+    assert first == pytest.approx(local[:1], rel=1e-6, abs=1e-6)
+    assert got == pytest.approx(local, rel=1e-6, abs=1e-6)
+    r._run.close()
