@@ -77,6 +77,8 @@ def connect(cluster: str) -> Any:
         kw.update(address="local", include_dashboard=False)
         if ":" in cluster:
             kw["num_cpus"] = int(cluster.split(":", 1)[1])
+    if not cluster.startswith("local") and cluster != "auto":
+        _reachable(cluster)  # Ray itself retries an unreachable address for minutes
     try:
         ray.init(**kw)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
@@ -85,6 +87,18 @@ def connect(cluster: str) -> Any:
                "check the address (`ray start --head` prints it)")
         raise AlgRuntimeError(f"--ray {cluster}: could not reach a Ray cluster ({first}); {how}") from None
     return ray
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A usage-level check before ray.init: something listens at host:port."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise AlgRuntimeError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
+                              "is the cluster up? (`ray start --head` prints its address)") from None
 
 
 # ---- what travels to an actor -------------------------------------------------------------

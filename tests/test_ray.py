@@ -120,6 +120,23 @@ def test_without_the_ray_package_the_error_says_how_to_install_it(monkeypatch):
         distributed.connect("local:2")
 
 
+def test_an_address_where_nothing_listens_fails_at_once_and_says_so():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("this process is connected to a cluster already, which connect() keeps")
+    import socket
+
+    from algebra import distributed
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(AlgRuntimeError, match=f"--ray {address}: nothing answers at 127.0.0.1:{port}"):
+            distributed.connect(address)
+    assert not ray.is_initialized()
+
+
 def test_what_travels_to_an_actor_rebuilds_the_same_model(ws):
     """A checked merge, pickled as an actor receives it, loads to the same weights."""
     import pickle
