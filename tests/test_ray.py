@@ -106,6 +106,10 @@ def test_cli_option_reaches_the_options(monkeypatch):
 
     monkeypatch.setenv("ALG_RAY", "auto")
     ap = build_parser()
+    commands = next(a for a in ap._actions if a.choices).choices
+    # the commands that score take it; check and plan take run's options, to check that run
+    assert [n for n, p in commands.items() if "--ray" in p._option_string_actions] == \
+        ["run", "check", "plan", "score"]
     assert options_from(ap.parse_args(["run", "f.alg"])).ray == "auto"  # the variable
     assert options_from(ap.parse_args(["run", "f.alg", "--ray", "off"])).ray == "off"
     assert options_from(ap.parse_args(["run", "f.alg", "--ray"])).ray == "local"
