@@ -1,6 +1,6 @@
 """`alg`: the command line, a thin shell over `interpreter.Session`.
 
-    alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--force]
+    alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--force] [--ray [C]]
     alg check FILE      types, names, shapes and dtypes from headers; reads no weight
     alg plan FILE       the steps and the predicted peak memory
     alg score FILE NAME --data D --out O [--force]   score D's rows with the recipe's reward NAME
@@ -29,7 +29,16 @@ from typing import Any
 
 from .caches import WHERE
 from .errors import AlgError, AlgUsageError, Note, did_you_mean
-from .options import DEVICE_CHOICES, MIN_CHUNK_ELEMS, Options, check_device, chunk_problem
+from .options import (
+    DEVICE_CHOICES,
+    MIN_CHUNK_ELEMS,
+    RAY_CHOICES,
+    RAY_ENV,
+    Options,
+    check_device,
+    check_ray,
+    chunk_problem,
+)
 from .source import Source
 from .version import __version__
 
@@ -190,6 +199,21 @@ def _chunk(text: str) -> int:
     return n
 
 
+def _ray(text: str) -> str:
+    try:
+        return check_ray(text)
+    except AlgUsageError as e:
+        hint = ("; --ray takes an optional value, so put it after FILE or give it one "
+                "(alg run --ray local FILE)") if text.endswith(".alg") else ""
+        raise argparse.ArgumentTypeError(e.message.removeprefix("--ray: ") + hint) from None
+
+
+def _ray_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, type=_ray, metavar="CLUSTER",
+                   help=f"score on a Ray cluster: {RAY_CHOICES} (bare --ray: local; default "
+                        f"${RAY_ENV}, else off; needs pip install 'algebra[ray]')")
+
+
 def _device_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=_device,
                    help=f"{DEVICE_CHOICES} (default auto: cuda if there is one)")
@@ -212,6 +236,7 @@ def _run_opts(p: argparse.ArgumentParser, force: str) -> None:
     _set_opt(p)
     _device_opt(p)
     _compute_opts(p)
+    _ray_opt(p)
 
 
 DESCRIPTION = """\
@@ -266,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _set_opt(sc)
     _device_opt(sc)
     _compute_opts(sc)
+    _ray_opt(sc)
     _progress_flags(sc)
     rp = command("repl", "an interactive session; piped input runs as a script")
     _device_opt(rp)
@@ -318,6 +344,7 @@ def options_from(args: argparse.Namespace) -> Options:
         compute_dtype="float64" if getattr(args, "float64", False) else "float32",
         overrides=dict(parse_set(s) for s in getattr(args, "set", [])),
         progress=getattr(args, "progress", "auto"),  # --progress/--quiet on run and score
+        ray=getattr(args, "ray", None),  # None: $ALG_RAY
         **kw,
     )
 

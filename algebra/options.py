@@ -22,6 +22,33 @@ def check_device(name: str) -> str:
     raise AlgUsageError(f"'{name}' is not a device; the choices are {DEVICE_CHOICES}")
 
 
+# Where a run's scoring goes (--ray, ALG_RAY, Interpreter(ray=...)); "off": in this process.
+RAY_CHOICES = ("auto (a running cluster), local or local:N (a new one on this machine, with N "
+               "CPUs), an address host:port or ray://host:port, or off")
+RAY_ENV = "ALG_RAY"
+_RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9._\-]+:([0-9]{1,5})")
+
+
+def check_ray(text: str, what: str = "--ray") -> str:
+    """`text` as a Ray cluster to use (one of RAY_CHOICES, spaces stripped, "" as "off"),
+    else a usage error naming `what` (the option or variable it came from). Needs no
+    `ray` package: the package is imported when the run first uses the cluster."""
+    t = text.strip()
+    if t in ("", "off"):
+        return "off"
+    if t in ("auto", "local"):
+        return t
+    if t.startswith("local:"):
+        n = t.removeprefix("local:")
+        if n.isdigit() and int(n) >= 1:
+            return f"local:{int(n)}"
+        raise AlgUsageError(f"{what}: '{text}': local:N needs a whole number N >= 1 of CPUs, like local:2")
+    m = _RAY_ADDRESS.fullmatch(t)
+    if m and 1 <= int(m.group(2)) <= 65535:
+        return t
+    raise AlgUsageError(f"{what}: '{text}' is not a Ray cluster; the choices are {RAY_CHOICES}")
+
+
 def _print_warning(d: Diagnostic) -> None:
     import sys
 
@@ -59,8 +86,17 @@ class Options:
     # progress bars on stderr (progress.py): False/"off" (the API's default), True/"on",
     # "auto" (on a terminal; the CLI's default); a `Progress` after construction
     progress: Any = False
+    # the Ray cluster that scores (check_ray): None reads $ALG_RAY (unset: "off"); once
+    # constructed, always a checked value, so `replace` does not read the variable again
+    ray: str | None = None
 
     def __post_init__(self) -> None:
+        import os
+
+        if self.ray is None:
+            self.ray = check_ray(os.environ.get(RAY_ENV, ""), RAY_ENV)
+        else:
+            self.ray = check_ray(self.ray, "ray")
         if self.compute_dtype not in ("float32", "float64"):
             raise ValueError(f"compute_dtype must be float32 or float64, not {self.compute_dtype!r}")
         problem = chunk_problem(self.chunk_elems)

@@ -83,6 +83,26 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
     return m.to(device).eval()
 
 
+def pad_id(job: Job) -> int:
+    """The id a job's batches are padded with: its tokenizer's pad token, else EOS."""
+    tok = tokenizer_for(job.groups[0].leaf)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def score_batch(model: Any, input_ids: list[list[int]], pad: int, device: torch.device) -> list[float]:
+    """A reward model's scores (logit 0) of one batch of token ids, right-padded with `pad`
+    (real tokens first), in float64. Shared by local runs and Ray workers."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, x in enumerate(input_ids):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    return logits[:, 0].double().cpu().tolist()
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -237,8 +257,22 @@ class RewardRun:
             else:
                 self.out(f"{job.label}: all {job.n_texts} text(s) cached")
 
+    def _store(self, keys: list[str], values: list[float]) -> None:
+        """Scores computed for `keys`: kept for this run and written to the on-disk cache."""
+        fresh = list(zip(keys, values, strict=True))
+        self.scores.update(fresh)
+        self.cache.put_many(fresh)
+
     def _run_job(self, job: Job) -> None:
         t0 = time.perf_counter()
+        if self.options.ray != "off":  # a pool of Ray workers scores the batches (distributed.py)
+            from ..distributed import score_job
+
+            n = score_job(self, job)
+            self.scored += n
+            self.out(f"scored {n} text(s) with {job.label} on Ray in {time.perf_counter() - t0:.2f}s "
+                     f"({job.n_texts - n} cached)")
+            return
         model = self._loaded.get((job.node, job.dtype))
         if model is None:
             model = load_model(job.model, self.options, self.device, job.dtype)
@@ -246,26 +280,15 @@ class RewardRun:
             if self.keep_loaded:
                 self._loaded[(job.node, job.dtype)] = model
         try:
-            tok = tokenizer_for(job.groups[0].leaf)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            pad = pad_id(job)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = pad
             n = 0
             with self.options.progress.bar(job.n_todo, f"score {job.label}", unit="text") as bar:
                 for g in job.groups:
                     for b in g.batches:
-                        width = max(len(x) for x in b.input_ids)
-                        ids = torch.full((len(b.input_ids), width), pad, dtype=torch.long)
-                        mask = torch.zeros((len(b.input_ids), width), dtype=torch.long)
-                        for i, x in enumerate(b.input_ids):  # right padding: real tokens first
-                            ids[i, : len(x)] = torch.tensor(x)
-                            mask[i, : len(x)] = 1
-                        with torch.no_grad():
-                            logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                        values = logits[:, 0].double().cpu().tolist()
-                        fresh = list(zip(b.keys, values, strict=True))
-                        self.scores.update(fresh)
-                        self.cache.put_many(fresh)
+                        values = score_batch(model, b.input_ids, pad, self.device)
+                        self._store(b.keys, values)
                         n += len(values)
                         bar.update(len(values))
             self.scored += n

@@ -1,0 +1,304 @@
+"""Scoring on a Ray cluster: `alg run --ray [CLUSTER]`, `$ALG_RAY`, `Interpreter(ray=...)`.
+
+The run plans as it does locally (`reward.plan`: distinct texts, cache hits left out,
+the rest tokenized, sorted by token length and cut into batches); only the forward
+passes move. Each reward model that has texts to score is served by a pool of Ray
+actors (`_Scorer`), one per GPU of the cluster, or, without a GPU (or with --device
+cpu), one per `CPUS_PER_WORKER` CPUs, never more than it has batches. Each actor loads
+the model once, through `engine.load_model` as a local run does (a merge is
+materialised inside the actor by the weight engine from its checked graph), and scores
+whole length-sorted batches with `engine.score_batch`. The driver hands batches out as
+actors finish them (at most `IN_FLIGHT` per actor), so long and short batches balance
+across the pool, and stores each batch's scores as it arrives, in the run's table and
+the on-disk cache under the keys a local run uses (`reward.cache.score_key`): a
+distributed run and a local one share their results, and rows come out in the data's
+order because they are read back by key.
+
+What travels to an actor is what rebuilds the model, not the model: the checked value
+(`values.Model`: its graph of `Node`s and checkpoint headers, a few kB; a binding's
+in-memory tensors travel with it), pickled by `_ModelPickler`, which knows how to
+rebuild the two things plain pickle cannot (interned graph nodes and the read-only
+mapping of tensor headers); the checkpoint files are read by the actor, so on a
+multi-machine cluster they must be on a filesystem every node sees, and alg installed
+on every node.
+
+Faults. An actor that dies (a crashed process, a lost node) is restarted by Ray, which
+loads the model again and re-runs the batches it held (`max_restarts` and
+`max_task_retries`: `RETRIES`). A batch is never stored twice differently: scores are
+a function of the batch. If the pool still fails, the run fails with an AlgRuntimeError,
+and, as for any failure, no output of the run is moved into place (io/target.py
+`Staging`); the scores stored so far stay in the cache, so a re-run scores only the
+rest. `FAULT_ENV` is a test hook, documented there.
+
+Generation (`generate`) and merges (`save`) still run in the driver process.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import os
+import pickle
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+
+from .errors import AlgError, AlgRuntimeError
+from .graph import Node
+from .options import Options
+
+INSTALL = "pip install 'algebra[ray]'"
+CPUS_PER_WORKER = 1  # CPUs per scoring actor on a cluster without GPUs
+IN_FLIGHT = 2  # batches handed to an actor before it returns one: it never waits for work
+RETRIES = 3  # restarts of a dead actor, and re-runs of the batches it held
+# Test hook (tests/test_ray.py): a path. The first actor call to find no file there makes
+# it and kills its own process with os._exit, once per path, as a crash would; Ray
+# restarts the actor and re-runs its batches. Read by the driver and passed to actors.
+FAULT_ENV = "ALG_RAY_TEST_FAULT"
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise AlgRuntimeError(f"--ray (or $ALG_RAY) needs the ray package, which is not installed: "
+                              f"{INSTALL}") from None
+    return ray
+
+
+def connect(cluster: str) -> Any:
+    """The `ray` module, connected to `cluster` (options.check_ray's value). A process
+    that has already called ray.init (a notebook, a test fixture) keeps its cluster."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    kw: dict[str, Any] = {"address": cluster, "log_to_driver": False, "logging_level": "ERROR"}
+    if cluster.startswith("local"):
+        kw.update(address="local", include_dashboard=False)
+        if ":" in cluster:
+            kw["num_cpus"] = int(cluster.split(":", 1)[1])
+    if not cluster.startswith("local") and cluster != "auto":
+        _reachable(cluster)  # Ray itself retries an unreachable address for minutes
+    try:
+        ray.init(**kw)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        how = ("start one with `ray start --head`, or use --ray local" if cluster == "auto" else
+               "check the address (`ray start --head` prints it)")
+        raise AlgRuntimeError(f"--ray {cluster}: could not reach a Ray cluster ({first}); {how}") from None
+    return ray
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A usage-level check before ray.init: something listens at host:port."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise AlgRuntimeError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
+                              "is the cluster up? (`ray start --head` prints its address)") from None
+
+
+# ---- what travels to an actor -------------------------------------------------------------
+
+
+def _proxy(d: dict) -> MappingProxyType:
+    return MappingProxyType(d)
+
+
+def _node(op: str, args: tuple, params: tuple, span: Any, typ: Any) -> Node:
+    node = Node(op, args, params, span)  # interned in the actor's process as in ours
+    if node.type is None:
+        node.type = typ
+    return node
+
+
+def _unmapped(cls: type, state: dict) -> Any:
+    f = cls.__new__(cls)
+    f.__dict__.update(state)
+    return f
+
+
+def _safetensors_file(f: Any) -> tuple:
+    # its header, without the mapping of a file it has read (the actor maps its own)
+    return (_unmapped, (type(f), {**f.__dict__, "_mm": None, "_file": None}))
+
+
+class _ModelPickler(pickle.Pickler):
+    from .io.safetensors import SafetensorsFile
+
+    dispatch_table = copyreg.dispatch_table.copy()
+    dispatch_table[MappingProxyType] = lambda m: (_proxy, (dict(m),))
+    dispatch_table[Node] = lambda n: (_node, (n.op, n.args, n.params, n.span, n.type))
+    dispatch_table[SafetensorsFile] = _safetensors_file
+
+
+def dumps_model(model: Any) -> bytes:
+    """A checked checkpoint value (`values.Model`) as bytes that rebuild it elsewhere."""
+    buf = io.BytesIO()
+    _ModelPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(model)
+    return buf.getvalue()
+
+
+def actor_options(options: Options, device: str) -> Options:
+    """The run's options as an actor uses them: picklable, quiet, on its own device, and
+    not distributed again."""
+    from .reward.trl import picklable_options
+
+    return replace(picklable_options(options), device=device, progress=False, ray="off",
+                   out=print, warn=_drop)
+
+
+def _drop(_d: Any) -> None:
+    pass
+
+
+# ---- the actor ------------------------------------------------------------------------------
+
+
+class _Scorer:
+    """One Ray actor: one reward model, loaded once, scoring whole batches."""
+
+    def __init__(self, blob: bytes, options: Options, dtype: str, pad: int, fault: str | None):
+        import ray
+        import torch
+
+        from .reward.engine import load_model
+
+        if ray.get_gpu_ids():  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU
+            self.device = torch.device("cuda")
+        else:
+            self.device = torch.device("cpu")
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, int(cpus)))
+        options = actor_options(options, self.device.type)
+        self.model = load_model(pickle.loads(blob), options, self.device, getattr(torch, dtype))
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = pad
+        self.pad = pad
+        self.fault = fault
+
+    def score(self, input_ids: list[list[int]]) -> list[float]:
+        from .reward.engine import score_batch
+
+        if self.fault:
+            _fault_hook(self.fault)
+        return score_batch(self.model, input_ids, self.pad, self.device)
+
+
+def _fault_hook(path: str) -> None:
+    """The test hook of FAULT_ENV: die once, as a crashed worker would."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(17)
+
+
+# ---- the driver's side -------------------------------------------------------------------------
+
+
+class Pool:
+    """The actors serving one reward model (one `reward.plan.Job`)."""
+
+    def __init__(self, ray: Any, job: Any, options: Options, pad: int, n_batches: int | None = None):
+        self.ray = ray
+        self.label = job.label
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0)) if options.device != "cpu" else 0
+        if gpus:
+            n, need = gpus, {"num_gpus": 1, "num_cpus": 1}
+        else:
+            n, need = max(1, int(res.get("CPU", 1)) // CPUS_PER_WORKER), {"num_cpus": CPUS_PER_WORKER}
+        n = max(1, min(n, n_batches or n))  # no idle actor: at most one per batch
+        actor = ray.remote(_Scorer).options(max_restarts=RETRIES, max_task_retries=RETRIES, **need)
+        # passed by value (a few kB; a binding's tensors more): Ray keeps it for restarts
+        blob = dumps_model(job.model)
+        dtype = str(job.dtype).removeprefix("torch.")
+        fault = os.environ.get(FAULT_ENV) or None
+        opts = actor_options(options, "cpu")  # the actor sets its own device
+        self.actors = [actor.remote(blob, opts, dtype, pad, fault) for _ in range(n)]
+
+    def score(self, batches: list[Any], store) -> int:
+        """Score `batches` (reward.plan.Batch) across the pool; `store(batch, values)` is
+        called in the driver as each batch's scores arrive. Returns the texts scored."""
+        ray = self.ray
+        queue = list(range(len(batches)))
+        queue.reverse()
+        pending: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch)
+
+        def submit(a: int) -> None:
+            if queue:
+                i = queue.pop()
+                pending[self.actors[a].score.remote(batches[i].input_ids)] = (a, i)
+
+        for _ in range(IN_FLIGHT):
+            for a in range(len(self.actors)):
+                submit(a)
+        n = 0
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            a, i = pending.pop(ref)
+            values = self._get(ref)
+            store(batches[i], values)
+            n += len(values)
+            submit(a)
+        return n
+
+    def _get(self, ref: Any) -> list[float]:
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # the actor raised: an AlgError is the user's
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, AlgError):
+                raise cause from None
+            raise AlgRuntimeError(f"a Ray worker scoring {self.label} failed: "
+                                  f"{type(cause).__name__ if cause else ''}: {cause or e}") from None
+        except ray.exceptions.RayActorError as e:  # died more than RETRIES times, or its load failed
+            cause = getattr(e, "cause", None)
+            inner = getattr(cause, "cause", None)
+            if isinstance(inner, AlgError):
+                raise inner from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise AlgRuntimeError(f"the Ray workers scoring {self.label} died and were restarted "
+                                  f"{RETRIES} times without finishing: {first}") from None
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+
+
+def score_job(run: Any, job: Any) -> int:
+    """Score a job's texts to do on Ray for a `reward.engine.RewardRun`: into its score
+    table and cache (`run._store`). The pool stays up between calls for a run that keeps
+    its models loaded (a TRL reward function). Returns the texts scored."""
+    from .reward.engine import pad_id
+
+    ray = connect(run.options.ray)
+    batches = [b for g in job.groups for b in g.batches]
+    key = ("ray", job.node, job.dtype)
+    pool = run._loaded.get(key)
+    if pool is None:
+        # a pool kept for later calls (a TRL reward function) is sized by the cluster alone
+        pool = Pool(ray, job, run.options, pad_id(job), None if run.keep_loaded else len(batches))
+        if run.keep_loaded:
+            run._loaded[key] = pool
+    try:
+        with run.options.progress.bar(job.n_todo, f"score {job.label} (Ray)", unit="text") as bar:
+
+            def store(b: Any, values: list[float]) -> None:
+                run._store(b.keys, values)
+                bar.update(len(values))
+
+            return pool.score(batches, store)
+    finally:
+        if not run.keep_loaded:
+            pool.close()
+
+
+__all__ = ["CPUS_PER_WORKER", "FAULT_ENV", "INSTALL", "Pool", "connect", "dumps_model", "score_job"]

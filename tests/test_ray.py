@@ -1,0 +1,277 @@
+"""Scoring on Ray (`alg run --ray`, algebra/distributed.py).
+
+The option's usage errors, and what travels to an actor (a checked model pickled and
+rebuilt), run in the default tier: they start no Ray. The rest runs on a local Ray
+cluster of 2 CPUs that this module starts once (several seconds, minutes under load),
+so it is in the `slow` tier (`pytest -m slow tests/test_ray.py`): scores equal to a
+local run's in the same row order and shared with it through the on-disk cache, a
+worker killed mid-run (retried: the output is complete and right), and a worker that
+keeps dying (the run fails and leaves no output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from algebra import AlgError, Interpreter, Options
+from algebra.cli import main
+from algebra.errors import AlgRuntimeError, AlgUsageError
+from algebra.interpreter import Session
+from algebra.source import Source
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 12 texts in batches of 2 and 3: more batches than workers, so both workers score
+RECIPE = ('h = reward("models/rm-helpful", batch_size=2)\n'
+          'm = reward(lerp(load("models/rm-helpful"), load("models/rm-harmless"), 0.3), batch_size=3)\n'
+          'score(h + 0.5 * m, "data/prompts_responses.jsonl", "out/s.jsonl", overwrite=true)\n')
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path / "alg-cache"))
+    monkeypatch.delenv("ALG_RAY", raising=False)
+
+
+def status(argv: list[str]) -> int:
+    """main()'s exit status, argparse's own usage errors (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- the option: no Ray started -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ray", "bogus"], "'bogus' is not a Ray cluster; the choices are auto"),
+    (["--ray", "local:0"], "local:N needs a whole number N >= 1"),
+    (["--ray", "local:x"], "local:N needs a whole number N >= 1"),
+    (["--ray", "host:99999"], "'host:99999' is not a Ray cluster"),
+])
+def test_malformed_ray_option_is_a_usage_error(ws, capsys, args, message):
+    (ws / "t.alg").write_text(RECIPE)
+    assert status(["run", str(ws / "t.alg"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: alg run" in err and "Traceback" not in err
+
+
+def test_bare_ray_before_the_file_says_where_to_put_it(ws, capsys):
+    assert status(["run", "--ray", str(ws / "t.alg")]) == 2
+    assert "put it after FILE" in capsys.readouterr().err
+
+
+def test_malformed_alg_ray_variable_is_a_usage_error_naming_it(ws, capsys, monkeypatch):
+    (ws / "t.alg").write_text(RECIPE)
+    monkeypatch.setenv("ALG_RAY", "ray:/nowhere")
+    assert status(["score", str(ws / "t.alg"), "h", "--data", str(ws / "data/prompts_responses.jsonl"),
+                 "--out", str(ws / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "ALG_RAY: 'ray:/nowhere' is not a Ray cluster" in err and "usage: alg score" in err
+
+
+def test_interpreter_ray_is_checked_once():
+    with pytest.raises(AlgUsageError, match="ray: 'nope' is not a Ray cluster"):
+        Interpreter(ray="nope")
+    assert Interpreter(device="cpu", ray=" local:3 ").options.ray == "local:3"
+    assert Interpreter(device="cpu", ray="ray://head:10001").options.ray == "ray://head:10001"
+    assert Options().ray == "off"
+
+
+def test_alg_ray_is_read_once_and_the_option_wins(monkeypatch):
+    monkeypatch.setenv("ALG_RAY", "auto")
+    assert Options().ray == "auto"
+    off = Options(ray="off")
+    assert off.ray == "off"
+    # replace() (used all over: devices, recipes replayed) must not read the variable again
+    assert replace(off, force=True).ray == "off"
+    monkeypatch.setenv("ALG_RAY", "")
+    assert Options().ray == "off"
+
+
+def test_cli_option_reaches_the_options(monkeypatch):
+    from algebra.cli import build_parser, options_from
+
+    monkeypatch.setenv("ALG_RAY", "auto")
+    ap = build_parser()
+    commands = next(a for a in ap._actions if a.choices).choices
+    # the commands that score take it; check and plan take run's options, to check that run
+    assert [n for n, p in commands.items() if "--ray" in p._option_string_actions] == \
+        ["run", "check", "plan", "score"]
+    assert options_from(ap.parse_args(["run", "f.alg"])).ray == "auto"  # the variable
+    assert options_from(ap.parse_args(["run", "f.alg", "--ray", "off"])).ray == "off"
+    assert options_from(ap.parse_args(["run", "f.alg", "--ray"])).ray == "local"
+    assert options_from(ap.parse_args(["run", "f.alg", "--ray", "10.0.0.1:6379"])).ray == "10.0.0.1:6379"
+
+
+def test_without_the_ray_package_the_error_says_how_to_install_it(monkeypatch):
+    from algebra import distributed
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(AlgRuntimeError, match=r"pip install 'algebra\[ray\]'"):
+        distributed.connect("local:2")
+
+
+def test_an_address_where_nothing_listens_fails_at_once_and_says_so():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("this process is connected to a cluster already, which connect() keeps")
+    import socket
+
+    from algebra import distributed
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(AlgRuntimeError, match=f"--ray {address}: nothing answers at 127.0.0.1:{port}"):
+            distributed.connect(address)
+    assert not ray.is_initialized()
+
+
+def test_what_travels_to_an_actor_rebuilds_the_same_model(ws):
+    """A checked merge, pickled as an actor receives it, loads to the same weights."""
+    import pickle
+
+    from algebra.distributed import dumps_model
+    from algebra.reward.engine import load_model
+
+    session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
+    checked = session.check(Source(RECIPE, "t.alg"))
+    leaves = [t for t in checked.sinks[0].value.reward.walk() if hasattr(t, "model")]
+    assert len(leaves) == 2
+    for leaf in leaves:
+        # loaded first: the merge's files are then mapped (an mmap does not pickle)
+        a = load_model(leaf.model, session.options, torch.device("cpu"), torch.float32).state_dict()
+        copy = pickle.loads(dumps_model(leaf.model))
+        assert copy.node.describe() == leaf.model.node.describe()
+        b = load_model(copy, session.options, torch.device("cpu"), torch.float32).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+# ---- on a local Ray cluster ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    old = os.environ.get("PYTHONPATH")
+    # the workers import algebra from this tree, installed or not
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), old) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def run(ws: Path, ray: str, out: list[str] | None = None) -> Session:
+    lines = out if out is not None else []
+    session = Session(Options(device="cpu", ray=ray, out=lines.append), ws, mode="file")
+    session.run(Source(RECIPE, "t.alg"))
+    return session
+
+
+@pytest.mark.slow
+def test_ray_scores_equal_local_in_row_order_and_share_the_cache(cluster, ws, monkeypatch):
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local_log: list[str] = []
+    run(ws, "off", local_log)
+    local = rows(ws / "out/s.jsonl")
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))  # empty: Ray scores every text
+    ray_log: list[str] = []
+    run(ws, "local:2", ray_log)
+    on_ray = rows(ws / "out/s.jsonl")
+    assert sum("on Ray" in line for line in ray_log) == 2, ray_log  # both models, on Ray
+    assert [r["id"] for r in on_ray] == [r["id"] for r in local]
+    for a, b in zip(on_ray, local, strict=True):
+        assert a["response"] == b["response"]
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6, abs=1e-6)
+
+    # the Ray run's cache serves a local run: nothing is scored again
+    again: list[str] = []
+    run(ws, "off", again)
+    assert any("all 12 text(s) cached" in line for line in again), again
+    assert not any(line.startswith("scored") for line in again), again
+    assert rows(ws / "out/s.jsonl") == on_ray
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_retried_and_the_output_is_complete(cluster, ws, monkeypatch, tmp_path):
+    from algebra import distributed
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    run(ws, "off")
+    local = rows(ws / "out/s.jsonl")
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(distributed.FAULT_ENV, str(marker))
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))
+    (ws / "t.alg").write_text(RECIPE)
+    assert main(["run", str(ws / "t.alg"), "--ray", "local:2", "--device", "cpu", "--quiet"]) == 0
+    assert marker.exists()  # a worker did die, on its first batch
+    on_ray = rows(ws / "out/s.jsonl")
+    assert [r["id"] for r in on_ray] == [r["id"] for r in local]
+    for a, b in zip(on_ray, local, strict=True):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_worker_that_is_not_restarted_fails_the_run_with_no_output(cluster, ws, monkeypatch, tmp_path, capsys):
+    from algebra import distributed
+
+    monkeypatch.setattr(distributed, "RETRIES", 0)
+    monkeypatch.setenv(distributed.FAULT_ENV, str(tmp_path / "killed"))
+    # the save runs first: the failed scoring must take it back
+    (ws / "t.alg").write_text('save(load("models/rm-helpful"), "out/copy")\n'
+                              + RECIPE.replace(", overwrite=true", ""))
+    assert main(["run", str(ws / "t.alg"), "--ray", "local:2", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Ray workers scoring" in err and "died" in err and "Traceback" not in err
+    assert not (ws / "out").exists() or not any((ws / "out").iterdir())  # neither the save nor the scores
+    monkeypatch.setenv(distributed.FAULT_ENV, str(tmp_path / "killed-again"))
+    with pytest.raises(AlgError, match="died"):  # and the API raises it as an AlgError
+        Interpreter(device="cpu", base_dir=ws, ray="local:2", out=lambda _: None).eval(
+            'score(reward("models/rm-helpful", batch_size=2), "data/prompts_responses.jsonl", "out/t.jsonl")')
+    assert not (ws / "out" / "t.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_trl_reward_function_keeps_its_ray_pool_between_calls(cluster, ws, monkeypatch):
+    prompts = ["What is 12 plus 30?", "Name a colour.", "Say hi."]
+    completions = ["42.", "Blue.", "Hi there, how can I help?"]
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local = Interpreter(device="cpu", base_dir=ws, out=lambda _: None).eval(
+        'r = reward("models/rm-helpful", batch_size=2)')(prompts=prompts, completions=completions)
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))
+    r = Interpreter(device="cpu", base_dir=ws, ray="local:2", out=lambda _: None).eval(
+        'r = reward("models/rm-helpful", batch_size=2)')
+    first = r(prompts=prompts[:1], completions=completions[:1])  # one batch: the pool is still 2 wide
+    [pool] = r._run._loaded.values()
+    assert len(pool.actors) == 2
+    got = r(prompts=prompts, completions=completions)
+    assert r._run._loaded == {next(iter(r._run._loaded)): pool}  # the same pool served both calls
+    assert r.texts_scored == 3
+    assert first == pytest.approx(local[:1], rel=1e-6, abs=1e-6)
+    assert got == pytest.approx(local, rel=1e-6, abs=1e-6)
+    r._run.close()
