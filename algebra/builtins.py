@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ast
+from .arch import arch_of
 from .ast import literal_value
 from .errors import SIZE_ENV, AlgError, AlgLimitError, AlgShapeError, AlgTypeError, did_you_mean
 from .graph import Node
 from .schedule import Schedule, as_param, is_param, neg, recip
 from .source import Span
 from .surgery import align_heads, check_model
-from .types import DTYPE_ALIASES, Function, TensorSpec, parse_size, type_name
+from .types import DTYPE_ALIASES, Function, parse_size, type_name
 from .values import Closure, Model, Namespace, Sink
 
 if TYPE_CHECKING:
@@ -345,7 +345,7 @@ def same_tables(a: Model, b: Model, what: str, span: Span, aspan: Span, bspan: S
                 f"{list(tb[n].shape)} on the right",
                 span,
             )
-            if spec.shape[1:] == tb[n].shape[1:] and _VOCAB_NAME.search(n):
+            if spec.shape[1:] == tb[n].shape[1:] and _is_vocab(n, a, b):
                 from .vocab import ALIGN_HINT
 
                 err.with_note(f"the vocabularies differ ({spec.shape[0]} vs {tb[n].shape[0]} tokens); "
@@ -444,8 +444,12 @@ def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, o
     return None
 
 
+# the `tokenizer=` option of merge, slerp and every merge method (see vocab.align_models)
+TOKENIZER_PARAM = "tokenizer: String | Checkpoint | None = none"
+
+
 @builtin(
-    "merge(rm: Checkpoint, lm: Checkpoint, lam: Param, tokenizer: String | Checkpoint | None = none)",
+    f"merge(rm: Checkpoint, lm: Checkpoint, lam: Param, {TOKENIZER_PARAM})",
     "DogeRM: (1-lam)*rm + lam*lm on the tensors both hold; tensors only in rm (the score "
     "head) are kept, tensors only in lm (its lm_head) dropped; rm's config and tokenizer. "
     "tokenizer=\"union\" (or \"base\", or a checkpoint) aligns the vocabularies first (see align).",
@@ -472,7 +476,7 @@ def _merge(call: Call, rm: Model, lm: Model, lam: float, tokenizer: Any) -> Mode
         sa, sb = ta[n], tb[n]
         if sa.shape == sb.shape:
             continue
-        if len(sa.shape) >= 1 and sa.shape[1:] == sb.shape[1:] and _is_vocab(n, sa, sb, rm, lm):
+        if len(sa.shape) >= 1 and sa.shape[1:] == sb.shape[1:] and _is_vocab(n, rm, lm):
             vocab_rows[n] = min(sa.shape[0], sb.shape[0])
             continue
         raise call.error(
@@ -501,17 +505,10 @@ def _merge(call: Call, rm: Model, lm: Model, lam: float, tokenizer: Any) -> Mode
     return derived(node, rm, notes=tuple(notes))
 
 
-_VOCAB_NAME = re.compile(r"(embed|wte|word_embeddings|lm_head|shared|output|score|tok_)", re.I)
-
-
-def _is_vocab(name: str, sa: TensorSpec, sb: TensorSpec, rm: Model, lm: Model) -> bool:
-    """Whether a tensor's first dimension counts tokens: it equals each model's configured
-    vocab_size, or (no config, or embeddings padded past vocab_size) its name says so."""
-    va = (rm.type.config or {}).get("vocab_size")
-    vb = (lm.type.config or {}).get("vocab_size")
-    if va is not None and vb is not None and (sa.shape[0], sb.shape[0]) == (va, vb):
-        return True
-    return bool(_VOCAB_NAME.search(name))
+def _is_vocab(name: str, a: Model, b: Model) -> bool:
+    """Whether a tensor's first dimension counts tokens in both checkpoints (the tensor
+    roles are `arch.Arch`'s)."""
+    return arch_of(a.type).is_token_rows(name) and arch_of(b.type).is_token_rows(name)
 
 
 PER_CHOICES = ("tensor", "layer", "model")
@@ -520,7 +517,7 @@ PER_CHOICES = ("tensor", "layer", "model")
 @builtin(
     "slerp(a: Checkpoint | List[Checkpoint], b: Checkpoint | None = none, t: Param | None = none, "
     "base: Checkpoint | None = none, per: String | None = none, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "slerp(a, b, t): spherical interpolation per tensor of raw weights. "
     "slerp([m1, ..., mM], base=init, per=\"layer\"): WARP's SLERP of task vectors m_i - init, "
     "folded left with t = 1/k, one angle per layer, tensor or the whole model; the result "

@@ -83,18 +83,38 @@ def _builtin_header(call: pyast.AST, env: dict[str, str]) -> str | None:
     return None
 
 
+@cache
+def _constants(path: Path) -> dict[str, str]:
+    """The module-level string constants of one module of the package: its own literal
+    assignments, and names it imports from another module of the package (`from
+    ..builtins import TOKENIZER_PARAM`)."""
+    tree = pyast.parse(path.read_text(encoding="utf-8"), str(path))
+    env: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, pyast.ImportFrom) and node.level > 0 and node.module:
+            folder = path.parent
+            for _ in range(node.level - 1):
+                folder = folder.parent
+            source = folder.joinpath(*node.module.split(".")).with_suffix(".py")
+            if source.is_file() and _PKG in source.resolve().parents:
+                theirs = _constants(source.resolve())
+                for alias in node.names:
+                    if alias.name in theirs:
+                        env[alias.asname or alias.name] = theirs[alias.name]
+        elif (isinstance(node, pyast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], pyast.Name)):
+            v = _string(node.value, env)
+            if v is not None:
+                env[node.targets[0].id] = v
+    return env
+
+
 def _headers(path: Path) -> list[str]:
     """The header strings of the `@builtin(...)` declarations of one Python module: on a
     module-level function, or on a function nested in a helper that the module calls with
     literal arguments (`_unary("exp", ...)` declaring `@builtin(f"{name}(x: ...)")`)."""
     tree = pyast.parse(path.read_text(encoding="utf-8"), str(path))
-    env: dict[str, str] = {}
-    for node in tree.body:
-        if (isinstance(node, pyast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], pyast.Name)):
-            v = _string(node.value, env)
-            if v is not None:
-                env[node.targets[0].id] = v
+    env = dict(_constants(path))
     out: list[str] = []
     helpers: dict[str, pyast.FunctionDef] = {}
     for node in tree.body:

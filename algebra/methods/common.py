@@ -52,9 +52,6 @@ def same_as_base(call: Call, base: Model, ms: tuple[Model, ...], base_param: str
         same_tables(base, m, f"{call.name}()", call.span, call.at(base_param), call.at(ms_param))
 
 
-TOKENIZER_PARAM = "tokenizer: String | Checkpoint | None = none"
-
-
 def with_tokenizer(call: Call, tokenizer: Any, base: Model | None,
                    ms: tuple[Model, ...]) -> tuple[Model | None, tuple[Model, ...]]:
     """A merge method's `tokenizer=` option: base and models remapped into one output

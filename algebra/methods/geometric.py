@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..builtins import Call, builtin, derived, same_tables
+from ..builtins import TOKENIZER_PARAM, Call, builtin, derived, same_tables
 from ..errors import AlgRuntimeError, AlgTypeError
 from ..graph import DESCRIBE, Node
 from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin, lowering
@@ -186,7 +186,7 @@ def _number(call: Call, v: Any, param: str, lo: float | None = None, lo_open: bo
 
 @builtin(
     "model_stock(base: Checkpoint, ms: List[Checkpoint], filter_wise: Bool = false, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Model Stock (Jang et al. 2024), per tensor: with task vectors d_i = m_i - base, c the "
     "mean pairwise cosine of the d_i and N = len(ms), t = N*c / (1 + (N-1)*c) and the "
     "result is t*mean(ms) + (1-t)*base. A zero task vector has cosine 0 with every other; "
@@ -235,7 +235,7 @@ DESCRIBE["model_stock"] = lambda node, a: (
 @builtin(
     "nuslerp(a: Checkpoint, b: Checkpoint, t: Param | List[Param], base: Checkpoint | None = none, "
     "flatten: Bool = true, row_wise: Bool = false, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "NuSLERP (mergekit): spherical interpolation from a (t=0) to b (t=1), "
     "sin((1-t)W)/sin(W)*a + sin(tW)/sin(W)*b with W the angle between them; with base, of "
     "the task vectors a-base and b-base, added to base. t may be mergekit's pair of weights "
@@ -334,7 +334,7 @@ def _weight_sum_nonzero(call: Call, ws: tuple[Any, ...], positive: bool) -> None
 @builtin(
     "multislerp(ms: List[Checkpoint], weights: Param | List[Param], base: Checkpoint | None = none, "
     "normalize: Bool = true, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Multi-SLERP (mergekit), per tensor: the weighted barycentre of the models' unit "
     "directions on the sphere, rescaled by the weighted mean norm sum w_i*|m_i|; with base, "
     "of the task vectors m_i - base, added to base. As mergekit computes it: the normalised "
@@ -371,7 +371,7 @@ def _lower_multislerp(low: Lowerer, node: Node, name: str) -> TExpr:
 @builtin(
     "karcher(ms: List[Checkpoint], weights: Param | List[Param] | None = none, "
     "base: Checkpoint | None = none, max_iter: Int = 10, tol: Scalar = 1e-5, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Karcher mean (mergekit), per tensor: the weighted geodesic (Riemannian) mean of the "
     "models' unit directions on the sphere, found by at most max_iter fixed-point steps "
     "(stopping when a step is shorter than tol), rescaled by the weighted mean norm "
@@ -433,7 +433,7 @@ DESCRIBE["karcher"] = _describe_list(
 
 @builtin(
     "nearswap(base: Checkpoint, m: Checkpoint, t: Param, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "NearSwap (mergekit), elementwise: base + w*(m - base) with w = clamp(t/|base - m|, 0, 1) "
     "(w = 1 where they are equal): elements of m within t of base are taken whole, distant "
     "ones move toward m by t/|base - m|. t must be greater than 0. base's config.",

@@ -31,11 +31,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..builtins import Call, builtin, derived, same_tables
+from ..builtins import TOKENIZER_PARAM, Call, builtin, derived, same_tables
 from ..errors import AlgRuntimeError, AlgTypeError
 from ..graph import Node
 from ..lower import Lowerer, Map, TExpr, lin, lowering, s_mul
 from ..ops.sparse import Combine, Sparsify, rng_key
+from ..plan import row_length
 from ..schedule import Schedule, resolve
 from ..values import Model
 from .common import model_list, per_model, same_as_base, with_tokenizer
@@ -145,7 +146,7 @@ def _arguments(call: Call, base: Model, ms: Any, weights: Any, density: Any,
 
 @builtin(
     "linear(ms: List[Checkpoint], weights: Param | List[Param], normalize: Bool = true, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Weighted average of checkpoints: Σ w_i m_i, divided by Σ w_i when normalize (an error if "
     "the weights sum to 0). weights: one number for all, or one per model. Config of ms[0].",
 )
@@ -165,7 +166,7 @@ def _linear(call: Call, ms: Any, weights: Any, normalize: bool, tokenizer: Any =
 @builtin(
     "task_arithmetic(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "base + scale * Σ w_i (m_i - base): add weighted task vectors to the base. "
     "weights: one number for all, or one per model. Config of base.",
 )
@@ -177,7 +178,7 @@ def _task_arithmetic(call: Call, base: Model, ms: Any, weights: Any, scale: floa
 @builtin(
     "ties(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], normalize: Bool = true, scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "TIES-merging: keep each task vector's top ⌊density·N⌋ entries by magnitude per tensor "
     "(at least one; ties at the threshold kept lowest index first), elect a sign per entry "
     "from Σ w_i d_i (zero counts as +), drop entries that disagree, then base + scale · Σ w_i d_i "
@@ -191,7 +192,7 @@ def _ties(call: Call, base: Model, ms: Any, weights: Any, density: Any, normaliz
 @builtin(
     "dare_linear(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], seed: Int = 0, scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "DARE: drop each task-vector entry with probability 1 - density, rescale survivors by "
     "1/density, then task arithmetic. Draws come from a generator keyed by (seed, tensor name, "
     "model index, element index): the same recipe gives the same bits on any schedule or device.",
@@ -204,7 +205,7 @@ def _dare_linear(call: Call, base: Model, ms: Any, weights: Any, density: Any, s
 @builtin(
     "dare_ties(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], seed: Int = 0, normalize: Bool = true, scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "DARE's random drop (see dare_linear), then TIES' sign election and combination (no "
     "magnitude trim).",
 )
@@ -217,7 +218,7 @@ def _dare_ties(call: Call, base: Model, ms: Any, weights: Any, density: Any, see
 @builtin(
     "breadcrumbs(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], gamma: Scalar = 0.01, scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Model Breadcrumbs: per tensor, drop the ⌊gamma·N⌋ largest task-vector magnitudes and keep "
     "the next ⌊density·N⌋ below them (at least one), then task arithmetic.",
 )
@@ -230,7 +231,7 @@ def _breadcrumbs(call: Call, base: Model, ms: Any, weights: Any, density: Any, g
 @builtin(
     "breadcrumbs_ties(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], gamma: Scalar = 0.01, normalize: Bool = true, scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "Breadcrumbs' selection (see breadcrumbs), then TIES' sign election and combination.",
 )
 def _breadcrumbs_ties(call: Call, base: Model, ms: Any, weights: Any, density: Any, gamma: float,
@@ -256,7 +257,7 @@ def _della_params(call: Call, models, weights, density, epsilon, seed, normalize
     "della(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], epsilon: Scalar = 0.15, seed: Int = 0, normalize: Bool = true, "
     "scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "DELLA: per row (the last dimension; a 1-D tensor is one row), keep each task-vector entry "
     "with probability density - epsilon + 2·epsilon·r/(R-1) for its magnitude rank r (0 = "
     "smallest; equal magnitudes: the lower index ranks higher), rescale survivors by 1/p, then "
@@ -272,7 +273,7 @@ def _della(call: Call, base: Model, ms: Any, weights: Any, density: Any, epsilon
 @builtin(
     "della_linear(base: Checkpoint, ms: List[Checkpoint], weights: Param | List[Param], "
     "density: Param | List[Param], epsilon: Scalar = 0.15, seed: Int = 0, scale: Param = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "DELLA's per-row magnitude-ranked drop (see della), then task arithmetic.",
 )
 def _della_linear(call: Call, base: Model, ms: Any, weights: Any, density: Any, epsilon: float, seed: Any,
@@ -284,7 +285,7 @@ def _della_linear(call: Call, base: Model, ms: Any, weights: Any, density: Any, 
 
 @builtin(
     "sce(base: Checkpoint, ms: List[Checkpoint], topk: Scalar = 1.0, "
-    "tokenizer: String | Checkpoint | None = none)",
+    f"{TOKENIZER_PARAM})",
     "SCE (as mergekit's): per tensor, select the top ⌊topk·nonzero⌋ entries by variance of the "
     "task vectors across models (topk = 1 keeps all), weight model i by the mean of its squared "
     "selected task vector over the sum of those means (equal weights if that sum is below "
@@ -399,14 +400,9 @@ def _lower_tv(low: Lowerer, node: Node, name: str) -> TExpr:
         sq = low.reduction((id(node), name, "squares"), lambda: MaskedSquares(
             tuple(ds), sel, f"sce weights {name}"))
         weights = [SceWeight(sq, i, n) for i in range(n_models)]
-    spec = Combine(n_models, tuple(sparsify), consensus, bool(p.normalize), _row(base), select_var)
+    spec = Combine(n_models, tuple(sparsify), consensus, bool(p.normalize), row_length(base.spec), select_var)
     merged = Map("tv_combine", tuple(ds), (spec, *weights, *vals), base.spec)
     return lin([(1.0, base), (scale, merged)])
-
-
-def _row(e: TExpr) -> int:
-    shape = e.spec.shape
-    return max(1, shape[-1]) if shape else 1
 
 
 for _op in METHODS:
