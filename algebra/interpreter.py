@@ -213,7 +213,8 @@ class Result:
 
         code = DTYPE_ALIASES[dtype.lower()] if dtype else None
         opts = self._interp.options
-        dev = torch.device(device) if device is not None else self._device()
+        # a device the machine lacks is an AlgError, as for --device
+        dev = execute.resolve_device(str(device)) if device is not None else self._device()
         if opts.device == "auto":
             opts = _with_device(opts, str(dev))
         tp = plan_tensors(self.model, opts, code)
