@@ -340,6 +340,19 @@ def mergekit_ok(python: str | None, env: dict) -> str | None:
     return None if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
 
 
+def mergekit_configs(work: Path) -> dict[str, str]:
+    """mergekit-yaml configs of the timed merges: linear 0.7/0.3 is lerp(ft1, ft2, 0.3)."""
+    models = "".join(f"  - model: {work / n}\n    parameters: {{weight: {w}, density: {DENSITY}}}\n"
+                     for n, w in zip(("ft1", "ft2"), WEIGHTS, strict=True))
+    return {
+        "lerp": (f"merge_method: linear\nmodels:\n  - model: {work / 'ft1'}\n    parameters: {{weight: 0.7}}\n"
+                 f"  - model: {work / 'ft2'}\n    parameters: {{weight: 0.3}}\n"
+                 "dtype: float32\nout_dtype: bfloat16\n"),
+        "ties": (f"merge_method: ties\nbase_model: {work / 'base'}\nmodels:\n{models}"
+                 "parameters: {normalize: true}\ndtype: float32\nout_dtype: bfloat16\n"),
+    }
+
+
 def timings(work: Path, device: str, repeat: int, mk_python: str | None) -> tuple[list[dict], list[str]]:
     notes: list[str] = []
     env = {**os.environ, "ALG_CACHE": str(work / "alg-cache"), "PYTHONPATH": str(ROOT)}
@@ -370,15 +383,7 @@ def timings(work: Path, device: str, repeat: int, mk_python: str | None) -> tupl
     if why is not None:
         notes.append(f"mergekit timings skipped: {why}")
         return rows, notes
-    models = "".join(f"  - model: {work / n}\n    parameters: {{weight: {w}, density: {DENSITY}}}\n"
-                     for n, w in zip(("ft1", "ft2"), WEIGHTS, strict=True))
-    configs = {
-        "lerp": (f"merge_method: linear\nmodels:\n  - model: {work / 'ft1'}\n    parameters: {{weight: 0.7}}\n"
-                 f"  - model: {work / 'ft2'}\n    parameters: {{weight: 0.3}}\n"
-                 "dtype: float32\nout_dtype: bfloat16\n"),
-        "ties": (f"merge_method: ties\nbase_model: {work / 'base'}\nmodels:\n{models}"
-                 "parameters: {normalize: true}\ndtype: float32\nout_dtype: bfloat16\n"),
-    }
+    configs = mergekit_configs(work)
     for what, cfg in configs.items():
         yml = work / f"mk-{what}.yml"
         yml.write_text(cfg)
