@@ -38,12 +38,12 @@ def test_gpu_check_runs_its_cpu_parts(tmp_path):
         assert res["timings"] == []
         assert not any("cuda" in name for name in checks)
     else:
-        assert res["gpu"] is True and res["skipped"] is None
-        assert all(f"{m}: {res['device'].split(':')[0]}" in " ".join(checks) for m in MERGES)
-    # the CPU-side comparisons ran, over every element, and passed
+        assert res["gpu"] is True and res["skipped"] is None and res["timings"]
+    # the CPU-side comparisons ran, over every element, and passed (the chunk-size
+    # comparison stands in for the GPU one where there is no GPU)
     n = res["inputs"]["params"]
     for m in MERGES:
-        row = checks[f"{m}: cpu vs cpu chunk=4096"]
+        row = checks[f"{m}: cpu vs cpu chunk=4096" if NO_CUDA else f"{m}: {res['device'].split(': ')[0]} vs cpu"]
         assert row["ok"] and row["elements"] == n and row["differing"] == 0
         assert row["tensors"] == 21  # 2 layers x 9 + embedding, norm, head
         assert ("at_base_differing" in row) == (m in ("ties", "dare_ties", "della"))
