@@ -12,10 +12,23 @@ side of the stack:
             (and names like lm_head, embed_out, output., cls., score. even if they
             mention an embedding)
 
-The input embedding is the pre tensor with the vocabulary's rows (config `vocab_size`);
-the output head is another 2-D tensor of the same shape. A checkpoint whose config ties
-the head to the embedding (`tie_word_embeddings`, true unless the config says false)
-and stores no head is *tied*: its embedding is its head.
+The input embedding is the pre tensor with the vocabulary's rows (config `vocab_size`;
+the embedding's own rows when no tensor has that many); the output head is another 2-D
+tensor of the same shape. A checkpoint whose config ties the head to the embedding
+(`tie_word_embeddings`, true unless the config says false) and stores no head is *tied*:
+its embedding is its head.
+
+This module is the one owner of tensor roles: every other module asks an `Arch`
+(`arch_of(t)`) which tensor is what, and no other module matches tensor names.
+
+    role(name)   "layer", "embedding", "head", "score" (a classifier's score head:
+                 score., classifier.), "final_norm", "pre" (the rest of the input
+                 side: positions, token types, the embedding norm) or "post"
+    token_rows   the tensors whose first dimension counts tokens, `vocab_rows` of them:
+                 outside the layer stack, not positional, not a score head, and either
+                 named like an embedding or head (embed, wte, lm_head, shared, output.,
+                 tok_, word_), or the embedding or head itself, or, when the rows are the
+                 config's vocab_size, any such tensor (BERT's cls.predictions.bias)
 
 Invariant: pure and header-only: `describe(tensors, config)` reads names, shapes and the
 config dict, never a weight, and gives the same answer for the same input.
@@ -40,6 +53,13 @@ _HEADISH = re.compile(r"head|embed_out|output|decoder|logits", re.I)
 # output-side names that would otherwise read as embeddings (GPT-NeoX's embed_out)
 _OUT = re.compile(r"lm_head|embed_out|(?:^|\.)output\.|(?:^|\.)(?:cls|score|classifier)\.", re.I)
 _NORM = re.compile(r"norm|ln_f", re.I)
+_SCORE = re.compile(r"(?:^|\.)(?:score|classifier)\.", re.I)
+# names whose rows may be tokens (a tensor counts only if its rows are the vocabulary's)
+_TOKEN_NAME = re.compile(r"embed|wte|lm_head|shared|(?:^|\.)output\.|tok_|word_", re.I)
+# positional tables, never token rows even with the vocabulary's row count
+_POSITION_ROWS = re.compile(r"position|pos_|wpe", re.I)
+
+ROLES = ("layer", "embedding", "head", "score", "final_norm", "pre", "post")
 
 
 @dataclass(frozen=True)
@@ -55,9 +75,29 @@ class Arch:
     final_norm: tuple[str, ...]
     count_key: str | None  # the config key that holds the layer count
     notes: tuple[str, ...] = field(default=())
+    vocab_rows: int | None = None  # the rows of the token-row tensors
+    token_rows: tuple[str, ...] = field(default=())  # in the checkpoint's tensor order
 
     def layer(self, name: str) -> int | None:
         return self.layer_of.get(name)
+
+    def role(self, name: str) -> str:
+        """One of ROLES; see the module docstring."""
+        if name in self.layer_of:
+            return "layer"
+        if name == self.embedding:
+            return "embedding"
+        if name == self.head:
+            return "head"
+        if _SCORE.search(name):
+            return "score"
+        if name in self.final_norm:
+            return "final_norm"
+        return "pre" if _is_pre(name) else "post"
+
+    def is_token_rows(self, name: str) -> bool:
+        """Whether the tensor's first dimension counts tokens (see `token_rows`)."""
+        return name in self.token_rows
 
     def side(self, name: str) -> str:
         """"layer", "pre" (input embeddings) or "post" (final norm, heads, the rest)."""
@@ -138,18 +178,41 @@ def describe(tensors: Mapping[str, TensorSpec], config: Mapping[str, Any] | None
 
     vocab = _vocab(config)
     outside = [(n, s) for n, s in tensors.items() if n not in layer_of and s.is_float]
-    mats = [(n, s) for n, s in outside if len(s.shape) == 2 and (vocab is None or s.shape[0] == vocab)]
-    embedding = next((n for n, _ in mats if _EMBED.search(n) and _is_pre(n) and not _POSITIONAL.search(n)), None)
+    mats2 = [(n, s) for n, s in outside if len(s.shape) == 2]
+    embedding = None
+    for mats in ([(n, s) for n, s in mats2 if vocab is None or s.shape[0] == vocab], mats2):
+        # an embedding padded past the config's vocab_size is still the embedding
+        embedding = next((n for n, _ in mats if _EMBED.search(n) and _is_pre(n) and not _POSITIONAL.search(n)), None)
+        if embedding is not None:
+            break
     head = None
     if embedding is not None:
         shape = tensors[embedding].shape
-        others = [n for n, s in mats if n != embedding and s.shape == shape and not _POSITIONAL.search(n)]
+        others = [n for n, s in mats if n != embedding and s.shape == shape and not _POSITIONAL.search(n)
+                  and not _SCORE.search(n)]
         head = next((n for n in others if _HEADISH.search(n)), others[0] if others else None)
     tie_flag = _tie_flag(config)
     tied = embedding is not None and head is None and tie_flag
     final_norm = tuple(n for n, _ in outside if _NORM.search(n) and not _is_pre(n) and not _OUT.search(n)
                        and "predictions" not in n)
-    return Arch(prefix, n_layers, layer_of, embedding, head, tied, final_norm, key, tuple(notes))
+    rows, token_rows = _token_rows(outside, vocab, embedding, head, tensors)
+    return Arch(prefix, n_layers, layer_of, embedding, head, tied, final_norm, key, tuple(notes),
+                rows, token_rows)
+
+
+def _token_rows(outside, vocab: int | None, embedding: str | None, head: str | None,
+                tensors: Mapping[str, TensorSpec]) -> tuple[int | None, tuple[str, ...]]:
+    """(rows, names) of the tensors whose first dimension counts tokens: the config's
+    vocab_size when a tensor named like an embedding or head has that many rows, else the
+    embedding's rows. See the module docstring."""
+    cands = [(n, s) for n, s in outside if s.shape and not _POSITION_ROWS.search(n) and not _SCORE.search(n)]
+    named = [(n, s) for n, s in cands if _TOKEN_NAME.search(n) or n in (embedding, head)]
+    if vocab is not None and any(s.shape[0] == vocab for _, s in named):
+        return vocab, tuple(n for n, s in cands if s.shape[0] == vocab)
+    if embedding is None:
+        return None, ()
+    rows = tensors[embedding].shape[0]
+    return rows, tuple(n for n, s in named if s.shape[0] == rows)
 
 
 def _vocab(config: Mapping[str, Any] | None) -> int | None:
@@ -181,4 +244,4 @@ def arch_of(t: CheckpointType) -> Arch:
     return a
 
 
-__all__ = ["Arch", "LAYER_COUNT_KEYS", "arch_of", "config_layers", "describe", "layer_index"]
+__all__ = ["Arch", "LAYER_COUNT_KEYS", "ROLES", "arch_of", "config_layers", "describe", "layer_index"]

@@ -86,7 +86,7 @@ def _merge(call: Call, rm: Model, lm: Model, lam: float, tokenizer: Any) -> Mode
         sa, sb = ta[n], tb[n]
         if sa.shape == sb.shape:
             continue
-        if len(sa.shape) >= 1 and sa.shape[1:] == sb.shape[1:] and _is_vocab(n, sa, sb, rm, lm):
+        if len(sa.shape) >= 1 and sa.shape[1:] == sb.shape[1:] and _is_vocab(n, rm, lm):
             vocab_rows[n] = min(sa.shape[0], sb.shape[0])
             continue
         raise call.error(

@@ -215,15 +215,16 @@ class Result:
 
     def state_dict(self, device: str | torch.device | None = None, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """Compute every tensor into memory, on the bindings' device by default."""
+        from . import execute
         from .types import DTYPE_ALIASES
 
         code = DTYPE_ALIASES[dtype.lower()] if dtype else None
         opts = self._interp.options
-        dev = torch.device(device) if device is not None else self._device()
+        # a device the machine lacks is an AlgError, as for --device
+        dev = execute.resolve_device(str(device)) if device is not None else self._device()
         if opts.device == "auto":
             opts = _with_device(opts, str(dev))
         tp = plan_tensors(self.model, opts, code)
-        from . import execute
 
         return execute.materialize(tp, opts, dev)
 

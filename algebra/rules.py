@@ -6,15 +6,15 @@ headers.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
+from .arch import arch_of
 from .errors import AlgShapeError, AlgTypeError
 from .graph import Node
 from .schedule import as_param, is_param, neg, recip
 from .source import Span
 from .surgery import align_heads
-from .types import TensorSpec, type_name
+from .types import type_name
 from .values import Model
 from .vocab import ALIGN_HINT, check_same_vocab
 
@@ -48,7 +48,7 @@ def same_tables(a: Model, b: Model, what: str, span: Span, aspan: Span, bspan: S
                 f"{list(tb[n].shape)} on the right",
                 span,
             )
-            if spec.shape[1:] == tb[n].shape[1:] and _VOCAB_NAME.search(n):
+            if spec.shape[1:] == tb[n].shape[1:] and _is_vocab(n, a, b):
                 err.with_note(f"the vocabularies differ ({spec.shape[0]} vs {tb[n].shape[0]} tokens); "
                               + ALIGN_HINT)
                 err.with_note("merge(rm, lm, lam) merges the shared token rows of a reward model and an LM")
@@ -111,14 +111,7 @@ def model_neg(value: Model, span: Span) -> Model:
     return derived(Node("scale", (value.node,), (-1.0,), span=span), value)
 
 
-_VOCAB_NAME = re.compile(r"(embed|wte|word_embeddings|lm_head|shared|output|score|tok_)", re.I)
-
-
-def _is_vocab(name: str, sa: TensorSpec, sb: TensorSpec, rm: Model, lm: Model) -> bool:
-    """Whether a tensor's first dimension counts tokens: it equals each model's configured
-    vocab_size, or (no config, or embeddings padded past vocab_size) its name says so."""
-    va = (rm.type.config or {}).get("vocab_size")
-    vb = (lm.type.config or {}).get("vocab_size")
-    if va is not None and vb is not None and (sa.shape[0], sb.shape[0]) == (va, vb):
-        return True
-    return bool(_VOCAB_NAME.search(name))
+def _is_vocab(name: str, a: Model, b: Model) -> bool:
+    """Whether a tensor's first dimension counts tokens in both checkpoints (the tensor
+    roles are `arch.Arch`'s)."""
+    return arch_of(a.type).is_token_rows(name) and arch_of(b.type).is_token_rows(name)

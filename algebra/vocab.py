@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .arch import arch_of
 from .errors import AlgIOError, AlgShapeError, AlgTypeError, did_you_mean, warn
 from .family import Family
 from .graph import Node
@@ -46,12 +47,6 @@ from .values import Model
 family = Family("vocab")
 builtin = family.builtin
 
-# names of tensors whose rows may be tokens; a tensor counts only if its first dimension
-# also equals the model's vocabulary rows
-VOCAB_NAME = re.compile(r"(embed|wte|lm_head|shared|(^|\.)output\.|tok_|word_)", re.I)
-_INPUT_EMBED = re.compile(r"(embed_tokens|embed_in|wte|word_embeddings|tok_embeddings|(^|\.)shared\.)", re.I)
-_POSITION = re.compile(r"(position|pos_|wpe)", re.I)
-
 MODES = ("base", "union")
 
 # a row's recipe: ((coef, provider index, source row), ...); () is a zero row
@@ -64,22 +59,10 @@ Run = tuple[int, int, Terms]
 
 
 def vocab_tensors(t: CheckpointType) -> tuple[int, tuple[str, ...]] | None:
-    """(rows, names) of the tensors whose rows are tokens: the first dimension is the
-    configured vocab_size (or, without one, the input embedding's rows) and the name says
-    embedding or head. None when no such tensor is found."""
-    cands = [(n, s) for n, s in t.tensors.items()
-             if s.is_float and s.shape and VOCAB_NAME.search(n) and not _POSITION.search(n)]
-    v = (t.config or {}).get("vocab_size")
-    rows = None
-    if isinstance(v, int) and any(s.shape[0] == v for _, s in cands):
-        rows = v
-    else:
-        embeds = [s.shape[0] for n, s in cands if len(s.shape) == 2 and _INPUT_EMBED.search(n)]
-        if embeds:
-            rows = max(embeds)
-    if rows is None:
-        return None
-    return rows, tuple(n for n, s in cands if s.shape[0] == rows)
+    """(rows, names) of the tensors whose rows are tokens, as `arch.Arch.token_rows` says;
+    None when there is none."""
+    a = arch_of(t)
+    return (a.vocab_rows, a.token_rows) if a.token_rows and a.vocab_rows is not None else None
 
 
 def model_tokenizer(m: Model) -> TokenizerSpec | None:

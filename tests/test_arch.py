@@ -323,3 +323,169 @@ def test_layers_needs_whole_numbers(interp):
     with pytest.raises(AlgError, match="whole number") as e:
         interp.eval('save(layers(load("llama/a"), 0.5, 2), "out/x")')
     assert e.value.span.text() == "0.5"
+
+
+# ---- tensor roles: one owner, one table ------------------------------------------------------
+
+# per architecture: the role of every tensor outside the layer stack, and the tensors whose
+# rows are tokens (tied checkpoints store no head). Written from transformers' module names.
+_LLAMA_ROLES = ({"model.embed_tokens.weight": "embedding", "model.norm.weight": "final_norm",
+                 "lm_head.weight": "head"}, {"model.embed_tokens.weight", "lm_head.weight"})
+_TIED_ROLES = ({"model.embed_tokens.weight": "embedding", "model.norm.weight": "final_norm"},
+               {"model.embed_tokens.weight"})
+ROLE_TABLE = {
+    "llama": _LLAMA_ROLES, "mistral": _LLAMA_ROLES, "phi3": _LLAMA_ROLES, "qwen3": _LLAMA_ROLES,
+    "qwen2": _TIED_ROLES, "gemma": _TIED_ROLES, "gemma2": _TIED_ROLES, "gemma3": _TIED_ROLES,
+    "phi": ({"model.embed_tokens.weight": "embedding", "model.final_layernorm.weight": "final_norm",
+             "model.final_layernorm.bias": "final_norm", "lm_head.weight": "head", "lm_head.bias": "post"},
+            {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"}),
+    "gpt2": ({"transformer.wte.weight": "embedding", "transformer.wpe.weight": "pre",
+              "transformer.ln_f.weight": "final_norm", "transformer.ln_f.bias": "final_norm"},
+             {"transformer.wte.weight"}),
+    "gpt_neox": ({"gpt_neox.embed_in.weight": "embedding", "gpt_neox.final_layer_norm.weight": "final_norm",
+                  "gpt_neox.final_layer_norm.bias": "final_norm", "embed_out.weight": "head"},
+                 {"gpt_neox.embed_in.weight", "embed_out.weight"}),
+    "falcon": ({"transformer.word_embeddings.weight": "embedding", "transformer.ln_f.weight": "final_norm",
+                "transformer.ln_f.bias": "final_norm"}, {"transformer.word_embeddings.weight"}),
+    # BERT's prediction bias has the vocabulary's rows: token rows although no name says so
+    # (the old align name list missed it); its transform LayerNorm is not the final norm
+    "bert": ({"bert.embeddings.word_embeddings.weight": "embedding",
+              "bert.embeddings.position_embeddings.weight": "pre",
+              "bert.embeddings.token_type_embeddings.weight": "pre",
+              "bert.embeddings.LayerNorm.weight": "pre", "bert.embeddings.LayerNorm.bias": "pre",
+              "cls.predictions.bias": "post",
+              "cls.predictions.transform.dense.weight": "post", "cls.predictions.transform.dense.bias": "post",
+              "cls.predictions.transform.LayerNorm.weight": "post",
+              "cls.predictions.transform.LayerNorm.bias": "post"},
+             {"bert.embeddings.word_embeddings.weight", "cls.predictions.bias"}),
+}
+
+
+def test_role_table_covers_every_architecture():
+    assert set(ROLE_TABLE) == set(ALL)
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_tensor_roles(root, arch):
+    """Every tensor of a saved checkpoint of each architecture has the role the table
+    gives (layer tensors: "layer"), and the token rows are the table's, in tensor order."""
+    from algebra.arch import arch_of
+    from algebra.vocab import vocab_tensors
+
+    src = open_checkpoint(root / arch / "a")
+    roles, token_rows = ROLE_TABLE[arch]
+    a = describe(src.tensors, src.config)
+    got = {n: a.role(n) for n in src.tensors}
+    want = {n: roles.get(n, "layer" if layer_index(arch, n) is not None else "?") for n in src.tensors}
+    assert got == want
+    assert set(a.token_rows) == token_rows
+    assert list(a.token_rows) == [n for n in src.tensors if n in token_rows]
+    assert a.vocab_rows == TINY_VOCAB
+    assert all(a.is_token_rows(n) == (n in token_rows) for n in src.tensors)
+    # the checks that used their own name lists ask the same owner
+    assert vocab_tensors(_type(src)) == (TINY_VOCAB, a.token_rows)
+    assert arch_of(_type(src)).token_rows == a.token_rows
+
+
+def _type(src):
+    from algebra.types import CheckpointType
+
+    return CheckpointType(src.tensors, config=src.config)
+
+
+def _spec(*shape: int):
+    from algebra.types import TensorSpec
+
+    return TensorSpec(tuple(shape), "F32")
+
+
+# names, shapes and configs where the old name lists disagreed: builtins' merge called
+# `score` and any `output` token rows, vocab.py's align did not; arch found no embedding
+# padded past vocab_size while align took its rows
+ROLE_CASES = {
+    "reward model: the score head is no token row": (
+        {"model.embed_tokens.weight": (96, 8), "model.layers.0.mlp.w": (8, 8), "model.layers.1.mlp.w": (8, 8),
+         "model.norm.weight": (8,), "score.weight": (1, 8)},
+        {"vocab_size": 96, "num_hidden_layers": 2},
+        {"model.embed_tokens.weight": "embedding", "model.norm.weight": "final_norm", "score.weight": "score"},
+        ("model.embed_tokens.weight",), 96),
+    "classifier head of the vocabulary's width is still a score head": (
+        {"bert.embeddings.word_embeddings.weight": (96, 8), "bert.encoder.layer.0.output.dense.weight": (8, 16),
+         "bert.encoder.layer.1.output.dense.weight": (8, 16), "classifier.weight": (96, 8)},
+        {"vocab_size": 96, "num_hidden_layers": 2},
+        {"bert.embeddings.word_embeddings.weight": "embedding", "classifier.weight": "score"},
+        ("bert.embeddings.word_embeddings.weight",), 96),
+    "original Llama names: output. is the head, a layer's output. is not": (
+        {"tok_embeddings.weight": (96, 8), "layers.0.attention.output.weight": (96, 8),
+         "layers.1.attention.output.weight": (96, 8), "norm.weight": (8,), "output.weight": (96, 8)},
+        {"vocab_size": 96, "n_layers": 2, "tie_word_embeddings": False},
+        {"tok_embeddings.weight": "embedding", "norm.weight": "final_norm", "output.weight": "head"},
+        ("tok_embeddings.weight", "output.weight"), 96),
+    "embedding padded past vocab_size": (
+        {"model.embed_tokens.weight": (104, 8), "model.layers.0.mlp.w": (8, 8), "model.layers.1.mlp.w": (8, 8),
+         "model.norm.weight": (8,), "lm_head.weight": (104, 8)},
+        {"vocab_size": 96, "num_hidden_layers": 2, "tie_word_embeddings": False},
+        {"model.embed_tokens.weight": "embedding", "model.norm.weight": "final_norm", "lm_head.weight": "head"},
+        ("model.embed_tokens.weight", "lm_head.weight"), 104),
+    "no config: names decide": (
+        {"transformer.wte.weight": (96, 8), "transformer.wpe.weight": (96, 8), "transformer.h.0.mlp.w": (8, 8),
+         "transformer.h.1.mlp.w": (8, 8), "transformer.ln_f.weight": (8,)},
+        None,
+        {"transformer.wte.weight": "embedding", "transformer.wpe.weight": "pre",
+         "transformer.ln_f.weight": "final_norm"},
+        ("transformer.wte.weight",), 96),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLE_CASES))
+def test_roles_where_the_old_name_lists_disagreed(case):
+    shapes, cfg, roles, token_rows, rows = ROLE_CASES[case]
+    a = describe({n: _spec(*s) for n, s in shapes.items()}, cfg)
+    assert {n: a.role(n) for n in shapes} == {n: roles.get(n, "layer") for n in shapes}
+    assert a.token_rows == token_rows and a.vocab_rows == rows
+
+
+def _write(folder: Path, shapes: dict, cfg: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(len(str(folder)))
+    save_file({n: torch.randn(s, generator=g) for n, s in shapes.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_merge_refuses_score_heads_of_different_widths(tmp_path, warnings):
+    """Regression: merge's own name list called `score` token rows, so reward models with 1
+    and 2 labels were merged on row 0 with a warning about token ids."""
+    base = {"model.embed_tokens.weight": (96, 8), "model.layers.0.mlp.w": (8, 8),
+            "model.layers.1.mlp.w": (8, 8), "model.norm.weight": (8,)}
+    cfg = {"vocab_size": 96, "num_hidden_layers": 2}
+    _write(tmp_path / "rm1", {**base, "score.weight": (1, 8)}, cfg)
+    _write(tmp_path / "rm2", {**base, "score.weight": (2, 8)}, cfg)
+    interp = Interpreter(options=Options(device="cpu", warn=warnings.append), base_dir=tmp_path)
+    with pytest.raises(AlgError, match=r"'score.weight' has shape \[1, 8\] in rm but \[2, 8\] in lm"):
+        interp.eval('save(merge(load("rm1"), load("rm2"), 0.5), "out")')
+
+
+def test_layer_output_tensors_are_not_token_rows(tmp_path, warnings):
+    """Regression: an unanchored `output` made a BERT layer's output.dense a token-row
+    tensor: merge merged its leading rows, and `+` blamed the vocabularies."""
+    def shapes(h):
+        return {"bert.embeddings.word_embeddings.weight": (96, 8),
+                **{f"bert.encoder.layer.{i}.output.dense.weight": (h, 16) for i in range(2)}}
+    cfg = {"vocab_size": 96, "num_hidden_layers": 2}
+    _write(tmp_path / "x", shapes(8), cfg)
+    _write(tmp_path / "y", shapes(12), cfg)
+    interp = Interpreter(options=Options(device="cpu", warn=warnings.append), base_dir=tmp_path)
+    with pytest.raises(AlgError, match=r"output.dense.weight' has shape \[8, 16\] in rm but \[12, 16\]"):
+        interp.eval('save(merge(load("x"), load("y"), 0.5), "out")')
+    with pytest.raises(AlgError, match=r"output.dense.weight' has shape \[8, 16\] on the left") as e:
+        interp.eval('save(load("x") + load("y"), "out")')
+    assert not any("vocabularies differ" in n.message for n in e.value.notes)
+    # and token rows that do differ still get the hint
+    _write(tmp_path / "z", {**shapes(8), "bert.embeddings.word_embeddings.weight": (100, 8)},
+           {**cfg, "vocab_size": 100})
+    with pytest.raises(AlgError) as e:
+        interp.eval('save(load("x") + load("z"), "out")')
+    assert any("vocabularies differ" in n.message for n in e.value.notes)

@@ -416,3 +416,18 @@ def test_tokenizer_option_of_merge_methods_is_align_first(fams, tmp_path, method
     assert got[EMB].shape[0] > len(_vocab(fams["a"]))  # the union is larger than a's vocabulary
     with pytest.raises(AlgError, match="vocabular"):
         _interp(tmp_path).eval(text.format(a=a, b=b, b2=b2, opt=""))
+
+
+def test_merge_methods_declare_the_one_tokenizer_parameter():
+    """Every builtin with a `tokenizer=` option (align's own argument aside) declares it
+    by the shared TOKENIZER_PARAM, as its last parameter."""
+    import algebra.check  # noqa: F401 (every builtin family registered)
+    from algebra.methods.common import TOKENIZER_PARAM
+    from algebra.registry import REGISTRY
+
+    BUILTINS = REGISTRY.builtins
+
+    users = {n: b for n, b in BUILTINS.items() if n != "align" and any(p.name == "tokenizer" for p in b.params)}
+    assert {"merge", "slerp", "linear", "ties", "dare_ties", "model_stock", "nuslerp", "karcher"} <= set(users)
+    for name, b in users.items():
+        assert b.signature().endswith(f", {TOKENIZER_PARAM})"), name

@@ -11,6 +11,9 @@ from ..signature import Call
 from ..types import type_name
 from ..values import Model
 
+# the `tokenizer=` option of merge, slerp and every merge method (see vocab.align_models)
+TOKENIZER_PARAM = "tokenizer: String | Checkpoint | None = none"
+
 
 def model_list(call: Call, ms: Any, param: str = "ms", at_least: int = 1) -> tuple[Model, ...]:
     """`ms` as a tuple of checkpoints, or a positioned error."""
@@ -51,9 +54,6 @@ def same_as_base(call: Call, base: Model, ms: tuple[Model, ...], base_param: str
     """Every model must have the base's tensor table (names and shapes)."""
     for m in ms:
         same_tables(base, m, f"{call.name}()", call.span, call.at(base_param), call.at(ms_param))
-
-
-TOKENIZER_PARAM = "tokenizer: String | Checkpoint | None = none"
 
 
 def with_tokenizer(call: Call, tokenizer: Any, base: Model | None,

@@ -36,6 +36,7 @@ from ..family import Family
 from ..graph import Node
 from ..lower import Lowerer, Map, TExpr, lin, s_mul
 from ..ops.sparse import Combine, Sparsify, rng_key
+from ..plan import row_length
 from ..rules import derived, same_tables
 from ..schedule import Schedule, resolve
 from ..signature import Call
@@ -404,14 +405,9 @@ def _lower_tv(low: Lowerer, node: Node, name: str) -> TExpr:
         sq = low.reduction((id(node), name, "squares"), lambda: MaskedSquares(
             tuple(ds), sel, f"sce weights {name}"))
         weights = [SceWeight(sq, i, n) for i in range(n_models)]
-    spec = Combine(n_models, tuple(sparsify), consensus, bool(p.normalize), _row(base), select_var)
+    spec = Combine(n_models, tuple(sparsify), consensus, bool(p.normalize), row_length(base.spec), select_var)
     merged = Map("tv_combine", tuple(ds), (spec, *weights, *vals), base.spec)
     return lin([(1.0, base), (scale, merged)])
-
-
-def _row(e: TExpr) -> int:
-    shape = e.spec.shape
-    return max(1, shape[-1]) if shape else 1
 
 
 for _op in METHODS:
