@@ -5,9 +5,9 @@ the rest tokenized, sorted by token length and cut into batches); only the forwa
 passes move. Each reward model that has texts to score is served by a pool of Ray
 actors (`_Scorer`), one per GPU of the cluster, or, without a GPU (or with --device
 cpu), one per `CPUS_PER_WORKER` CPUs, never more than it has batches. Each actor loads
-the model once, through `engine.load_model` as a local run does (a merge is
+the model once, through `reward.models.load_model` as a local run does (a merge is
 materialised inside the actor by the weight engine from its checked graph), and scores
-whole length-sorted batches with `engine.score_batch`. The driver hands batches out as
+whole length-sorted batches with `reward.models.score_batch`. The driver hands batches out as
 actors finish them (at most `IN_FLIGHT` per actor), so long and short batches balance
 across the pool, and stores each batch's scores as it arrives, in the run's table and
 the on-disk cache under the keys a local run uses (`reward.cache.score_key`): a
@@ -145,7 +145,7 @@ def dumps_model(model: Any) -> bytes:
 def actor_options(options: Options, device: str) -> Options:
     """The run's options as an actor uses them: picklable, quiet, on its own device, and
     not distributed again."""
-    from .reward.trl import picklable_options
+    from .options import picklable_options
 
     return replace(picklable_options(options), device=device, progress=False, ray="off",
                    out=print, warn=_drop)
@@ -165,7 +165,7 @@ class _Scorer:
         import ray
         import torch
 
-        from .reward.engine import load_model
+        from .reward.models import load_model
 
         if ray.get_gpu_ids():  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU
             self.device = torch.device("cuda")
@@ -181,7 +181,7 @@ class _Scorer:
         self.fault = fault
 
     def score(self, input_ids: list[list[int]]) -> list[float]:
-        from .reward.engine import score_batch
+        from .reward.models import score_batch
 
         if self.fault:
             _fault_hook(self.fault)
@@ -277,7 +277,7 @@ def score_job(run: Any, job: Any) -> int:
     """Score a job's texts to do on Ray for a `reward.engine.RewardRun`: into its score
     table and cache (`run._store`). The pool stays up between calls for a run that keeps
     its models loaded (a TRL reward function). Returns the texts scored."""
-    from .reward.engine import pad_id
+    from .reward.models import pad_id
 
     ray = connect(run.options.ray)
     batches = [b for g in job.groups for b in g.batches]

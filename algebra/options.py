@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from .errors import AlgUsageError, Diagnostic
@@ -105,3 +106,16 @@ class Options:
         from .progress import Progress
 
         self.progress = Progress.of(self.progress)
+
+
+def picklable_options(options: Options) -> Options:
+    """The options with callables that cannot be pickled (lambdas) set to their defaults."""
+    changes = {}
+    for f in fields(options):
+        v = getattr(options, f.name)
+        if callable(v):
+            try:
+                pickle.dumps(v)
+            except Exception:
+                changes[f.name] = f.default
+    return replace(options, **changes)

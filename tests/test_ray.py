@@ -146,7 +146,7 @@ def test_what_travels_to_an_actor_rebuilds_the_same_model(ws):
     import pickle
 
     from algebra.distributed import dumps_model
-    from algebra.reward.engine import load_model
+    from algebra.reward.models import load_model
 
     session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
     checked = session.check(Source(RECIPE, "t.alg"))

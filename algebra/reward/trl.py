@@ -22,11 +22,11 @@ import itertools
 import pickle
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AlgTypeError
-from ..options import Options
+from ..options import Options, picklable_options
 from .data import prompt_key, response_text
 from .values import Reward
 
@@ -84,19 +84,6 @@ class Recipe:
         if self.replay is None:
             raise AlgTypeError("this reward function's recipe cannot be replayed")
         return self.replay(self)
-
-
-def picklable_options(options: Options) -> Options:
-    """The options with callables that cannot be pickled (lambdas) set to their defaults."""
-    changes = {}
-    for f in fields(options):
-        v = getattr(options, f.name)
-        if callable(v):
-            try:
-                pickle.dumps(v)
-            except Exception:
-                changes[f.name] = f.default
-    return replace(options, **changes)
 
 
 def _rebuild(recipe: Recipe, name: str) -> RewardFunction:

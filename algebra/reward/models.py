@@ -1,0 +1,90 @@
+"""Reward models and policies as transformers models: loading a checked checkpoint value
+(a folder, or a computed one materialised in memory) and scoring a batch of token ids.
+Shared by the local engine (engine.py) and Ray's actors (distributed.py)."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AlgRuntimeError
+from ..options import Options
+from .plan import Job, tokenizer_for
+
+
+def load_model(model: Any, options: Options, device: torch.device, dtype: torch.dtype, causal: bool = False):
+    """A transformers model of a checked checkpoint value, on device, in eval mode. A
+    loaded folder is read by transformers; a computed value (a merge, `layers`, `stack`,
+    `align`) is built from its own checked config (layer count, vocabulary size: what its
+    saved folder's config.json would say) and given its materialised tensors."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from ..plan import output_config
+
+    hf_logging.disable_progress_bar()
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    primary = model.type.primary
+    if model.node.op == "load" and getattr(primary, "folder", None) is not None:
+        m = auto.from_pretrained(primary.folder, dtype=dtype, trust_remote_code=False)
+    else:
+        from transformers.initialization import no_init_weights
+
+        from ..execute import materialize
+        from ..plan import plan_tensors
+
+        cfg = output_config(model.type, model.type.dtype)
+        if cfg is None:
+            raise AlgRuntimeError(f"{model.node.describe()} has no config.json to build a model from")
+        with tempfile.TemporaryDirectory(prefix="alg-config-") as tmp:  # as its saved folder has it
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+            config = AutoConfig.from_pretrained(tmp, trust_remote_code=False)
+        state = materialize(plan_tensors(model, options), options, torch.device("cpu"),
+                            desc=f"compute {model.node.describe()}")
+        with no_init_weights():  # parameters are replaced below; skip their random init
+            m = auto.from_config(config, dtype=dtype, trust_remote_code=False)
+        try:
+            m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                              assign=True, strict=True)
+        except RuntimeError as e:  # its tensors do not fit its config: a bug of check, said plainly
+            raise AlgRuntimeError(f"{model.node.describe()}: its tensors do not fit a {type(m).__name__} built "
+                                  f"from its config: {str(e).splitlines()[0]}") from None
+        del state
+        if getattr(m.config, "tie_word_embeddings", False):
+            m.tie_weights()
+    return m.to(device).eval()
+
+
+def pad_id(job: Job) -> int:
+    """The id a job's batches are padded with: its tokenizer's pad token, else EOS."""
+    tok = tokenizer_for(job.groups[0].leaf)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def score_batch(model: Any, input_ids: list[list[int]], pad: int, device: torch.device) -> list[float]:
+    """A reward model's scores (logit 0) of one batch of token ids, right-padded with `pad`
+    (real tokens first), in float64. Shared by local runs and Ray workers."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, x in enumerate(input_ids):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    return logits[:, 0].double().cpu().tolist()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["load_model", "pad_id", "score_batch"]
