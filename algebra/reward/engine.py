@@ -26,6 +26,7 @@ import torch
 
 from ..errors import AlgError, AlgRuntimeError
 from ..options import Options
+from ..runconfig import RunConfig
 from ..types import human_bytes
 from .builtins import EvalRequest, ScoreRequest
 from .cache import ScoreCache, model_hash
@@ -90,13 +91,11 @@ def _free() -> None:
 
 class RewardRun:
     def __init__(self, options: Options, out=None, keep_loaded: bool = False):
-        from ..execute import resolve_device
-
         self.options = options
         self.keep_loaded = keep_loaded  # a TRL reward function keeps its models between calls
         self._loaded: dict[Any, Any] = {}
         self.out = out or options.out
-        self.device = resolve_device(options.device)
+        self.device = RunConfig.of(options).resolve_device()  # once per reward run
         self.cache = ScoreCache()
         self.scores: dict[str, float] = {}
         self.generated: dict[Generated, Responses] = {}
