@@ -262,7 +262,7 @@ def _nonfinite_input(leaf: Leaf, x: torch.Tensor, e0: int) -> NonFiniteInput:
 
 
 def _nonfinite(name: str, data: torch.Tensor, e0: int, code: str) -> AlgRuntimeError:
-    # every input of the chunk has been checked (Evaluator.eval): the result itself overflowed
+    # every input of the chunk has been checked (Evaluator.check_input): the result itself overflowed
     bad = int((~torch.isfinite(data)).nonzero()[0]) + e0
     return AlgRuntimeError(f"tensor '{name}' of the result is not finite at element {bad}: "
                            f"the result overflows {dtype_name(code)} or divides by zero")

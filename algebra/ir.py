@@ -160,9 +160,6 @@ def sym_deps(items: Iterable[Any]) -> tuple[Reduction, ...]:
     return tuple(out.values())
 
 
-_deps = sym_deps  # the name lower.py used
-
-
 def coef_value(c: Coef, results) -> float:
     return c.value(results) if isinstance(c, Sym) else float(c)
 

@@ -1,7 +1,7 @@
 """Stage 5, plan: tensor expressions -> an ordered list of steps with predicted memory.
 
 Policy. Output tensors are written in the primary input's storage order (sequential
-reads, sequential writes). A reduction (`lower.Reduction`) runs just before the first write that
+reads, sequential writes). A reduction (`reductions.Reduction`) runs just before the first write that
 needs it, after the reductions it needs itself: per-layer SLERP reduces layer N, writes
 layer N, then moves on, so the pages it read are still warm. Ties are broken by that
 order and then by creation, never by set or hash order, so a plan is reproducible.
