@@ -50,6 +50,38 @@ from .types import TensorSpec
 if TYPE_CHECKING:
     from .reductions import Gram, Reduction
 
+# What evaluation needs, imported on first use (`alg check` and `alg plan` never evaluate)
+# and then kept here, so that the per-chunk rules pay no import statement.
+_LAZY: dict[str, Any] = {}
+
+
+def _torch() -> Any:
+    t = _LAZY.get("torch")
+    if t is None:
+        import torch
+
+        t = _LAZY["torch"] = torch
+    return t
+
+
+def _ops() -> dict[str, Any]:
+    """The registry of primitives (`ops.OPS`)."""
+    ops = _LAZY.get("ops")
+    if ops is None:
+        from .ops import OPS
+
+        ops = _LAZY["ops"] = OPS
+    return ops
+
+
+def _slerp_coefficients(*args: Any) -> Any:
+    fn = _LAZY.get("slerp")
+    if fn is None:
+        from .ops.slerp import slerp_coefficients
+
+        fn = _LAZY["slerp"] = slerp_coefficients
+    return fn(*args)
+
 # ---- symbolic scalars ---------------------------------------------------------------
 
 
@@ -76,9 +108,7 @@ class SlerpCoef(Sym):
         return (self.gram,)
 
     def value(self, results):
-        from .ops.slerp import slerp_coefficients
-
-        return slerp_coefficients(*results[self.gram], self.t)[self.which]
+        return _slerp_coefficients(*results[self.gram], self.t)[self.which]
 
     def __repr__(self) -> str:
         return f"slerp_coef({self.gram.label}, t={self.t:g}, {'xy'[self.which]})"
@@ -267,8 +297,7 @@ class Lin(TExpr):
         return max(peak, 1.0)
 
     def eval(self, ev, e0, e1, guard=True):
-        import torch
-
+        torch = _torch()
         acc = ev.pool.take(e1 - e0, ev.dtype)
         if not self.terms:
             return acc.fill_(ev.coef(self.const))
@@ -310,9 +339,7 @@ class Map(TExpr):
     @property
     def prim(self) -> Any:
         """The primitive (`ops.Primitive`) it applies."""
-        from .ops import OPS
-
-        return OPS[self.op]
+        return _ops()[self.op]
 
     def chunk_unit(self) -> int:
         # a row-wise primitive sees whole rows of its result (see `ops`)
@@ -389,8 +416,7 @@ class Cat(TExpr):
         return max(p.buffers(cs) for p in self.parts) + len(self.parts) + 1.0
 
     def eval(self, ev, e0, e1, guard=True):
-        import torch
-
+        torch = _torch()
         pieces, pos = [], 0
         for part in self.parts:
             lo, hi = max(e0, pos), min(e1, pos + part.numel)
@@ -441,8 +467,7 @@ class Rows(TExpr):
     def eval(self, ev, e0, e1, guard=True):
         """Each run that meets [e0, e1) reads one contiguous range of each of its sources
         and accumulates it into its slice of the output chunk."""
-        import torch
-
+        torch = _torch()
         out = ev.pool.take(e1 - e0, ev.dtype)
         L = self.row_len
         runs = self.runs
