@@ -27,8 +27,6 @@ from .ir import (
     Slice,
     Solve,
     SPick,
-    SProd,
-    SSum,
     Sym,
     TExpr,
     children,
@@ -36,9 +34,9 @@ from .ir import (
     expr_deps,
     leaves,
     lin,
-    s_add,
-    s_mul,
 )
+from .ir import s_add as s_add  # re-exported: the method modules import these from here
+from .ir import s_mul as s_mul
 from .ops import OPS
 from .ops.slerp import slerp_coefficients
 from .reductions import Gram, GramMatrix, Reduction
@@ -248,6 +246,6 @@ class Lowerer:
 
 __all__ = [
     "Cat", "Coef", "Gram", "GramMatrix", "LOWERINGS", "Leaf", "Lin", "Lowerer", "Map", "Reduction",
-    "Rows", "SPick", "SProd", "SSum", "Slice", "SlerpCoef", "Solve", "Sym", "TExpr", "children", "coef_value",
-    "expr_deps", "group_key", "leaves", "lin", "lowering", "s_add", "s_mul", "slerp_coefficients",
+    "Rows", "SPick", "Slice", "SlerpCoef", "Solve", "Sym", "TExpr", "children", "coef_value", "expr_deps",
+    "group_key", "leaves", "lin", "lowering", "slerp_coefficients",
 ]
