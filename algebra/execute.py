@@ -14,7 +14,6 @@ when complete; on any failure, interruption included, the temporary folder is re
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import shutil
@@ -29,28 +28,14 @@ import torch
 from .errors import AlgIOError, AlgRuntimeError
 from .io import card as card_io
 from .io.safetensors import ShardWriter
-from .lower import Cat, Leaf, Lin, Map, Reduction, Rows, Slice, Sym, TExpr, coef_value, leaves
-from .ops import OPS
-from .options import Options, check_device
-from .plan import INDEX_NAME, SavePlan, Step, TensorPlan, row_length, write_chunk
+from .ir import Leaf, TExpr, coef_value, leaves
+from .options import Options
+from .plan import INDEX_NAME, SavePlan, Step, TensorPlan
 from .progress import NULL_BAR
+from .reductions import Reduction
+from .runconfig import RunConfig
+from .runconfig import resolve_device as resolve_device  # where it was: execute.resolve_device
 from .types import code_of, dtype_name, torch_dtype
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        check_device(name)  # not one of ours: says which are
-        raise
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AlgIOError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise AlgIOError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return dev
 
 
 class ChunkPool:
@@ -104,105 +89,23 @@ class Evaluator:
         return coef_value(c, self.results)
 
     def eval(self, e: TExpr, e0: int, e1: int, guard: bool = True) -> torch.Tensor:
-        """Elements [e0, e1) of `e`, flat, in the compute dtype on the device. The result is
-        a pool buffer (the caller gives it back) or a view of an input (never written).
+        """Elements [e0, e1) of `e`, flat, in the compute dtype on the device, by its
+        kind's evaluation rule (`TExpr.eval`, ir.py). The result is a pool buffer (the
+        caller gives it back) or a view of an input (never written).
 
         Every input chunk is checked finite where it is read (`check_inputs`): a sign
         election, a top-k or a mask would absorb a nan silently. With guard=False the
         caller checks the result itself, so inputs that reach it only through linear
         nodes (Lin, Slice, Cat, Rows: an inf or nan there always makes the result
         non-finite) are not summed twice; a Map's arguments are always checked."""
-        n = e1 - e0
-        if isinstance(e, Leaf):
-            x = e.source.read(e.name, e0, e1)
-            if not x.is_floating_point():
-                return x.to(self.device)  # integer buffers are copied as stored
-            if x.dtype != self.dtype or x.device != self.device:
-                buf = self.pool.take(n, self.dtype)
-                buf.copy_(x)
-                x = buf
-            # a sum first, exact only if that is not finite (or overflows, which the exact
-            # check clears), as for outputs: one cheap pass in the common case
-            if guard and self.check_inputs and not bool(torch.isfinite(x.sum())) \
-                    and not bool(torch.isfinite(x).all()):
-                raise _nonfinite_input(e, x, e0)
-            return x
-        if isinstance(e, Slice):
-            return self.eval(e.expr, e.start + e0, e.start + e1, guard)
-        if isinstance(e, Lin):
-            acc = self.pool.take(n, self.dtype)
-            if not e.terms:
-                return acc.fill_(self.coef(e.const))
-            for i, (c, x) in enumerate(e.terms):
-                v = self.eval(x, e0, e1, guard)
-                if i == 0:
-                    torch.mul(v, self.coef(c), out=acc)
-                else:
-                    acc.add_(v, alpha=self.coef(c))
-                self.pool.give(v)
-            const = self.coef(e.const)
-            if const != 0.0:
-                acc.add_(const)
-            return acc
-        if isinstance(e, Map):
-            prim = OPS[e.op]
-            if prim.rowwise_for(e):
-                row = row_length(e.spec)
-                r0, r1 = e0 - e0 % row, min(e.numel, -(-e1 // row) * row)
-                if (r0, r1) != (e0, e1):  # not aligned to rows (the planner avoids this)
-                    whole = self.eval(e, r0, r1)
-                    out = self.pool.take(n, whole.dtype)
-                    out.copy_(whole[e0 - r0 : e1 - r0])
-                    self.pool.give(whole)
-                    return out
-            args = [self.eval(a, e0, e1) for a in e.args]
-            params = [self.coef(p) if isinstance(p, Sym) else p for p in e.params]
-            out = prim.fn(*args, *params, e0=e0) if prim.positional else prim.fn(*args, *params)
-            for a in args:
-                self.pool.give(a)
-            return out
-        if isinstance(e, Cat):
-            pieces, pos = [], 0
-            for part in e.parts:
-                lo, hi = max(e0, pos), min(e1, pos + part.numel)
-                if lo < hi:
-                    pieces.append(self.eval(part, lo - pos, hi - pos, guard))
-                pos += part.numel
-            out = self.pool.take(n, self.dtype)
-            torch.cat(pieces, out=out)
-            for piece in pieces:
-                self.pool.give(piece)
-            return out
-        if isinstance(e, Rows):
-            return self._rows(e, e0, e1, guard)
-        raise AssertionError(f"unknown expression {e!r}")
+        return e.eval(self, e0, e1, guard)
 
-    def _rows(self, e: Rows, e0: int, e1: int, guard: bool) -> torch.Tensor:
-        """A row gather: each run that meets [e0, e1) reads one contiguous range of each
-        of its sources and accumulates it into its slice of the output chunk."""
-        out = self.pool.take(e1 - e0, self.dtype)
-        L = e.row_len
-        i = max(0, bisect.bisect_right(e.starts, e0 // L) - 1)
-        while i < len(e.runs) and e.runs[i][0] * L < e1:
-            start, count, terms = e.runs[i]
-            lo, hi = max(e0, start * L), min(e1, (start + count) * L)
-            i += 1
-            if lo >= hi:
-                continue
-            dst = out[lo - e0 : hi - e0]
-            if not terms:
-                dst.zero_()
-            for k, (c, x, src) in enumerate(terms):
-                shift = (src - start) * L
-                v = self.eval(x, lo + shift, hi + shift, guard)
-                if k == 0 and c == 1.0:
-                    dst.copy_(v)
-                elif k == 0:
-                    torch.mul(v, c, out=dst)
-                else:
-                    dst.add_(v, alpha=c)
-                self.pool.give(v)
-        return out
+    def check_input(self, leaf: Leaf, x: torch.Tensor, e0: int) -> None:
+        """Refuse an input chunk `x` (elements e0.. of `leaf`, in the compute dtype) that
+        holds inf or nan: a sum first, exact only if that is not finite (or overflows,
+        which the exact check clears), as for outputs: one cheap pass in the common case."""
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise _nonfinite_input(leaf, x, e0)
 
     def wide(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
         """Elements of `e` in float64, for reductions (a pool buffer)."""
@@ -280,7 +183,7 @@ def run_tensor_plan(
 
 def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Evaluator | None, on_host: bool,
                bar: Any) -> None:
-    ev = evaluator or new_evaluator(options)
+    ev = evaluator or new_evaluator(tp.config, options.check_finite)
     pre = _Prefetcher(tp.steps)
     show_steps = bar.live and any(step.kind == "reduce" for step in tp.steps)
     for i, step in enumerate(tp.steps):
@@ -290,9 +193,9 @@ def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Ev
         try:
             if step.kind == "reduce":
                 if step.gram not in ev.results:
-                    ev.reduce(step.gram, tp.chunk_elems)
+                    ev.reduce(step.gram, step.chunk)
             else:
-                _write_step(ev, step, tp.chunk_elems, options, write, on_host, bar)
+                _write_step(ev, step, options, write, on_host, bar)
                 bar.item_done()
         except AlgRuntimeError as err:
             err.at(span)
@@ -309,14 +212,15 @@ def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Ev
         _release(step)
 
 
-def _write_step(ev: Evaluator, step: Step, chunk: int, options: Options, write, on_host: bool,
+def _write_step(ev: Evaluator, step: Step, options: Options, write, on_host: bool,
                 bar: Any = NULL_BAR) -> None:
-    """Compute one output tensor chunk by chunk, cast each chunk into a buffer on the
-    sink's side (the host for files), check it, and hand it to `write`."""
+    """Compute one output tensor chunk by chunk (the step's chunk, as planned), cast each
+    chunk into a buffer on the sink's side (the host for files), check it, and hand it
+    to `write`."""
     out = step.out
     code = out.spec.dtype
     n = out.spec.numel
-    chunk = write_chunk(out.expr, chunk)
+    chunk = step.chunk
     target = torch_dtype(code)
     pool = ev.host if on_host else ev.pool
     width = target.itemsize  # bytes per element written, for progress
@@ -358,7 +262,7 @@ def _nonfinite_input(leaf: Leaf, x: torch.Tensor, e0: int) -> NonFiniteInput:
 
 
 def _nonfinite(name: str, data: torch.Tensor, e0: int, code: str) -> AlgRuntimeError:
-    # every input of the chunk has been checked (Evaluator.eval): the result itself overflowed
+    # every input of the chunk has been checked (Evaluator.check_input): the result itself overflowed
     bad = int((~torch.isfinite(data)).nonzero()[0]) + e0
     return AlgRuntimeError(f"tensor '{name}' of the result is not finite at element {bad}: "
                            f"the result overflows {dtype_name(code)} or divides by zero")
@@ -381,8 +285,8 @@ def assert_close(sink: Any, options: Options, lowerer: Any, evaluator: Evaluator
                 raise AlgRuntimeError(f"assert_close failed{where}: {x!r} and {y!r} differ by "
                                       f"{abs(x - y):.6g}, more than {atol + rtol * abs(y):.6g}", sink.span)
         return
-    code = "F64" if options.compute_dtype == "float64" else "F32"
-    tp = plan_tensors(sink.value, options, code, lowerer)
+    config = RunConfig.of(options)
+    tp = plan_tensors(sink.value, config, config.compute_code, lowerer)
     exprs = {t.name: t.expr for t in tp.tensors}
     failures: list[tuple[str, int]] = []
 
@@ -406,21 +310,25 @@ def materialize(tp: TensorPlan, options: Options, device: torch.device | None = 
                 desc: str = "compute") -> dict[str, torch.Tensor]:
     """Compute a checkpoint into a state dict on `device` (default: the compute device);
     progress is shown under `desc`."""
-    dev = device or resolve_device(options.device)
+    ev = new_evaluator(tp.config, options.check_finite)
+    dev = device or ev.device
     out = {t.name: torch.empty(t.spec.shape, dtype=torch_dtype(t.spec.dtype), device=dev) for t in tp.tensors}
     flat = {name: t.view(-1) for name, t in out.items()}
 
     def write(name: str, e0: int, data: torch.Tensor) -> None:
         flat[name][e0 : e0 + data.numel()].copy_(data)
 
-    run_tensor_plan(tp, options, write, on_host=dev.type == "cpu", desc=desc)
+    run_tensor_plan(tp, options, write, evaluator=ev, on_host=dev.type == "cpu", desc=desc)
     return out
 
 
-def new_evaluator(options: Options) -> Evaluator:
-    """One per run: reductions that several sinks share are computed once."""
-    dtype = torch.float64 if options.compute_dtype == "float64" else torch.float32
-    return Evaluator(resolve_device(options.device), dtype, options.check_finite)
+def new_evaluator(options: Options | RunConfig, check_finite: bool | None = None) -> Evaluator:
+    """One per run: reductions that several sinks share are computed once. The device is
+    resolved here, once per run; `check_finite` defaults to the options' own."""
+    config = RunConfig.of(options)
+    if check_finite is None:
+        check_finite = getattr(options, "check_finite", True)
+    return Evaluator(config.resolve_device(), config.torch_dtype(), check_finite)
 
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,

@@ -6,10 +6,11 @@ returns the same object, so a shared subexpression is one node and is computed o
 (common-subexpression elimination by construction). A node's type (tensor table,
 config) is computed by check and carried beside it, never inside the key.
 
-A node's arguments are the graph: `lower` and `plan` follow them (`Node.walk`, the
-Lowerer's recursion). `build(roots)` collects every node the roots need into a
-`networkx.DiGraph` (edges from argument to user) for library users (`api.build`) and for
-listing a save's inputs (`inputs`).
+`build(roots)` collects every node that the roots need into one `networkx.DiGraph`
+(edges from argument to user), for `algebra.api.build` and for finding a run's inputs
+(`inputs`). Lowering does not use it: `lower.Lowerer` follows each node's `args` from
+the output tensor it lowers, memoised per (node, tensor), and planning orders its steps
+over a graph of reductions and writes of its own.
 """
 
 from __future__ import annotations

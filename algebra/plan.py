@@ -1,16 +1,20 @@
 """Stage 5, plan: tensor expressions -> an ordered list of steps with predicted memory.
 
 Policy. Output tensors are written in the primary input's storage order (sequential
-reads, sequential writes). A reduction (`lower.Reduction`) runs just before the first write that
+reads, sequential writes). A reduction (`reductions.Reduction`) runs just before the first write that
 needs it, after the reductions it needs itself: per-layer SLERP reduces layer N, writes
 layer N, then moves on, so the pages it read are still warm. Ties are broken by that
 order and then by creation, never by set or hash order, so a plan is reproducible.
 
 Memory. Nothing is held beyond one chunk's working set: every step streams chunks of at
 most `chunk_elems` elements. The predicted peak is the largest number of chunk-sized
-buffers any step holds at once, by the same rules the executor follows (see
-`buffers`), times the chunk's bytes. It depends on the chunk size and the shape of the
-expressions, never on the model's size.
+buffers any step holds at once, by the same rules the executor follows (each
+expression kind's `buffers` beside its `eval`, in `ir.py`), times the chunk's bytes. It
+depends on the chunk size and the shape of the expressions, never on the model's size.
+
+Decisions. The plan records every decision it makes, and the executor reads them from
+it: the run configuration (`runconfig.RunConfig`: device, compute dtype, chunk size)
+and, per step, the chunk it streams (`Step.chunk`).
 """
 
 from __future__ import annotations
@@ -21,22 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from .io.safetensors import ShardLayout
-from .lower import (
-    Cat,
-    Leaf,
-    Lin,
-    Lowerer,
-    Map,
-    Reduction,
-    Rows,
-    Slice,
-    TExpr,
-    children,
-    expr_deps,
-    leaves,
-)
-from .ops import OPS
+from .ir import TExpr, buffers, expr_deps, leaves
+from .ir import row_length as row_length  # the rows of a row-wise primitive (ir.row_length)
+from .lower import Lowerer
 from .options import Options
+from .reductions import Reduction
+from .runconfig import RunConfig
 from .types import CheckpointType, TensorSpec, dtype_name, human_bytes, itemsize
 from .values import Model
 
@@ -56,6 +50,7 @@ class Step:
     kind: str  # "reduce" | "write"
     chunks: int
     peak_bytes: int
+    chunk: int  # elements per chunk the step streams (a write's whole rows; at most its size)
     gram: Reduction | None = None  # the reduction of a reduce step
     out: OutTensor | None = None
 
@@ -69,9 +64,8 @@ class Step:
 
 def _short(e: TExpr) -> str:
     """What a write reads and waits for: 'lin of 3 inputs after slerp layer 0'."""
-    kind = {Leaf: "copy", Lin: "lin", Map: getattr(e, "op", "map"), Slice: "slice", Cat: "cat", Rows: "rows"}[type(e)]
     n = len(leaves(e))
-    text = f"{kind} of {n} input{'s' if n != 1 else ''}"
+    text = f"{e.kind} of {n} input{'s' if n != 1 else ''}"
     deps = expr_deps(e)
     if deps:
         text += " after " + ", ".join(g.label for g in deps)
@@ -87,8 +81,15 @@ class TensorPlan:
     tensors: list[OutTensor]
     steps: list[Step]
     peak_bytes: int
-    compute_dtype: str
-    chunk_elems: int
+    config: RunConfig  # where, in which dtype and in chunks of how many elements it runs
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.config.compute_dtype
+
+    @property
+    def chunk_elems(self) -> int:
+        return self.config.chunk_elems
 
     @property
     def nbytes(self) -> int:
@@ -114,40 +115,6 @@ class SavePlan:
 # ---- memory rules -----------------------------------------------------------------------
 
 
-def buffers(e: TExpr, cs: int) -> float:
-    """Peak chunk-sized buffers (in compute-dtype units) alive while evaluating `e`, its
-    result included. Mirrors `execute.Evaluator.eval` rule for rule."""
-    if isinstance(e, Leaf):
-        return 1.0  # the converted (or device-copied) chunk
-    if isinstance(e, Slice):
-        return buffers(e.expr, cs)
-    if isinstance(e, Lin):
-        # acc = c0 * x0 allocates while x0 is alive; then each x_i alongside acc
-        peak = 0.0
-        for i, (_, x) in enumerate(e.terms):
-            peak = max(peak, buffers(x, cs) + 1.0 if i == 0 else 1.0 + buffers(x, cs))
-        return max(peak, 1.0)
-    if isinstance(e, Map):
-        held, peak = 0.0, 0.0
-        for a in e.args:
-            peak = max(peak, held + buffers(a, cs))
-            held += 1.0
-        return max(peak, held + 1.0 + OPS[e.op].scratch_for(e))
-    if isinstance(e, Cat):
-        # parts are evaluated one after another into pieces that together fill at most
-        # one chunk each, then concatenated into another
-        return max(buffers(p, cs) for p in e.parts) + len(e.parts) + 1.0
-    if isinstance(e, Rows):
-        # the output chunk, and one source range at a time accumulated into it
-        return 1.0 + max((buffers(x, cs) for x in e.exprs()), default=0.0)
-    raise AssertionError(f"unknown expression {e!r}")
-
-
-def row_length(spec: TensorSpec) -> int:
-    """The row of a row-wise primitive: the last dimension (a 1-D tensor is one row)."""
-    return max(1, spec.shape[-1]) if spec.shape else 1
-
-
 def write_chunk(e: TExpr, chunk_elems: int) -> int:
     """The chunk a write step streams: `chunk_elems`, rounded down to whole rows (at least
     one) when the expression holds a row-wise primitive, so that no row is split."""
@@ -155,9 +122,8 @@ def write_chunk(e: TExpr, chunk_elems: int) -> int:
     stack = [e]
     while stack:
         x = stack.pop()
-        if isinstance(x, Map) and OPS[x.op].rowwise_for(x):
-            rows = math.lcm(rows, row_length(x.spec))
-        stack.extend(children(x))
+        rows = math.lcm(rows, x.chunk_unit())
+        stack.extend(x.children())
     return max(rows, chunk_elems // rows * rows)
 
 
@@ -173,24 +139,26 @@ def write_buffers(e: TExpr, cs: int, out_size: int) -> float:
 
 
 def reduce_buffers(r: Reduction, cs: int) -> float:
-    """A reduction step: the reduction's own rule (`Reduction.buffers`) over `buffers`."""
+    """A reduction step: the reduction's own rule (`Reduction.buffers`) over `buffers`
+    (each expression's own, `TExpr.buffers`)."""
     return r.buffers(cs, buffers)
 
 
 # ---- planning -------------------------------------------------------------------------
 
 
-def plan_tensors(model: Model, options: Options, out_dtype: str | None = None,
+def plan_tensors(model: Model, options: Options | RunConfig, out_dtype: str | None = None,
                  lowerer: Lowerer | None = None) -> TensorPlan:
+    """The plan of `model`'s tensors under the run configuration of `options`."""
+    config = RunConfig.of(options)
     lowerer = lowerer or Lowerer()
     exprs = lowerer.lower(model)
     out_code = out_dtype or model.type.dtype
-    cs = 8 if options.compute_dtype == "float64" else 4
     outs = []
     for name, spec in model.type.tensors.items():
         outs.append(OutTensor(name, output_spec(spec, out_code), exprs[name]))
-    steps, peak = order_steps(outs, options.chunk_elems, cs)
-    return TensorPlan(model, out_code, outs, steps, peak, options.compute_dtype, options.chunk_elems)
+    steps, peak = order_steps(outs, config.chunk_elems, config.compute_itemsize)
+    return TensorPlan(model, out_code, outs, steps, peak, config)
 
 
 def output_spec(spec: TensorSpec, out_code: str) -> TensorSpec:
@@ -236,18 +204,18 @@ def order_steps(outs: list[OutTensor], chunk_elems: int, cs: int) -> tuple[list[
             chunk = min(write_chunk(out.expr, chunk_elems), max(1, out.spec.numel))
             units = write_buffers(out.expr, cs, itemsize(out.spec.dtype))
             step = Step("write", math.ceil(out.spec.numel / chunk) if out.spec.numel else 1,
-                        int(units * chunk * cs), out=out)
+                        int(units * chunk * cs), chunk, out=out)
         else:
             gram = grams[key[1]]
             chunk = min(chunk_elems, max(1, gram.biggest()))
             chunks = gram.chunks(chunk)
-            step = Step("reduce", chunks, int(reduce_buffers(gram, cs) * chunk * cs), gram=gram)
+            step = Step("reduce", chunks, int(reduce_buffers(gram, cs) * chunk * cs), chunk, gram=gram)
         peak = max(peak, step.peak_bytes)
         steps.append(step)
     return steps, peak
 
 
-def plan_save(request, options: Options, lowerer: Lowerer | None = None) -> SavePlan:
+def plan_save(request, options: Options | RunConfig, lowerer: Lowerer | None = None) -> SavePlan:
     model: Model = request.model
     tp = plan_tensors(model, options, request.dtype, lowerer)
     shards = shard(tp.tensors, request.shard_bytes)

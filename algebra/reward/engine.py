@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import AlgError, AlgRuntimeError
 from ..options import Options
+from ..runconfig import RunConfig
 from ..types import human_bytes
 from .builtins import EvalRequest, KLRequest, ScoreRequest, WinRequest
 from .cache import ScoreCache, model_hash
@@ -39,13 +40,11 @@ from .values import ModelReward, Reward
 
 class RewardRun:
     def __init__(self, options: Options, out=None, keep_loaded: bool = False):
-        from ..execute import resolve_device
-
         self.options = options
         self.keep_loaded = keep_loaded  # a TRL reward function keeps its models between calls
         self._loaded: dict[Any, Any] = {}
         self.out = out or options.out
-        self.device = resolve_device(options.device)
+        self.device = RunConfig.of(options).resolve_device()  # once per reward run
         self.cache = ScoreCache()
         self.scores: dict[str, float] = {}
         self.generated: dict[Generated, Responses] = {}

@@ -29,6 +29,7 @@ import torch
 from ..errors import AlgIOError
 from ..graph import Node
 from ..options import Options
+from ..runconfig import RunConfig
 from ..types import human_bytes
 from .cache import ScoreCache, model_hash, score_key
 from .data import Prompt, prompt_text, to_messages
@@ -98,8 +99,9 @@ class RewardPlan:
 
 def scoring_dtype(model: Any, options: Options, device: torch.device) -> torch.dtype:
     """float32 on CPU (float64 with --float64); on a GPU the checkpoint's 16-bit dtype."""
-    if options.compute_dtype == "float64":
-        return torch.float64
+    config = RunConfig.of(options)
+    if config.compute_dtype == "float64":
+        return config.torch_dtype()
     code = model.type.dtype
     if device.type != "cpu" and code in ("BF16", "F16"):
         return torch.bfloat16 if code == "BF16" else torch.float16
@@ -185,9 +187,7 @@ def collect(queries: list[Query], data, sample=None) -> dict[tuple, tuple[ModelR
 def plan_rewards(queries: list[Query], options: Options, data, known: dict[str, float] | None = None,
                  cache: ScoreCache | None = None, device: torch.device | None = None,
                  sample=None) -> RewardPlan:
-    from ..execute import resolve_device
-
-    device = device or resolve_device(options.device)
+    device = device or RunConfig.of(options).resolve_device()
     known = known if known is not None else {}
     wanted = collect(queries, data, sample)
     by_node: dict[Node, list[tuple[ModelReward, dict]]] = {}
