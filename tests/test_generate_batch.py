@@ -47,7 +47,7 @@ def test_greedy_batches_equal_the_one_prompt_loop(policy):
     alone = {p: sample(model, tok, s, p, "cpu") for p in PROMPTS}
     assert all(len(v) == 2 and v[0] == v[1] for v in alone.values())  # greedy: n copies
     assert len({v[0] for v in alone.values()}) >= 3  # different texts, so the check bites
-    for bs in (None, 2, 5):
+    for bs in (None, 2):
         assert sample_batch(model, tok, spec(n=2, batch_size=bs), PROMPTS, "cpu") == alone
 
 
@@ -70,14 +70,14 @@ def test_left_padding_needs_the_mask(policy):
 def test_a_sample_does_not_depend_on_its_batch(policy):
     model, tok = policy
     p = PROMPTS[1]
-    base = sample_batch(model, tok, spec([p], n=4, temperature=0.9), (p,), "cpu")[p]
+    base = sample_batch(model, tok, spec([p], n=3, temperature=0.9, max_new_tokens=8), (p,), "cpu")[p]
     assert len(set(base)) > 1  # samples differ from each other
     for prompts, bs in (((PROMPTS[0], p, PROMPTS[2]), None), ((PROMPTS[2], PROMPTS[4], p), 3), ((p,), 1)):
-        got = sample_batch(model, tok, spec(prompts, n=4, temperature=0.9, batch_size=bs), prompts, "cpu")
+        got = sample_batch(model, tok, spec(prompts, n=3, temperature=0.9, max_new_tokens=8, batch_size=bs), prompts, "cpu")
         assert got[p] == base
     # sample j depends on (seed, prompt, j): not on n; another seed draws others
-    assert sample_batch(model, tok, spec([p], n=2, temperature=0.9), (p,), "cpu")[p] == base[:2]
-    assert sample_batch(model, tok, spec([p], n=4, temperature=0.9, seed=1), (p,), "cpu")[p] != base
+    assert sample_batch(model, tok, spec([p], n=2, temperature=0.9, max_new_tokens=8), (p,), "cpu")[p] == base[:2]
+    assert sample_batch(model, tok, spec([p], n=3, temperature=0.9, max_new_tokens=8, seed=1), (p,), "cpu")[p] != base
 
 
 def test_each_row_samples_from_its_own_generator(policy):
@@ -99,34 +99,35 @@ def test_each_row_samples_from_its_own_generator(policy):
 
 def test_stop_strings(policy):
     model, tok = policy
-    full = {p: sample(model, tok, spec(max_new_tokens=24), p, "cpu")[0] for p in PROMPTS}
+    full = {p: sample(model, tok, spec(max_new_tokens=16), p, "cpu")[0] for p in PROMPTS}
     p = PROMPTS[1]
     ids = tok(full[p], add_special_tokens=False).input_ids
-    multi = tok.decode(ids[4:7])  # a stop string of three tokens, from the middle of the text
+    # a stop string of three tokens from the middle of the text (whole characters)
+    multi = next(x for x in (tok.decode(ids[k:k + 3]) for k in range(2, len(ids) - 3)) if x in full[p][1:])
     assert len(tok(multi, add_special_tokens=False).input_ids) > 1 and multi in full[p]
     absent = "\u2603never"
     assert absent not in "".join(full.values())
     for stop in ((multi,), (full[p][:2],), (absent,), (absent, multi, full[p][-3:])):
-        got = sample_batch(model, tok, spec(max_new_tokens=24, stop=stop), PROMPTS, "cpu")
+        got = sample_batch(model, tok, spec(max_new_tokens=16, stop=stop), PROMPTS, "cpu")
         for q in PROMPTS:  # every row of the batch is cut where its own text has a stop
             at = min([full[q].find(x) for x in stop if x in full[q]], default=len(full[q]))
             assert got[q] == [full[q][:at]]
-            assert sample(model, tok, spec(max_new_tokens=24, stop=stop), q, "cpu") == got[q]
-    assert sample_batch(model, tok, spec([p], max_new_tokens=24, stop=(full[p][:2],)), (p,), "cpu")[p] == [""]
+        assert sample(model, tok, spec(max_new_tokens=16, stop=stop), p, "cpu") == got[p]
+    assert sample_batch(model, tok, spec([p], max_new_tokens=16, stop=(full[p][:2],)), (p,), "cpu")[p] == [""]
     assert cut("abXYcdXY", ("cd", "XY")) == "ab" and cut("abc", ()) == "abc"
 
 
 def test_a_row_ends_at_its_stop_string(policy):
     model, tok = policy
     p = PROMPTS[1]
-    full = sample(model, tok, spec(max_new_tokens=24), p, "cpu")[0]
+    full = sample(model, tok, spec(max_new_tokens=16), p, "cpu")[0]
     steps: list = []
     hook = model.register_forward_hook(lambda *a: steps.append(1))
     try:
-        sample_batch(model, tok, spec([p], max_new_tokens=24, stop=(full[:3],)), (p,), "cpu")
+        sample_batch(model, tok, spec([p], max_new_tokens=16, stop=(full[:3],)), (p,), "cpu")
     finally:
         hook.remove()
-    assert len(steps) < 24 // 2
+    assert len(steps) < 16 // 2
 
 
 def test_the_chat_template_is_applied(policy):
