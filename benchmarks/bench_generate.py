@@ -1,7 +1,7 @@
 """Generation throughput: generate's batched sampling against the one-prompt-at-a-time loop.
 
     python benchmarks/bench_generate.py [--prompts 32] [--max-new-tokens 32] [--rounds 2]
-    python benchmarks/bench_generate.py --real [--prompts 16] [--max-new-tokens 24]
+    python benchmarks/bench_generate.py --real [--prompts 12] [--max-new-tokens 64]
 
 Both contenders decode greedily (temperature=0), in this process, with one model loaded
 once in float32 (alg's CPU dtype), the chat template applied:
@@ -15,7 +15,7 @@ The model: a tiny Llama causal LM with a BPE tokenizer and a chat template
 (`algebra.tiny.build_reward_models`, `--hidden 256 --layers 4`, random weights), or with
 `--real` SmolLM2-135M-Instruct from the real-model tier's cache (tests/real/build.py
 builds it; $ALG_REAL_CACHE or ~/.cache/alg/real). The prompts are synthetic questions of
-4 to 40 words (seeded). Each round times both contenders, alternating which goes first,
+3 to 18 words (seeded). Each round times both contenders, alternating which goes first,
 so a machine shared with other work loads both alike; the load average is printed before
 and after. Every round checks that both produced the same texts (exit status 1 if not).
 Prints a table and writes JSON to WORKDIR/results.json (`--dir`, default /tmp/alg-bench-gen).
@@ -42,7 +42,7 @@ def prompts(n: int) -> tuple[str, ...]:
     rng = random.Random(0)
     out: dict[str, None] = {}
     while len(out) < n:
-        out[" ".join(rng.choices(WORDS, k=rng.randint(4, 40))).capitalize() + "?"] = None
+        out[" ".join(rng.choices(WORDS, k=rng.randint(3, 18))).capitalize() + "?"] = None
     return tuple(out)
 
 
@@ -70,8 +70,8 @@ def model_folder(args) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct from the real tier's cache")
-    ap.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 32; 16 with --real)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32; 24 with --real")
+    ap.add_argument("--prompts", type=int, default=None, help="distinct prompts (default 32; 12 with --real)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32; 64 (generate's default) with --real")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the token budget)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -79,8 +79,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/alg-bench-gen")
     args = ap.parse_args()
-    n_prompts = args.prompts or (16 if args.real else 32)
-    new_tokens = args.max_new_tokens or (24 if args.real else 32)
+    n_prompts = args.prompts or (12 if args.real else 32)
+    new_tokens = args.max_new_tokens or (64 if args.real else 32)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,6 +132,8 @@ def main() -> int:
     print(f"\n{'contender':10s} {'median s':>9s} {'texts/s':>9s}")
     for k in ("loop", "batched"):
         print(f"{k:10s} {med[k]:9.2f} {n_prompts / med[k]:9.2f}")
+    rounds = [f"{a / b:.2f}x" for a, b in zip(times["loop"], times["batched"], strict=True)]
+    print(f"per round: {', '.join(rounds)}")
     print(f"speed-up {speedup:.2f}x (target >= 3x); outputs identical under greedy decoding: "
           f"{'yes' if identical else 'NO'}")
     work = Path(args.dir)

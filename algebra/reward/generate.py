@@ -179,7 +179,12 @@ def _hooks(tokenizer: Any, start: int, stop: tuple[str, ...], seeds: list[int] |
     """transformers' logits processors and stopping criteria for one batch: sampling from
     per-row generators (greedy decoding then picks the drawn token), and stop strings."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
 
     class RowSampler(LogitsProcessor):
         def __init__(self):
