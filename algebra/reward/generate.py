@@ -16,8 +16,8 @@ Seeding. Greedy rows are deterministic. A sampled row draws every token from its
 which other prompts are asked for, in what order, on `n` or on the batch size.
 Sampling is plain temperature sampling (no top-k or top-p, as before batching). The
 floating-point rounding of a padded batch can differ from a row alone; it changes a token
-only where two candidates' logits lie within rounding of each other (tests check greedy batches against the
-one-prompt loop `sample`, on a tiny Llama and on SmolLM2).
+only where two candidates' logits lie within rounding of each other (tests check greedy
+batches against the one-prompt loop `sample`, on a tiny Llama and on SmolLM2).
 
 Stop strings. A row ends at the first occurrence of any `stop` string in its decoded text
 (special tokens skipped, so a stop spanning several tokens is found), and the text is cut
