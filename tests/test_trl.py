@@ -259,7 +259,7 @@ def test_missing_references_generated_from_a_policy_and_cached(ws, rms, monkeypa
     expect = H(NEW_PROMPT, "13.") - ref_quantile([H(NEW_PROMPT, s) for s in samples], 0.5)
     assert got == pytest.approx([expect], abs=1e-4)
     # cached: another process-like copy samples nothing
-    monkeypatch.setattr(gen_mod, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(gen_mod, "sample_batch", lambda *a, **k: pytest.fail("sampled again"))
     again = quiet_interpreter(ws).eval(text)
     assert again(prompts=[NEW_PROMPT], completions=["13."]) == got
 

@@ -410,19 +410,26 @@ def _normalize(call: Call, r: Reward, data: Any) -> Reward:
 
 @builtin(
     "generate(policy: Checkpoint | String, prompts: String | List[String] | Responses | Pairs, "
-    "n: Int = 16, temperature: Scalar = 0.9, max_new_tokens: Int = 64, seed: Int = 0)",
-    "n samples per distinct prompt from a causal LM (transformers, seeded per prompt), as a "
+    "n: Int = 16, temperature: Scalar = 0.9, max_new_tokens: Int = 64, seed: Int = 0, "
+    "stop: String | List[String] | None = none, batch_size: Int | None = none)",
+    "n samples per distinct prompt from a causal LM (transformers, seeded per prompt and sample), as a "
     "responses value. Prompts: a JSONL path (rows with 'prompt'), a list of strings, or the "
-    "prompts of a data set. Cached on disk by policy content, prompts and options.",
+    "prompts of a data set. A sample ends at the first stop string, which is cut off. Many rows "
+    "per forward pass (left-padded): batch_size rows, by default as many as fit a token budget. "
+    "Cached on disk by policy content, prompts and options.",
 )
 def _generate(call: Call, policy: Any, prompts: Any, n: float, temperature: float, max_new_tokens: float,
-              seed: float) -> Generated:
+              seed: float, stop: Any, batch_size: float | None) -> Generated:
     model = _causal_lm(call, policy, "policy")
     distinct = _distinct_prompts(call, prompts)
     if temperature < 0:
         raise call.error(AlgTypeError, "temperature must not be negative", "temperature")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if "" in stops:
+        raise call.error(AlgTypeError, "a stop string must not be empty", "stop")
     spec = GenerateSpec(distinct, _positive_int(call, n, "n"), float(temperature),
-                        _positive_int(call, max_new_tokens, "max_new_tokens"), int(seed))
+                        _positive_int(call, max_new_tokens, "max_new_tokens"), int(seed), tuple(dict.fromkeys(stops)),
+                        None if batch_size is None else _positive_int(call, batch_size, "batch_size"))
     label = _label(model)
     return Generated(model.node, spec, label, model)
 

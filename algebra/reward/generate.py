@@ -1,11 +1,35 @@
 """`generate(policy, prompts, ...)`: samples from a causal LM as a responses value.
 
 A `Generated` is lazy until the reward engine resolves it (before any reward model is
-loaded, so that the policy and the reward models are never in memory together). Each
-prompt is sampled with its own generator, seeded from (seed, prompt), so a prompt's
-samples do not depend on which other prompts are asked for or in what order. Samples are
-cached on disk, one JSON file per (policy content hash, prompt, options), so a re-run
-or a longer prompt list samples only what is new.
+loaded, so that the policy and the reward models are never in memory together).
+
+Batching. The texts to sample are rows: one per prompt under greedy decoding (its n
+samples are copies), one per (prompt, sample index) when sampling. Each prompt is encoded
+alone (its chat template when the tokenizer has one, as `sample` does), the rows are
+sorted by length (longest first) and cut into batches of `batch_size` rows, by default as
+many as fit `BATCH_TOKENS` tokens (rows x (longest prompt + max_new_tokens)). A batch is
+left-padded (the tokenizer's pad token, else its EOS) with an attention mask, from which
+transformers' `generate` derives the position ids, so a row sees what it sees alone.
+
+Seeding. Greedy rows are deterministic. A sampled row draws every token from its own
+`torch.Generator`, seeded from (seed, prompt, sample index): a sample does not depend on
+which other prompts are asked for, in what order, on `n` or on the batch size.
+Sampling is plain temperature sampling (no top-k or top-p, as before batching). The
+floating-point rounding of a padded batch can differ from a row alone; it changes a token
+only where two candidates' logits lie within rounding of each other (tests check greedy
+batches against the one-prompt loop `sample`, on a tiny Llama and on SmolLM2).
+
+Stop strings. A row ends at the first occurrence of any `stop` string in its decoded text
+(special tokens skipped, so a stop spanning several tokens is found), and the text is cut
+there: the stop string is not part of the sample (vLLM's and TRL's convention). The EOS
+token still ends a row.
+
+Cache. Samples are cached on disk, one JSON file per (policy content hash, prompt,
+options), so a re-run or a longer prompt list samples only what is new. The key of a
+greedy request without stop strings is the one used before batching (its outputs are the
+same); stop strings, and the per-sample generators of sampling (which draw differently
+from the earlier shared generator), are added to the key explicitly (`_sample_key`).
+`batch_size` is not part of the key: it does not change what is sampled.
 """
 
 from __future__ import annotations
@@ -29,6 +53,8 @@ class GenerateSpec:
     temperature: float
     max_new_tokens: int
     seed: int
+    stop: tuple[str, ...] = ()  # non-empty strings; a row's text is cut at the first one
+    batch_size: int | None = field(default=None, compare=False)  # rows per batch; None: BATCH_TOKENS
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,9 +69,24 @@ class Generated:
         return f"generate({self.label}, n={self.spec.n})"
 
 
+# rows x (longest prompt + max_new_tokens) per batch, when generate() is not given batch_size
+BATCH_TOKENS = 4096
+
+# the sampling scheme of temperature > 0, part of its cache key: "row-generators" is one
+# generator per (prompt, sample index); the key without it was the shared generator's
+SAMPLER = "row-generators"
+
+
 def _sample_key(policy_hash: str, spec: GenerateSpec, prompt: Prompt) -> str:
-    blob = json.dumps([policy_hash, prompt, spec.n, spec.temperature, spec.max_new_tokens, spec.seed],
-                      ensure_ascii=False)
+    key: list = [policy_hash, prompt, spec.n, spec.temperature, spec.max_new_tokens, spec.seed]
+    extra: dict[str, Any] = {}
+    if spec.stop:
+        extra["stop"] = list(spec.stop)
+    if spec.temperature > 0:
+        extra["sampler"] = SAMPLER
+    if extra:  # greedy without stop strings keeps the key it had before batching
+        key.append(extra)
+    blob = json.dumps(key, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -71,34 +112,147 @@ def _store(policy_hash: str, spec: GenerateSpec, prompt: Prompt, samples: list[s
         pass  # a cache is a convenience
 
 
-def _seed(spec: GenerateSpec, prompt: Prompt) -> int:
+def _row_seed(spec: GenerateSpec, prompt: Prompt, j: int) -> int:
+    """The seed of sample j of prompt (sampling draws each row from its own generator)."""
+    h = hashlib.sha256(json.dumps([spec.seed, prompt, j], ensure_ascii=False).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _legacy_seed(spec: GenerateSpec, prompt: Prompt) -> int:
     h = hashlib.sha256(json.dumps([spec.seed, prompt], ensure_ascii=False).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The token ids a prompt is generated from: its chat template with the generation
+    prompt when the tokenizer has one, else its text with the tokenizer's special tokens."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer(prompt_text(prompt)).input_ids)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The pad token generation pads with: the tokenizer's, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def cut(text: str, stop: tuple[str, ...]) -> str:
+    """text up to the first occurrence of any stop string (which is left out)."""
+    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if at < 0 else text[:at]
+
+
 def sample(model: Any, tokenizer: Any, spec: GenerateSpec, prompt: Prompt, device) -> list[str]:
-    """n samples for one prompt, decoded without special tokens."""
+    """n samples for one prompt, decoded without special tokens, one unpadded forward pass
+    per step: the loop generate ran before batching, kept as the reference that the tests
+    and benchmarks/bench_generate.py compare `sample_batch` with. Under greedy decoding the
+    two agree; this one samples from the global generator (seeded per prompt), so its
+    sampled texts are not `sample_batch`'s. Stop strings cut the finished text."""
     import torch
 
-    messages = to_messages(prompt)
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    else:
-        ids = tokenizer(prompt_text(prompt), return_tensors="pt").input_ids
-    ids = ids.to(device)
-    torch.manual_seed(_seed(spec, prompt))  # generate() draws from the global generator
+    ids = torch.tensor([encode(tokenizer, prompt)], device=device)
+    torch.manual_seed(_legacy_seed(spec, prompt))  # generate() draws from the global generator
     do_sample = spec.temperature > 0
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": spec.max_new_tokens,
                               "num_return_sequences": spec.n if do_sample else 1,
-                              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                              else tokenizer.eos_token_id}
+                              "pad_token_id": pad_id(tokenizer)}
     if do_sample:
         kwargs.update(temperature=spec.temperature, top_k=0, top_p=1.0)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    texts = [cut(t, spec.stop) for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
     return texts if do_sample else texts * spec.n
+
+
+def batches(lengths: list[int], max_new_tokens: int, batch_size: int | None) -> list[range]:
+    """Consecutive slices of rows sorted longest first: batch_size rows each, or (None) as
+    many as keep rows x (longest + max_new_tokens) within BATCH_TOKENS (at least one)."""
+    out, i = [], 0
+    while i < len(lengths):
+        k = batch_size or max(1, BATCH_TOKENS // (lengths[i] + max_new_tokens))
+        out.append(range(i, min(i + k, len(lengths))))
+        i += k
+    return out
+
+
+def _hooks(tokenizer: Any, start: int, stop: tuple[str, ...], seeds: list[int] | None, temperature: float):
+    """transformers' logits processors and stopping criteria for one batch: sampling from
+    per-row generators (greedy decoding then picks the drawn token), and stop strings."""
+    import torch
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
+
+    class RowSampler(LogitsProcessor):
+        def __init__(self):
+            self.gens: list | None = None
+
+        def __call__(self, input_ids, scores):
+            if self.gens is None:
+                self.gens = [torch.Generator(device=scores.device).manual_seed(s) for s in seeds]
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
+            drawn = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)])
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(1, drawn[:, None], 0.0)
+
+    class StopStrings(StoppingCriteria):
+        def __init__(self):
+            self.done: list[bool] | None = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.done is None:
+                self.done = [False] * input_ids.shape[0]
+            live = [i for i, d in enumerate(self.done) if not d]
+            texts = tokenizer.batch_decode(input_ids[live, start:], skip_special_tokens=True)
+            for i, t in zip(live, texts, strict=True):
+                self.done[i] = any(s in t for s in stop)
+            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    procs = LogitsProcessorList([RowSampler()] if seeds is not None else [])
+    crit = StoppingCriteriaList([StopStrings()] if stop else [])
+    return procs, crit
+
+
+def sample_batch(model: Any, tokenizer: Any, spec: GenerateSpec, prompts: tuple[Prompt, ...], device,
+                 done=None) -> dict[Prompt, list[str]]:
+    """spec.n samples for each prompt, many rows per forward pass (see the module's notes).
+    `done(prompt, samples)` is called for each prompt as soon as its samples are complete."""
+    import torch
+
+    do_sample = spec.temperature > 0
+    ids = {p: encode(tokenizer, p) for p in prompts}
+    rows = [(p, j) for p in prompts for j in range(spec.n if do_sample else 1)]
+    rows.sort(key=lambda r: -len(ids[r[0]]))  # stable: ties keep the prompts' order
+    texts: dict[Prompt, dict[int, str]] = {p: {} for p in prompts}
+    out: dict[Prompt, list[str]] = {}
+    pad = pad_id(tokenizer)
+    for part in batches([len(ids[p]) for p, _ in rows], spec.max_new_tokens, spec.batch_size):
+        chunk = [rows[i] for i in part]
+        width = len(ids[chunk[0][0]])
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (p, _) in enumerate(chunk):
+            input_ids[i, width - len(ids[p]):] = torch.tensor(ids[p])
+            mask[i, width - len(ids[p]):] = 1
+        seeds = [_row_seed(spec, p, j) for p, j in chunk] if do_sample else None
+        procs, crit = _hooks(tokenizer, width, spec.stop, seeds, spec.temperature)
+        with torch.no_grad():
+            gen = model.generate(input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
+                                 logits_processor=procs, stopping_criteria=crit)
+        decoded = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for (p, j), t in zip(chunk, decoded, strict=True):
+            texts[p][j] = cut(t, spec.stop)
+            if len(texts[p]) == (spec.n if do_sample else 1):
+                got = texts[p]
+                out[p] = [got[k] for k in range(spec.n)] if do_sample else [got[0]] * spec.n
+                if done is not None:
+                    done(p, out[p])
+    return {p: out[p] for p in prompts}
 
 
 _OFF = Progress("off")
@@ -121,14 +275,18 @@ def resolve(gen: Generated, policy_hash: str, load_policy, progress: Progress | 
     if missing:
         model, tokenizer, device = load_policy()
         with (progress or _OFF).bar(len(missing) * spec.n, f"sample {gen.label}", unit="text") as bar:
-            for p in missing:
-                samples[p] = sample(model, tokenizer, spec, p, device)
-                _store(policy_hash, spec, p, samples[p])
+
+            def done(p: Prompt, got: list[str]) -> None:
+                samples[p] = got
+                _store(policy_hash, spec, p, got)
                 bar.update(spec.n)
+
+            sample_batch(model, tokenizer, spec, tuple(missing), device, done)
     rows = tuple(Row(p, s, {"prompt": p if isinstance(p, str) else to_messages(p),
                             "response": s}, i + 1)
                  for i, (p, s) in enumerate((p, s) for p in spec.prompts for s in samples[p]))
     return Responses(str(gen), rows), len(missing)
 
 
-__all__ = ["GenerateSpec", "Generated", "cached_samples", "resolve", "sample"]
+__all__ = ["BATCH_TOKENS", "GenerateSpec", "Generated", "cached_samples", "cut", "encode", "resolve", "sample",
+           "sample_batch"]
