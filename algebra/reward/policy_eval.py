@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .data import Prompt, prompt_text, to_messages
+from .data import Prompt
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -87,12 +87,10 @@ def win_rate(policy: list[float], base: list[float]) -> dict[str, Any]:
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
-    """A prompt's token ids as a policy sees it: through its chat template with the
-    generation prompt where the tokenizer has one, else the plain text with special tokens."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-    return list(tokenizer(prompt_text(prompt)).input_ids)
+    """A prompt's token ids as the policy sees it: the same as `generate`'s."""
+    from .generate import encode
+
+    return encode(tokenizer, prompt)
 
 
 def seed_for(seed: int, prompt: Prompt) -> int:
