@@ -174,6 +174,8 @@ class _Scorer:
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, int(cpus)))
         options = actor_options(options, self.device.type)
+        from . import registry  # noqa: F401  (the builtin families a lowering reads, in a fresh process)
+
         self.model = load_model(pickle.loads(blob), options, self.device, getattr(torch, dtype))
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = pad

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,14 @@ def busy_cpu_s() -> float:
         return 0.0
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def with_run_imports(args: list[str]) -> list[str]:
+    """The command `alg ARGS` in a process that first imports what `alg run` imports (torch
+    and the executor): with `plan`, the baseline of a run with nothing computed (alg plan
+    alone imports no torch)."""
+    code = "import sys, algebra.execute; from algebra.cli import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args]
 
 
 def run(cmd: list[str], interval: float = 0.002, log: IO | None = None, **popen) -> Usage:

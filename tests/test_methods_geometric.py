@@ -662,7 +662,7 @@ def test_row_wise_run_stays_within_planned_memory(tmp_path):
     (sink,) = ck.check(parse(text)).sinks
     predicted = plan_save(sink.value, Options(device="cpu", chunk_elems=chunk)).peak_bytes
     cmd = [sys.executable, "-m", "algebra"]
-    base = memwatch.run([*cmd, "check", str(recipe), "--chunk", str(chunk)])
+    base = memwatch.run(memwatch.with_run_imports(["plan", str(recipe), "--chunk", str(chunk)]))
     assert base.returncode == 0, base.stderr
     run = memwatch.run([*cmd, "run", str(recipe), "--chunk", str(chunk), "--device", "cpu"])
     assert run.returncode == 0, run.stderr
