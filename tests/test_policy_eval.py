@@ -247,3 +247,26 @@ def test_plot_by_section_needs_rewardbench_subsets(ws):
         check(ws, 'evaluate(reward("models/rm-helpful"), pairs("p.jsonl"), "o.json", by="section")')
     with pytest.raises(AlgTypeError, match='"subset" or "section"'):
         check(ws, 'evaluate(reward("models/rm-helpful"), pairs("p.jsonl"), "o.json", by="row")')
+
+
+def test_a_computed_policy_with_tied_embeddings(ws, rms, tmp_path):
+    """A merge of a tied-embedding model (SmolLM2's layout: transformers saves the head once,
+    as the embedding) is a policy: it is built from the tensors alg computes, its head
+    tied back, and it samples what its saved folder samples."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(rms["policy"])
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    (ws / "models" / "tied").mkdir()
+    m.save_pretrained(ws / "models" / "tied")
+    _tok(rms["policy"]).save_pretrained(ws / "models" / "tied")
+    from safetensors import safe_open
+
+    with safe_open(str(ws / "models" / "tied" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # the layout that used to fail
+    run_rewards(ws, f'kl(lerp(load("models/tied"), load("models/tied"), 0.5), load("models/tied"), ["{PROMPT}"], '
+                    'n=3, max_new_tokens=3, out="out/kl.json")')
+    got = json.loads((ws / "out" / "kl.json").read_text())
+    assert got["kl"] == pytest.approx(0.0, abs=1e-6)  # the merge of a model with itself is the model

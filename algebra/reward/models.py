@@ -50,14 +50,21 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
         with no_init_weights():  # parameters are replaced below; skip their random init
             m = auto.from_config(config, dtype=dtype, trust_remote_code=False)
         try:
-            m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
-                              assign=True, strict=True)
+            got = m.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                                    assign=True, strict=False)
         except RuntimeError as e:  # its tensors do not fit its config: a bug of check, said plainly
             raise AlgRuntimeError(f"{model.node.describe()}: its tensors do not fit a {type(m).__name__} built "
                                   f"from its config: {str(e).splitlines()[0]}") from None
-        del state
         if getattr(m.config, "tie_word_embeddings", False):
-            m.tie_weights()
+            m.tie_weights()  # a tied head is saved once (as the embedding), as transformers saves it
+        # a key the tensors lack is fine only when it is tied to one they have
+        have = {t.data_ptr() for k, t in m.state_dict(keep_vars=True).items() if k in state}
+        lacking = [k for k in got.missing_keys if m.state_dict(keep_vars=True)[k].data_ptr() not in have]
+        del state
+        if lacking or got.unexpected_keys:
+            what = f"lacks {lacking[0]}" if lacking else f"has {got.unexpected_keys[0]}, which it does not use"
+            raise AlgRuntimeError(f"{model.node.describe()}: its tensors do not fit a {type(m).__name__} built "
+                                  f"from its config: it {what}")
     return m.to(device).eval()
 
 
