@@ -533,7 +533,7 @@ def _write_kl(run: RewardRun, req: KLRequest, staging: Any) -> None:
         from .evaluate import plot_front
 
         buf = io.BytesIO()
-        plot_front(buf, req.xlabel, results, f"{req.reward} against KL to {head['ref']}")
+        plot_front(buf, req.xlabel, results, f"KL-reward front over {req.xlabel} (n={spec.n} per prompt)")
         _atomic_write(req.plot, "", buf.getvalue(), staging=staging, overwrite=req.overwrite)
         run.out(f"wrote {_rel(req.plot)}")
 
