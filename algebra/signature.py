@@ -290,8 +290,10 @@ def make_builtin(header: str, doc: str, fn: Callable[..., Any], variadic: bool =
     params = d.params
     # the header is the signature; the function must take exactly its parameters, in its
     # order, after the Call (so a parameter renamed in one place is an error at start-up)
-    names = [p.name for p in inspect.signature(fn).parameters.values()][1:]
-    if names != [p.name for p in params]:
+    taken = list(inspect.signature(fn).parameters.values())[1:]
+    names = [p.name for p in taken]
+    generic = [p.kind for p in taken] == [inspect.Parameter.VAR_KEYWORD]  # fn(call, **kw): any header
+    if not generic and names != [p.name for p in params]:
         raise ValueError(f"builtin {d.name}: the header declares ({', '.join(p.name for p in params)}) "
                          f"but {fn.__module__}.{fn.__qualname__} takes ({', '.join(names)}) after the call")
     if variadic:
