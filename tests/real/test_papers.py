@@ -77,7 +77,7 @@ def test_transform_best_of_n_reduced(real, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(_rows_text(PAPERS / "transform" / "prompts.jsonl")[:3]))
     out = tmp_path / "out"
-    _run(PAPERS / "transform" / "run.py", "--n", "2", "--n-refs", "2", "--tokens", "12",
+    _run(PAPERS / "transform" / "run.py", "--n", "2", "--n-refs", "2", "--tokens", "16",
          "--prompts", str(prompts), "--out", str(out), "--", "--quiet")
     cands = _rows(out / "candidates.jsonl")
     base = {r["prompt"]: r for r in _rows(out / "base_sample.jsonl")}

@@ -27,7 +27,7 @@ def fixtures() -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--step", default="0.1", help="lam step (lam = 0, step, ..., 1)")
+    ap.add_argument("--step", default="0.5", help="lam step (lam = 0, step, ..., 1)")
     ap.add_argument("--data", default=str(HERE / "pairs.jsonl"))
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for sweep.json and sweep.png")
     ap.add_argument("--verb", default="run", choices=("run", "check"))

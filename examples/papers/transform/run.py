@@ -1,6 +1,6 @@
 """Transforming and combining rewards (Wang et al., 2024) on the real-model tier.
 
-    python examples/papers/transform/run.py [--n 8] [--n-refs 8] [--tokens 48] [--out DIR]
+    python examples/papers/transform/run.py [--n 2] [--n-refs 2] [--tokens 16] [--out DIR]
 
 1. finds (or builds) SmolLM2-135M-Instruct's fixtures (tests/real/build.py) and the
    brevity reward model (brevity_rm.py);
@@ -70,9 +70,9 @@ def select(cands: list[dict]) -> dict[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8, help="candidates per prompt")
-    ap.add_argument("--n-refs", type=int, default=8, help="reference samples per prompt")
-    ap.add_argument("--tokens", type=int, default=48, help="max_new_tokens")
+    ap.add_argument("--n", type=int, default=2, help="candidates per prompt")
+    ap.add_argument("--n-refs", type=int, default=2, help="reference samples per prompt")
+    ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens")
     ap.add_argument("--prompts", default=str(HERE / "prompts.jsonl"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--check", action="store_true", help="only `alg check` both recipes (step 2 and 4)")
