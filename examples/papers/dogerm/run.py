@@ -25,6 +25,13 @@ def fixtures() -> dict[str, Path]:
     return build.ensure()
 
 
+def _rel(p: Path) -> Path:
+    """p relative to this folder (the recipe's, where alg resolves it) when inside it, so
+    the outputs name the data as `pairs.jsonl`, not by this machine's absolute path."""
+    p = p.resolve()
+    return p.relative_to(HERE) if p.is_relative_to(HERE) else p
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step", default="0.5", help="lam step (lam = 0, step, ..., 1)")
@@ -38,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "algebra", a.verb, str(HERE / "sweep.alg"),
            "--set", f"rm_dir={f['rm']}", "--set", f"ft_dir={f['ft1']}",
-           "--set", f"data={Path(a.data).resolve()}", "--set", f"step={a.step}",
-           "--set", f"out={out / 'sweep.json'}", "--set", f"plot={out / 'sweep.png'}", *a.rest]
+           "--set", f"data={_rel(Path(a.data))}", "--set", f"step={a.step}",
+           "--set", f"out={_rel(out / 'sweep.json')}", "--set", f"plot={_rel(out / 'sweep.png')}", *a.rest]
     t = time.perf_counter()
     rc = subprocess.call(cmd, cwd=HERE)  # alg from the environment (PYTHONPATH or installed)
     print(f"alg {a.verb}: exit {rc}, {time.perf_counter() - t:.1f}s wall", file=sys.stderr)
