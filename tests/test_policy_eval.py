@@ -270,3 +270,10 @@ def test_a_computed_policy_with_tied_embeddings(ws, rms, tmp_path):
                     'n=3, max_new_tokens=3, out="out/kl.json")')
     got = json.loads((ws / "out" / "kl.json").read_text())
     assert got["kl"] == pytest.approx(0.0, abs=1e-6)  # the merge of a model with itself is the model
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 1000])
+def test_wilson_holds_the_rate_at_the_ends(n):
+    """At p = 0 or 1 a bound is p itself, exactly (no rounding below 1 or above 0)."""
+    assert pe.wilson(1.0, n)[1] == 1.0 and pe.wilson(1.0, n)[0] < 1.0
+    assert pe.wilson(0.0, n)[0] == 0.0 and pe.wilson(0.0, n)[1] > 0.0

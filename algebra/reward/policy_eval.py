@@ -69,7 +69,8 @@ def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # clamped, and holding p itself: at p = 0 or 1 a bound equals p, not p minus a rounding
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def win_rate(policy: list[float], base: list[float]) -> dict[str, Any]:

@@ -155,8 +155,8 @@ def plot(summary: dict, path: Path) -> None:
             e = summary["selections"][s][j]
             xs.append(i + (k - 1) * width)
             ys.append(e["winrate"])
-            lo.append(e["winrate"] - e["ci95"][0])
-            hi.append(e["ci95"][1] - e["winrate"])
+            lo.append(max(0.0, e["winrate"] - e["ci95"][0]))  # Wilson at 0 or 1: rounding
+            hi.append(max(0.0, e["ci95"][1] - e["winrate"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"judge: {j}")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(SELECTIONS)), [f"BoN raw sum", "BoN LSC sum", "first sample"])
