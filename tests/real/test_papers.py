@@ -92,7 +92,7 @@ def test_transform_best_of_n_reduced(real, tmp_path):
     raw = _rows(out / "select_raw.jsonl")
     lsc = _rows(out / "select_lsc.jsonl")
     assert [r["prompt"] for r in raw] == list(by) == [r["prompt"] for r in lsc]
-    for sel_raw, sel_lsc, (p, rows) in zip(raw, lsc, by.items(), strict=True):
+    for sel_raw, sel_lsc, (_p, rows) in zip(raw, lsc, by.items(), strict=True):
         assert sel_raw["response"] == max(rows, key=lambda r: r["help"] + r["brev"])["response"]
         assert sel_lsc["response"] == max(rows, key=lambda r: r["reward"])["response"]
     summary = json.loads((out / "summary.json").read_text())

@@ -159,7 +159,7 @@ def plot(summary: dict, path: Path) -> None:
             hi.append(max(0.0, e["ci95"][1] - e["winrate"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"judge: {j}")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(range(len(SELECTIONS)), [f"BoN raw sum", "BoN LSC sum", "first sample"])
+    ax.set_xticks(range(len(SELECTIONS)), ["BoN raw sum", "BoN LSC sum", "first sample"])
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate vs base sample")
     ax.set_title(f"best-of-{summary['n']}, {summary['prompts']} prompts, SmolLM2-135M")
