@@ -126,12 +126,44 @@ def _save(model, tok, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def score_head_model(base: Path, tok, pairs, seed: int):
+    """A reward model of the base's body and a score head trained (Bradley-Terry, Adam,
+    HEAD_STEPS steps) on the last real token's hidden state of each (prompt, good, bad)."""
+    from transformers import LlamaForSequenceClassification
+
+    rm = LlamaForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    rm.config.pad_token_id = tok.pad_token_id
+    texts = [chat(tok, prompt, answer) for prompt, good, bad in pairs for answer in (good, bad)]
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):  # right padding; the feature is the last real token's state
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    with torch.no_grad():
+        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    last = torch.tensor([len(e) - 1 for e in enc])
+    x = hidden[torch.arange(len(enc)), last].reshape(len(pairs), 2, -1)  # pairs x 2 x hidden
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(1, x.shape[-1], generator=g) * 0.01).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=1e-2)
+    for _ in range(HEAD_STEPS):
+        r = x @ w[0]
+        loss = -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        rm.score.weight.copy_(w)
+    return rm
+
+
 def build(root: Path) -> dict[str, float]:
     from transformers import (
         AutoTokenizer,
         LlamaConfig,
         LlamaForCausalLM,
-        LlamaForSequenceClassification,
     )
 
     timings: dict[str, float] = {}
@@ -177,31 +209,7 @@ def build(root: Path) -> dict[str, float]:
 
     # reward model: the base's body and a score head trained (Bradley-Terry) on PAIRS
     t0 = time.perf_counter()
-    rm = LlamaForSequenceClassification.from_pretrained(root / "base", num_labels=1, dtype=torch.float32)
-    rm.config.pad_token_id = tok.pad_token_id
-    texts = [chat(tok, prompt, answer) for prompt, good, bad in PAIRS for answer in (good, bad)]
-    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(e) for e in enc)
-    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(enc):  # right padding; the feature is the last real token's state
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
-    with torch.no_grad():
-        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    last = torch.tensor([len(e) - 1 for e in enc])
-    x = hidden[torch.arange(len(enc)), last].reshape(len(PAIRS), 2, -1)  # pairs x 2 x hidden
-    g = torch.Generator().manual_seed(3)
-    w = (torch.randn(1, x.shape[-1], generator=g) * 0.01).requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=1e-2)
-    for _ in range(HEAD_STEPS):
-        r = x @ w[0]
-        loss = -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        rm.score.weight.copy_(w)
+    rm = score_head_model(root / "base", tok, PAIRS, seed=3)
     _save(rm, tok, root / "rm")
     timings["rm"] = time.perf_counter() - t0
     return timings

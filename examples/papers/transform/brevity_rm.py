@@ -79,35 +79,11 @@ PAIRS = [
 def train_head(root: Path, pairs, seed: int) -> None:
     """build.py's reward-model recipe on other pairs: the base's body, a score head trained
     Bradley-Terry (Adam, build.HEAD_STEPS steps) on the last real token's hidden state."""
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
+    from transformers import AutoTokenizer
 
     base = build.ensure()["base"]
     tok = AutoTokenizer.from_pretrained(base)
-    rm = LlamaForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
-    rm.config.pad_token_id = tok.pad_token_id
-    texts = [build.chat(tok, prompt, answer) for prompt, good, bad in pairs for answer in (good, bad)]
-    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(e) for e in enc)
-    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
-    with torch.no_grad():
-        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    last = torch.tensor([len(e) - 1 for e in enc])
-    x = hidden[torch.arange(len(enc)), last].reshape(len(pairs), 2, -1)
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(1, x.shape[-1], generator=g) * 0.01).requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=1e-2)
-    for _ in range(build.HEAD_STEPS):
-        r = x @ w[0]
-        loss = -torch.nn.functional.logsigmoid(r[:, 0] - r[:, 1]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        rm.score.weight.copy_(w)
+    rm = build.score_head_model(base, tok, pairs, seed)
     build._save(rm, tok, root)
 
 
