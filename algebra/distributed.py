@@ -1,13 +1,15 @@
-"""Scoring on a Ray cluster: `alg run --ray [CLUSTER]`, `$ALG_RAY`, `Interpreter(ray=...)`.
+"""Scoring and generation on a Ray cluster: `alg run --ray [CLUSTER]`, `$ALG_RAY`,
+`Interpreter(ray=...)`.
 
 The run plans as it does locally (`reward.plan`: distinct texts, cache hits left out,
 the rest tokenized, sorted by token length and cut into batches); only the forward
-passes move. Each reward model that has texts to score is served by a pool of Ray
-actors (`_Scorer`), one per GPU of the cluster, or, without a GPU (or with --device
+passes move. Each reward model that has texts to score is served by a `Pool` of Ray
+actors (`_Worker`), one per GPU of the cluster, or, without a GPU (or with --device
 cpu), one per `CPUS_PER_WORKER` CPUs, never more than it has batches. Each actor loads
 the model once, through `reward.models.load_model` as a local run does (a merge is
-materialised inside the actor by the weight engine from its checked graph), and scores
-whole length-sorted batches with `reward.models.score_batch`. The driver hands batches out as
+materialised inside the actor by the weight engine from its checked graph), and runs one
+named job (`JOBS`) on whole batches: "score" scores length-sorted batches with
+`reward.models.score_batch`. The driver hands batches out as
 actors finish them (at most `IN_FLIGHT` per actor), so long and short batches balance
 across the pool, and stores each batch's scores as it arrives, in the run's table and
 the on-disk cache under the keys a local run uses (`reward.cache.score_key`): a
@@ -30,7 +32,19 @@ and, as for any failure, no output of the run is moved into place (io/target.py
 `Staging`); the scores stored so far stay in the cache, so a re-run scores only the
 rest. `FAULT_ENV` is a test hook, documented there.
 
-Generation (`generate`) and merges (`save`) still run in the driver process.
+Generation (`generate`) is the "generate" job on a pool of its own per policy and call
+(`sampler`, which `reward.generate.resolve` calls for the prompts not in the generation
+cache). The driver plans the batches as a local run does (`reward.generate.plan_batches`
+with the policy's tokenizer: rows length-sorted, cut by `batch_size` or `BATCH_TOKENS`,
+each sampled row's seed), the actors run them with `generate_batch` (the function a local
+run calls per batch; the tokenizer travels pickled, with the spec less its prompts), and
+the driver gathers each prompt's samples (`Samples`) and stores them in the generation
+cache under a local run's keys as soon as they are complete. The batches and each
+sampled row's generator are a local run's, so are the texts, row for row, on the same
+kind of device (tests/test_ray.py: greedy and sampled). Faults are handled as for
+scoring; a batch re-run draws the same texts.
+
+Merges (`save`) still run in the driver process.
 """
 
 from __future__ import annotations
@@ -48,10 +62,11 @@ from .graph import Node
 from .options import Options
 
 INSTALL = "pip install 'algebra[ray]'"
-CPUS_PER_WORKER = 1  # CPUs per scoring actor on a cluster without GPUs
+CPUS_PER_WORKER = 1  # CPUs per actor (scoring or generating) on a cluster without GPUs
 IN_FLIGHT = 2  # batches handed to an actor before it returns one: it never waits for work
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batches it held
-# Test hook (tests/test_ray.py): a path. The first actor call to find no file there makes
+# Test hook (tests/test_ray.py): a path. The first actor call (a batch to score or to
+# sample) to find no file there makes
 # it and kills its own process with os._exit, once per path, as a crash would; Ray
 # restarts the actor and re-runs its batches. Read by the driver and passed to actors.
 FAULT_ENV = "ALG_RAY_TEST_FAULT"

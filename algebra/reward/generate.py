@@ -10,6 +10,8 @@ sorted by length (longest first) and cut into batches of `batch_size` rows, by d
 many as fit `BATCH_TOKENS` tokens (rows x (longest prompt + max_new_tokens)). A batch is
 left-padded (the tokenizer's pad token, else its EOS) with an attention mask, from which
 transformers' `generate` derives the position ids, so a row sees what it sees alone.
+Planning (`plan_batches`) and running a batch (`generate_batch`) are apart: on Ray
+(distributed.py) the driver plans the same batches and workers run them.
 
 Seeding. Greedy rows are deterministic. A sampled row draws every token from its own
 `torch.Generator`, seeded from (seed, prompt, sample index): a sample does not depend on
