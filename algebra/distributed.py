@@ -360,8 +360,6 @@ def sampler(run: Any, gen: Any):
     (`plan_batches`, with the policy's tokenizer), a pool of actors runs them
     (`generate_batch`), and each prompt's samples go to `done` (the run's table and the
     generation cache) as soon as they are complete. One pool per call, closed after it."""
-    from dataclasses import dataclass, replace
-
     from .reward.generate import Samples, plan_batches
     from .reward.plan import scoring_dtype, tokenizer_folder
 

@@ -1,4 +1,4 @@
-"""Scoring on Ray (`alg run --ray`, algebra/distributed.py).
+"""Scoring and generation on Ray (`alg run --ray`, algebra/distributed.py).
 
 The option's usage errors, and what travels to an actor (a checked model pickled and
 rebuilt), run in the default tier: they start no Ray. The rest runs on a local Ray
@@ -6,7 +6,9 @@ cluster of 2 CPUs that this module starts once (several seconds, minutes under l
 so it is in the `slow` tier (`pytest -m slow tests/test_ray.py`): scores equal to a
 local run's in the same row order and shared with it through the on-disk cache, a
 worker killed mid-run (retried: the output is complete and right), and a worker that
-keeps dying (the run fails and leaves no output).
+keeps dying (the run fails and leaves no output); and the same for `generate`: texts
+(greedy and sampled) equal to a local run's in the same order, from the local run's
+batches, and the same generation cache files.
 """
 
 from __future__ import annotations
