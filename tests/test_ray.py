@@ -329,9 +329,12 @@ def test_ray_generation_equals_local_in_order_and_shares_the_cache(cluster, ws, 
 
     handed: list = []  # what the driver hands the pool: the local run's batches, in order
     real_run = distributed.Pool.run
-    monkeypatch.setattr(distributed.Pool, "run",
-                        lambda self, batches, store: (handed.append((len(self.actors), batches)),
-                                                      real_run(self, batches, store))[1])
+
+    def spy(self, batches, store):
+        handed.append((len(self.actors), batches))
+        return real_run(self, batches, store)
+
+    monkeypatch.setattr(distributed.Pool, "run", spy)
     monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))  # empty: Ray samples every prompt
     on_ray, log, loads = sample_texts(ws, g, "local:2")
     assert loads == 0 and any("x 2 on Ray" in line for line in log), log  # no policy loaded here
