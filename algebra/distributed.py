@@ -1,13 +1,15 @@
-"""Scoring on a Ray cluster: `alg run --ray [CLUSTER]`, `$ALG_RAY`, `Interpreter(ray=...)`.
+"""Scoring and generation on a Ray cluster: `alg run --ray [CLUSTER]`, `$ALG_RAY`,
+`Interpreter(ray=...)`.
 
 The run plans as it does locally (`reward.plan`: distinct texts, cache hits left out,
 the rest tokenized, sorted by token length and cut into batches); only the forward
-passes move. Each reward model that has texts to score is served by a pool of Ray
-actors (`_Scorer`), one per GPU of the cluster, or, without a GPU (or with --device
+passes move. Each reward model that has texts to score is served by a `Pool` of Ray
+actors (`_Worker`), one per GPU of the cluster, or, without a GPU (or with --device
 cpu), one per `CPUS_PER_WORKER` CPUs, never more than it has batches. Each actor loads
 the model once, through `reward.models.load_model` as a local run does (a merge is
-materialised inside the actor by the weight engine from its checked graph), and scores
-whole length-sorted batches with `reward.models.score_batch`. The driver hands batches out as
+materialised inside the actor by the weight engine from its checked graph), and runs one
+named job (`JOBS`) on whole batches: "score" scores length-sorted batches with
+`reward.models.score_batch`. The driver hands batches out as
 actors finish them (at most `IN_FLIGHT` per actor), so long and short batches balance
 across the pool, and stores each batch's scores as it arrives, in the run's table and
 the on-disk cache under the keys a local run uses (`reward.cache.score_key`): a
@@ -30,7 +32,19 @@ and, as for any failure, no output of the run is moved into place (io/target.py
 `Staging`); the scores stored so far stay in the cache, so a re-run scores only the
 rest. `FAULT_ENV` is a test hook, documented there.
 
-Generation (`generate`) and merges (`save`) still run in the driver process.
+Generation (`generate`) is the "generate" job on a pool of its own per policy and call
+(`sampler`, which `reward.generate.resolve` calls for the prompts not in the generation
+cache). The driver plans the batches as a local run does (`reward.generate.plan_batches`
+with the policy's tokenizer: rows length-sorted, cut by `batch_size` or `BATCH_TOKENS`,
+each sampled row's seed), the actors run them with `generate_batch` (the function a local
+run calls per batch; the tokenizer travels pickled, with the spec less its prompts), and
+the driver gathers each prompt's samples (`Samples`) and stores them in the generation
+cache under a local run's keys as soon as they are complete. The batches and each
+sampled row's generator are a local run's, so are the texts, row for row, on the same
+kind of device (tests/test_ray.py: greedy and sampled). Faults are handled as for
+scoring; a batch re-run draws the same texts.
+
+Merges (`save`) still run in the driver process.
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ import copyreg
 import io
 import os
 import pickle
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -48,10 +62,11 @@ from .graph import Node
 from .options import Options
 
 INSTALL = "pip install 'algebra[ray]'"
-CPUS_PER_WORKER = 1  # CPUs per scoring actor on a cluster without GPUs
+CPUS_PER_WORKER = 1  # CPUs per actor (scoring or generating) on a cluster without GPUs
 IN_FLIGHT = 2  # batches handed to an actor before it returns one: it never waits for work
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batches it held
-# Test hook (tests/test_ray.py): a path. The first actor call to find no file there makes
+# Test hook (tests/test_ray.py): a path. The first actor call (a batch to score or to
+# sample) to find no file there makes
 # it and kills its own process with os._exit, once per path, as a crash would; Ray
 # restarts the actor and re-runs its batches. Read by the driver and passed to actors.
 FAULT_ENV = "ALG_RAY_TEST_FAULT"
@@ -158,10 +173,31 @@ def _drop(_d: Any) -> None:
 # ---- the actor ------------------------------------------------------------------------------
 
 
-class _Scorer:
-    """One Ray actor: one reward model, loaded once, scoring whole batches."""
+def _scoring(model: Any, device: Any, pad: int):
+    """The "score" job: a reward model's scores of a batch of token ids."""
+    from .reward.models import score_batch
 
-    def __init__(self, blob: bytes, options: Options, dtype: str, pad: int, fault: str | None):
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad
+    return lambda input_ids: score_batch(model, input_ids, pad, device)
+
+
+def _generation(model: Any, device: Any, tokenizer: Any, spec: Any):
+    """The "generate" job: a policy's texts of a batch of rows ((input_ids, seeds) of a
+    `reward.generate.RowBatch`)."""
+    from .reward.generate import generate_batch
+
+    return lambda batch: generate_batch(model, tokenizer, spec, batch[0], batch[1], device)
+
+
+# job name -> (causal LM?, what "runs" it: (model, device, *setup) -> a function of one batch)
+JOBS = {"score": (False, _scoring), "generate": (True, _generation)}
+
+
+class _Worker:
+    """One Ray actor: one model, loaded once, running whole batches of one job (`JOBS`)."""
+
+    def __init__(self, blob: bytes, options: Options, dtype: str, job: str, setup: tuple, fault: str | None):
         import ray
         import torch
 
@@ -176,18 +212,15 @@ class _Scorer:
         options = actor_options(options, self.device.type)
         from . import registry  # noqa: F401  (the builtin families a lowering reads, in a fresh process)
 
-        self.model = load_model(pickle.loads(blob), options, self.device, getattr(torch, dtype))
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = pad
-        self.pad = pad
+        causal, make = JOBS[job]
+        self.model = load_model(pickle.loads(blob), options, self.device, getattr(torch, dtype), causal=causal)
+        self.job = make(self.model, self.device, *setup)
         self.fault = fault
 
-    def score(self, input_ids: list[list[int]]) -> list[float]:
-        from .reward.models import score_batch
-
+    def run(self, batch: Any) -> list:
         if self.fault:
             _fault_hook(self.fault)
-        return score_batch(self.model, input_ids, self.pad, self.device)
+        return self.job(batch)
 
 
 def _fault_hook(path: str) -> None:
@@ -203,12 +236,25 @@ def _fault_hook(path: str) -> None:
 # ---- the driver's side -------------------------------------------------------------------------
 
 
-class Pool:
-    """The actors serving one reward model (one `reward.plan.Job`)."""
+@dataclass(frozen=True)
+class Work:
+    """What a pool serves: `model` (a checked `values.Model`) loaded in `dtype` by each
+    actor, which then runs `job` (a key of `JOBS`) on batches; `setup` is the job's fixed
+    arguments (picklable); `what` names the work in errors ("scoring rm")."""
+    job: str
+    model: Any
+    dtype: Any  # a torch.dtype
+    setup: tuple
+    what: str
 
-    def __init__(self, ray: Any, job: Any, options: Options, pad: int, n_batches: int | None = None):
+
+class Pool:
+    """The actors serving one model for one job (`Work`): scoring a reward model's
+    batches, or sampling a policy's."""
+
+    def __init__(self, ray: Any, work: Work, options: Options, n_batches: int | None = None):
         self.ray = ray
-        self.label = job.label
+        self.what = work.what
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0)) if options.device != "cpu" else 0
         if gpus:
@@ -216,17 +262,17 @@ class Pool:
         else:
             n, need = max(1, int(res.get("CPU", 1)) // CPUS_PER_WORKER), {"num_cpus": CPUS_PER_WORKER}
         n = max(1, min(n, n_batches or n))  # no idle actor: at most one per batch
-        actor = ray.remote(_Scorer).options(max_restarts=RETRIES, max_task_retries=RETRIES, **need)
+        actor = ray.remote(_Worker).options(max_restarts=RETRIES, max_task_retries=RETRIES, **need)
         # passed by value (a few kB; a binding's tensors more): Ray keeps it for restarts
-        blob = dumps_model(job.model)
-        dtype = str(job.dtype).removeprefix("torch.")
+        blob = dumps_model(work.model)
+        dtype = str(work.dtype).removeprefix("torch.")
         fault = os.environ.get(FAULT_ENV) or None
         opts = actor_options(options, "cpu")  # the actor sets its own device
-        self.actors = [actor.remote(blob, opts, dtype, pad, fault) for _ in range(n)]
+        self.actors = [actor.remote(blob, opts, dtype, work.job, work.setup, fault) for _ in range(n)]
 
-    def score(self, batches: list[Any], store) -> int:
-        """Score `batches` (reward.plan.Batch) across the pool; `store(batch, values)` is
-        called in the driver as each batch's scores arrive. Returns the texts scored."""
+    def run(self, batches: list[Any], store) -> None:
+        """Run the job on each of `batches` (what the job takes) across the pool;
+        `store(i, result)` is called in the driver as batch i's result arrives, in any order."""
         ray = self.ray
         queue = list(range(len(batches)))
         queue.reverse()
@@ -235,22 +281,18 @@ class Pool:
         def submit(a: int) -> None:
             if queue:
                 i = queue.pop()
-                pending[self.actors[a].score.remote(batches[i].input_ids)] = (a, i)
+                pending[self.actors[a].run.remote(batches[i])] = (a, i)
 
         for _ in range(IN_FLIGHT):
             for a in range(len(self.actors)):
                 submit(a)
-        n = 0
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             a, i = pending.pop(ref)
-            values = self._get(ref)
-            store(batches[i], values)
-            n += len(values)
+            store(i, self._get(ref))
             submit(a)
-        return n
 
-    def _get(self, ref: Any) -> list[float]:
+    def _get(self, ref: Any) -> list:
         ray = self.ray
         try:
             return ray.get(ref)
@@ -258,7 +300,7 @@ class Pool:
             cause = getattr(e, "cause", None)
             if isinstance(cause, AlgError):
                 raise cause from None
-            raise AlgRuntimeError(f"a Ray worker scoring {self.label} failed: "
+            raise AlgRuntimeError(f"a Ray worker {self.what} failed: "
                                   f"{type(cause).__name__ if cause else ''}: {cause or e}") from None
         except ray.exceptions.RayActorError as e:  # died more than RETRIES times, or its load failed
             cause = getattr(e, "cause", None)
@@ -266,7 +308,7 @@ class Pool:
             if isinstance(inner, AlgError):
                 raise inner from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise AlgRuntimeError(f"the Ray workers scoring {self.label} died and were restarted "
+            raise AlgRuntimeError(f"the Ray workers {self.what} died and were restarted "
                                   f"{RETRIES} times without finishing: {first}") from None
 
     def close(self) -> None:
@@ -275,32 +317,71 @@ class Pool:
         self.actors = []
 
 
+def scoring(job: Any) -> Work:
+    """The work of scoring a `reward.plan.Job`'s batches."""
+    from .reward.models import pad_id
+
+    return Work("score", job.model, job.dtype, (pad_id(job),), f"scoring {job.label}")
+
+
 def score_job(run: Any, job: Any) -> int:
     """Score a job's texts to do on Ray for a `reward.engine.RewardRun`: into its score
     table and cache (`run._store`). The pool stays up between calls for a run that keeps
     its models loaded (a TRL reward function). Returns the texts scored."""
-    from .reward.models import pad_id
-
     ray = connect(run.options.ray)
     batches = [b for g in job.groups for b in g.batches]
     key = ("ray", job.node, job.dtype)
     pool = run._loaded.get(key)
     if pool is None:
         # a pool kept for later calls (a TRL reward function) is sized by the cluster alone
-        pool = Pool(ray, job, run.options, pad_id(job), None if run.keep_loaded else len(batches))
+        pool = Pool(ray, scoring(job), run.options, None if run.keep_loaded else len(batches))
         if run.keep_loaded:
             run._loaded[key] = pool
     try:
         with run.options.progress.bar(job.n_todo, f"score {job.label} (Ray)", unit="text") as bar:
+            n = 0
 
-            def store(b: Any, values: list[float]) -> None:
-                run._store(b.keys, values)
+            def store(i: int, values: list[float]) -> None:
+                nonlocal n
+                run._store(batches[i].keys, values)
+                n += len(values)
                 bar.update(len(values))
 
-            return pool.score(batches, store)
+            pool.run([b.input_ids for b in batches], store)
+            return n
     finally:
         if not run.keep_loaded:
             pool.close()
 
 
-__all__ = ["CPUS_PER_WORKER", "FAULT_ENV", "INSTALL", "Pool", "connect", "dumps_model", "score_job"]
+def sampler(run: Any, gen: Any):
+    """The `sampler` of `reward.generate.resolve` that samples `gen` (a `Generated`) on
+    Ray for a `reward.engine.RewardRun`: the driver plans the batches as a local run does
+    (`plan_batches`, with the policy's tokenizer), a pool of actors runs them
+    (`generate_batch`), and each prompt's samples go to `done` (the run's table and the
+    generation cache) as soon as they are complete. One pool per call, closed after it."""
+    from .reward.generate import Samples, plan_batches
+    from .reward.plan import scoring_dtype, tokenizer_folder
+
+    def sample(spec: Any, prompts: tuple, done) -> None:
+        from transformers import AutoTokenizer
+
+        ray = connect(run.options.ray)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(gen.model), trust_remote_code=False)
+        batches = plan_batches(tokenizer, spec, prompts)
+        # the tokenizer travels (not its folder, which may be this process's temporary one);
+        # the spec without its prompts, which the batches carry
+        work = Work("generate", gen.model, scoring_dtype(gen.model, run.options, run.device),
+                    (tokenizer, replace(spec, prompts=())), f"generating with {gen.label}")
+        pool = Pool(ray, work, run.options, len(batches))
+        try:
+            got = Samples(spec, prompts, done)
+            pool.run([(b.input_ids, b.seeds) for b in batches], lambda i, texts: got.add(batches[i], texts))
+        finally:
+            pool.close()
+
+    return sample
+
+
+__all__ = ["CPUS_PER_WORKER", "FAULT_ENV", "INSTALL", "JOBS", "Pool", "Work", "connect", "dumps_model", "sampler",
+           "score_job", "scoring"]

@@ -1,7 +1,10 @@
-"""Scoring on Ray against scoring in one process, on this machine.
+"""Scoring and generation on Ray against one process, on this machine.
 
     python benchmarks/bench_ray.py [--texts 512] [--hidden 256] [--layers 4] [--batch 16]
-                                   [--workers 2] [--dir D]
+                                   [--workers 2] [--dir D] [--part all|score|generate]
+                                   [--gen-prompts 256] [--gen-tokens 32] [--gen-batch 8]
+
+Scoring (--part score):
 
 One Llama sequence-classification reward model (random weights, a BPE tokenizer with a
 chat template: `algebra.tiny.build_reward_models`) and `--texts` synthetic
@@ -18,8 +21,16 @@ same batches are scored
 and the scores are compared (they must agree to 1e-5). Each side reports its start-up
 (loading the model; for Ray, starting the actors' processes and loading it in each) and
 its steady throughput (texts per second over the batches alone), then end to end.
-Merges on Ray are not implemented, so there is no merge figure. Prints a table and the
-machine's load average, and writes JSON to WORKDIR/results.json.
+
+Generation (--part generate): the causal LM `policy` built with the reward model (same
+widths, the same tokenizer) samples one text of at most `--gen-tokens` tokens (temperature
+0.9, seeded per row) for each of `--gen-prompts` synthetic prompts. The batches are
+planned once (`reward.generate.plan_batches`: length-sorted, `--gen-batch` rows each) and
+run locally with one thread (`generate_batch` per batch, the model loaded once; then with
+torch's default threads), and on the Ray cluster (`distributed.Pool` with the "generate"
+job: one actor per CPU, each loading the policy once). The texts must be identical.
+
+Prints tables and the machine's load average, and writes JSON to WORKDIR/results.json.
 """
 
 from __future__ import annotations
@@ -59,8 +70,73 @@ def build(work: Path, n: int, hidden: int, layers: int) -> None:
     marker.write_text(json.dumps(spec))
 
 
+def generation_bench(work: Path, prompts: int, tokens: int, batch: int, workers: int) -> dict:
+    """Generation throughput, local (one thread) against Ray (see the module docstring)."""
+    from dataclasses import replace
+
+    import ray
+    import torch
+    from transformers import AutoTokenizer
+
+    from algebra import Interpreter, Options
+    from algebra.distributed import Pool, Work
+    from algebra.reward.generate import generate_batch, plan_batches
+    from algebra.reward.models import load_model
+    from algebra.reward.plan import scoring_dtype
+
+    rng = random.Random(1)
+    asked = [" ".join(rng.choices(WORDS, k=rng.randint(4, 24))) + "?" for _ in range(prompts)]
+    g = Interpreter(device="cpu", base_dir=work, out=lambda _: None).eval(
+        f'generate("models/policy", {json.dumps(asked)}, n=1, temperature=0.9, max_new_tokens={tokens}, '
+        f'seed=0, batch_size={batch})')
+    options = Options(device="cpu", out=lambda _: None)
+    cpu = torch.device("cpu")
+    tok = AutoTokenizer.from_pretrained(work / "models" / "policy")
+    batches = plan_batches(tok, g.spec, g.spec.prompts)
+    dtype = scoring_dtype(g.model, options, cpu)
+    n = sum(len(b.rows) for b in batches)
+    res: dict = {"texts": n, "batches": len(batches), "max_new_tokens": tokens}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray actor has
+    t0 = time.perf_counter()
+    model = load_model(g.model, options, cpu, dtype, causal=True)
+    t1 = time.perf_counter()
+    local = [generate_batch(model, tok, g.spec, b.input_ids, b.seeds, cpu) for b in batches]
+    t2 = time.perf_counter()
+    del model
+    torch.set_num_threads(threads)
+    res["local-1t"] = {"startup_s": t1 - t0, "gen_s": t2 - t1}
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    t_init = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        work_ = Work("generate", g.model, dtype, (tok, replace(g.spec, prompts=())), "generating with policy")
+        pool = Pool(ray, work_, options, len(batches))
+        last = batches[-1]  # every actor up, the policy loaded: one short row each
+        ray.get([a.run.remote((last.input_ids[:1], last.seeds[:1])) for a in pool.actors])
+        t1 = time.perf_counter()
+        got: list = [None] * len(batches)
+        pool.run([(b.input_ids, b.seeds) for b in batches], lambda i, texts: got.__setitem__(i, texts))
+        t2 = time.perf_counter()
+        pool.close()
+    finally:
+        ray.shutdown()
+    res["ray"] = {"init_s": t_init, "startup_s": t1 - t0, "gen_s": t2 - t1, "workers": workers}
+    res["identical"] = got == local
+    assert got == local, "texts sampled on Ray differ from the local ones"
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("all", "score", "generate"), default="all")
+    ap.add_argument("--gen-prompts", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--texts", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -72,6 +148,22 @@ def main() -> None:
     build(work, args.texts, args.hidden, args.layers)
     os.environ["ALG_CACHE"] = str(work / "cache")  # planning only reads it; empty: all to do
     shutil.rmtree(work / "cache", ignore_errors=True)
+    if args.part in ("all", "generate"):
+        gen = generation_bench(work, args.gen_prompts, args.gen_tokens, args.gen_batch, args.workers)
+        load = os.getloadavg()
+        print(f"generation: {gen['texts']} texts of <= {args.gen_tokens} new tokens (temperature 0.9) in "
+              f"{gen['batches']} batches of <= {args.gen_batch}; policy hidden {args.hidden}, {args.layers} layers; "
+              f"{os.cpu_count()} CPUs; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+        print(f"{'':8} {'start-up':>10} {'sampling':>10} {'texts/s':>10} {'end to end':>12}")
+        for name in ("local-1t", "ray"):
+            r = gen[name]
+            extra = r.get("init_s", 0.0)
+            print(f"{name:8} {r['startup_s']:>9.2f}s {r['gen_s']:>9.2f}s {gen['texts'] / r['gen_s']:>10.1f} "
+                  f"{r['startup_s'] + r['gen_s'] + extra:>11.2f}s" + (f"  (ray.init {extra:.1f}s of it)" if extra else ""))
+        print(f"texts identical, Ray against local: {gen['identical']}")
+        (work / "results-generate.json").write_text(json.dumps({**gen, "load_average": load}, indent=2))
+        if args.part == "generate":
+            return
 
     import torch
 
@@ -114,18 +206,18 @@ def main() -> None:
     # ---- Ray ----------------------------------------------------------------------------
     import ray
 
-    from algebra.distributed import Pool
+    from algebra.distributed import Pool, scoring
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     t_init = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pool = Pool(ray, job, options, pad, len(batches))
-    ray.get([a.score.remote(batches[0].input_ids[:1]) for a in pool.actors])  # every actor up, model loaded
+    pool = Pool(ray, scoring(job), options, len(batches))
+    ray.get([a.run.remote(batches[0].input_ids[:1]) for a in pool.actors])  # every actor up, model loaded
     t1 = time.perf_counter()
     got: dict = {}
-    pool.score(batches, lambda b, v: got.update(zip(b.keys, v, strict=True)))
+    pool.run([b.input_ids for b in batches], lambda i, v: got.update(zip(batches[i].keys, v, strict=True)))
     t2 = time.perf_counter()
     pool.close()
     ray.shutdown()

@@ -1,4 +1,4 @@
-"""Scoring on Ray (`alg run --ray`, algebra/distributed.py).
+"""Scoring and generation on Ray (`alg run --ray`, algebra/distributed.py).
 
 The option's usage errors, and what travels to an actor (a checked model pickled and
 rebuilt), run in the default tier: they start no Ray. The rest runs on a local Ray
@@ -6,7 +6,9 @@ cluster of 2 CPUs that this module starts once (several seconds, minutes under l
 so it is in the `slow` tier (`pytest -m slow tests/test_ray.py`): scores equal to a
 local run's in the same row order and shared with it through the on-disk cache, a
 worker killed mid-run (retried: the output is complete and right), and a worker that
-keeps dying (the run fails and leaves no output).
+keeps dying (the run fails and leaves no output); and the same for `generate`: texts
+(greedy and sampled) equal to a local run's in the same order, from the local run's
+batches, and the same generation cache files.
 """
 
 from __future__ import annotations
@@ -275,3 +277,109 @@ def test_a_trl_reward_function_keeps_its_ray_pool_between_calls(cluster, ws, mon
     assert first == pytest.approx(local[:1], rel=1e-6, abs=1e-6)
     assert got == pytest.approx(local, rel=1e-6, abs=1e-6)
     r._run.close()
+
+
+# ---- generation on Ray ----------------------------------------------------------------------
+
+# prompts of different lengths, so batches are left-padded; batch_size=2 makes more batches
+# than workers (greedy: 5 rows in 3 batches; sampling with n=2: 10 rows in 5), so both sample
+GEN_PROMPTS = ["Hi", "What is 12 plus 30?", "Write a long poem about the sea, the sky and the rivers, please.",
+               "Name a colour.", "Why is the sky blue? Explain it briefly."]
+
+
+def generated(ws: Path, temperature: float):
+    """A checked generate() of the tiny policy: 5 prompts, 2 samples each, 6 tokens."""
+    return Interpreter(device="cpu", base_dir=ws, out=lambda _: None).eval(
+        f'generate("models/policy", {json.dumps(GEN_PROMPTS)}, n=2, temperature={temperature}, '
+        'max_new_tokens=6, seed=3, batch_size=2)')
+
+
+def sample_texts(ws: Path, g, ray: str) -> tuple[list[tuple], list[str], int]:
+    """g's rows (prompt, response, order) sampled by a reward run, its log, its policy loads."""
+    from algebra.reward.engine import RewardRun
+
+    log: list[str] = []
+    run = RewardRun(Options(device="cpu", ray=ray, out=log.append))
+    try:
+        run.resolve_generations([g])
+        got = [(r.prompt, r.response, r.line) for r in run.generated[g].rows]
+    finally:
+        run.close()
+    return got, log, run.loads
+
+
+def generation_cache(cache: Path) -> dict[str, str]:
+    folder = cache / "generations"
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*.json"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_ray_generation_equals_local_in_order_and_shares_the_cache(cluster, ws, monkeypatch, temperature):
+    from algebra import distributed
+    from algebra.reward.generate import plan_batches
+
+    g = generated(ws, temperature)
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local, _, loads = sample_texts(ws, g, "off")
+    assert loads == 1 and len(local) == 10
+    assert len({t for _, t, _ in local}) >= 4  # different texts, so the comparison bites
+    if temperature:
+        assert any(local[i][1] != local[i + 1][1] for i in range(0, 10, 2))  # a prompt's samples differ
+
+    handed: list = []  # what the driver hands the pool: the local run's batches, in order
+    real_run = distributed.Pool.run
+
+    def spy(self, batches, store):
+        handed.append((len(self.actors), batches))
+        return real_run(self, batches, store)
+
+    monkeypatch.setattr(distributed.Pool, "run", spy)
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))  # empty: Ray samples every prompt
+    on_ray, log, loads = sample_texts(ws, g, "local:2")
+    assert loads == 0 and any("x 2 on Ray" in line for line in log), log  # no policy loaded here
+    assert on_ray == local  # texts, prompts and row order
+    from transformers import AutoTokenizer
+
+    planned = plan_batches(AutoTokenizer.from_pretrained(ws / "models/policy"), g.spec, g.spec.prompts)
+    [(actors, batches)] = handed
+    assert actors == 2 and len(batches) == len(planned) >= 3
+    assert batches == [(b.input_ids, b.seeds) for b in planned]
+    # the same cache files under the same keys: a Ray run and a local run share their samples
+    assert generation_cache(ws / "ray-cache") == generation_cache(ws / "local-cache")
+    assert len(generation_cache(ws / "ray-cache")) == len(GEN_PROMPTS)
+    again, log, loads = sample_texts(ws, g, "off")  # a local run after the Ray run samples nothing
+    assert again == local and loads == 0 and not any("sampled" in line for line in log), log
+
+
+@pytest.mark.slow
+def test_a_generation_worker_killed_mid_run_still_gives_identical_texts(cluster, ws, monkeypatch, tmp_path):
+    from algebra import distributed
+
+    g = generated(ws, 0.9)
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local, _, _ = sample_texts(ws, g, "off")
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(distributed.FAULT_ENV, str(marker))
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))
+    on_ray, _, _ = sample_texts(ws, g, "local:2")
+    assert marker.exists()  # a worker did die, on its first batch
+    assert on_ray == local
+    assert generation_cache(ws / "ray-cache") == generation_cache(ws / "local-cache")
+
+
+@pytest.mark.slow
+def test_a_generation_worker_that_is_not_restarted_fails_the_run_with_no_output(cluster, ws, monkeypatch,
+                                                                               tmp_path, capsys):
+    from algebra import distributed
+
+    monkeypatch.setattr(distributed, "RETRIES", 0)
+    monkeypatch.setenv(distributed.FAULT_ENV, str(tmp_path / "killed"))
+    (ws / "t.alg").write_text(
+        'save(load("models/rm-helpful"), "out/copy")\n'  # runs first: the failed run must take it back
+        f'p = generate("models/policy", {json.dumps(GEN_PROMPTS)}, n=2, max_new_tokens=6, batch_size=2)\n'
+        'score(reward("models/rm-helpful"), p, "out/s.jsonl")\n')
+    assert main(["run", str(ws / "t.alg"), "--ray", "local:2", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Ray workers generating with" in err and "died" in err and "Traceback" not in err
+    assert not (ws / "out").exists() or not any((ws / "out").iterdir())  # neither the save nor the scores

@@ -95,9 +95,14 @@ class RewardRun:
 
         t0 = time.perf_counter()
         part = g if prompts == g.spec.prompts else Generated(g.node, replace(g.spec, prompts=prompts), g.label, g.model)
-        got, sampled = resolve(part, model_hash(g.node), load, self.options.progress)
+        sampler, where = None, ""
+        if self.options.ray != "off":  # a pool of Ray workers samples the batches (distributed.py)
+            from ..distributed import sampler as on_ray
+
+            sampler, where = on_ray(self, g), " on Ray"
+        got, sampled = resolve(part, model_hash(g.node), load, self.options.progress, sampler)
         if sampled:
-            self.out(f"sampled {g}: {sampled} prompt(s) x {g.spec.n} in {time.perf_counter() - t0:.2f}s")
+            self.out(f"sampled {g}: {sampled} prompt(s) x {g.spec.n}{where} in {time.perf_counter() - t0:.2f}s")
         holder.clear()
         _free()
         return got

@@ -10,6 +10,8 @@ sorted by length (longest first) and cut into batches of `batch_size` rows, by d
 many as fit `BATCH_TOKENS` tokens (rows x (longest prompt + max_new_tokens)). A batch is
 left-padded (the tokenizer's pad token, else its EOS) with an attention mask, from which
 transformers' `generate` derives the position ids, so a row sees what it sees alone.
+Planning (`plan_batches`) and running a batch (`generate_batch`) are apart: on Ray
+(distributed.py) the driver plans the same batches and workers run them.
 
 Seeding. Greedy rows are deterministic. A sampled row draws every token from its own
 `torch.Generator`, seeded from (seed, prompt, sample index): a sample does not depend on
@@ -217,52 +219,96 @@ def _hooks(tokenizer: Any, start: int, stop: tuple[str, ...], seeds: list[int] |
     return procs, crit
 
 
+@dataclass(frozen=True)
+class RowBatch:
+    """One batch of rows to sample, as `plan_batches` cuts it: its rows (prompt, sample
+    index), longest first, their prompts' token ids, and (sampling) each row's seed."""
+    rows: tuple[tuple[Prompt, int], ...]
+    input_ids: tuple[tuple[int, ...], ...]
+    seeds: tuple[int, ...] | None
+
+
+def plan_batches(tokenizer: Any, spec: GenerateSpec, prompts: tuple[Prompt, ...]) -> list[RowBatch]:
+    """The batches that sample spec.n texts for each prompt (see the module's notes): the
+    same for a local run and a Ray run (distributed.py), which runs them on its workers."""
+    do_sample = spec.temperature > 0
+    ids = {p: tuple(encode(tokenizer, p)) for p in prompts}
+    rows = [(p, j) for p in prompts for j in range(spec.n if do_sample else 1)]
+    rows.sort(key=lambda r: -len(ids[r[0]]))  # stable: ties keep the prompts' order
+    out = []
+    for part in batches([len(ids[p]) for p, _ in rows], spec.max_new_tokens, spec.batch_size):
+        chunk = tuple(rows[i] for i in part)
+        seeds = tuple(_row_seed(spec, p, j) for p, j in chunk) if do_sample else None
+        out.append(RowBatch(chunk, tuple(ids[p] for p, _ in chunk), seeds))
+    return out
+
+
+def generate_batch(model: Any, tokenizer: Any, spec: GenerateSpec, input_ids: tuple[tuple[int, ...], ...],
+                   seeds: tuple[int, ...] | None, device) -> list[str]:
+    """The texts of one batch (a `RowBatch`'s input_ids and seeds), left-padded into one
+    `generate` call, decoded without special tokens and cut at the stop strings. Reads
+    spec's options, not its prompts."""
+    import torch
+
+    pad = pad_id(tokenizer)
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for i, x in enumerate(input_ids):
+        ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    procs, crit = _hooks(tokenizer, width, spec.stop, list(seeds) if seeds is not None else None, spec.temperature)
+    with torch.no_grad():
+        gen = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
+                             logits_processor=procs, stopping_criteria=crit)
+    return [cut(t, spec.stop) for t in tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)]
+
+
+class Samples:
+    """The texts of batches, as they come (in any order), gathered by prompt: `done(prompt,
+    samples)` is called for each prompt as soon as its samples are complete."""
+
+    def __init__(self, spec: GenerateSpec, prompts: tuple[Prompt, ...], done=None):
+        self.spec, self.prompts, self.done = spec, prompts, done
+        self.texts: dict[Prompt, dict[int, str]] = {p: {} for p in prompts}
+        self.out: dict[Prompt, list[str]] = {}
+
+    def add(self, batch: RowBatch, texts: list[str]) -> None:
+        do_sample = self.spec.temperature > 0
+        n = self.spec.n
+        for (p, j), t in zip(batch.rows, texts, strict=True):
+            self.texts[p][j] = t
+            if len(self.texts[p]) == (n if do_sample else 1):
+                got = self.texts[p]
+                self.out[p] = [got[k] for k in range(n)] if do_sample else [got[0]] * n
+                if self.done is not None:
+                    self.done(p, self.out[p])
+
+    def result(self) -> dict[Prompt, list[str]]:
+        return {p: self.out[p] for p in self.prompts}
+
+
 def sample_batch(model: Any, tokenizer: Any, spec: GenerateSpec, prompts: tuple[Prompt, ...], device,
                  done=None) -> dict[Prompt, list[str]]:
     """spec.n samples for each prompt, many rows per forward pass (see the module's notes).
     `done(prompt, samples)` is called for each prompt as soon as its samples are complete."""
-    import torch
-
-    do_sample = spec.temperature > 0
-    ids = {p: encode(tokenizer, p) for p in prompts}
-    rows = [(p, j) for p in prompts for j in range(spec.n if do_sample else 1)]
-    rows.sort(key=lambda r: -len(ids[r[0]]))  # stable: ties keep the prompts' order
-    texts: dict[Prompt, dict[int, str]] = {p: {} for p in prompts}
-    out: dict[Prompt, list[str]] = {}
-    pad = pad_id(tokenizer)
-    for part in batches([len(ids[p]) for p, _ in rows], spec.max_new_tokens, spec.batch_size):
-        chunk = [rows[i] for i in part]
-        width = len(ids[chunk[0][0]])
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (p, _) in enumerate(chunk):
-            input_ids[i, width - len(ids[p]):] = torch.tensor(ids[p])
-            mask[i, width - len(ids[p]):] = 1
-        seeds = [_row_seed(spec, p, j) for p, j in chunk] if do_sample else None
-        procs, crit = _hooks(tokenizer, width, spec.stop, seeds, spec.temperature)
-        with torch.no_grad():
-            gen = model.generate(input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
-                                 logits_processor=procs, stopping_criteria=crit)
-        decoded = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-        for (p, j), t in zip(chunk, decoded, strict=True):
-            texts[p][j] = cut(t, spec.stop)
-            if len(texts[p]) == (spec.n if do_sample else 1):
-                got = texts[p]
-                out[p] = [got[k] for k in range(spec.n)] if do_sample else [got[0]] * spec.n
-                if done is not None:
-                    done(p, out[p])
-    return {p: out[p] for p in prompts}
+    got = Samples(spec, prompts, done)
+    for b in plan_batches(tokenizer, spec, prompts):
+        got.add(b, generate_batch(model, tokenizer, spec, b.input_ids, b.seeds, device))
+    return got.result()
 
 
 _OFF = Progress("off")
 
 
-def resolve(gen: Generated, policy_hash: str, load_policy, progress: Progress | None = None) -> tuple[Responses, int]:
+def resolve(gen: Generated, policy_hash: str, load_policy, progress: Progress | None = None,
+            sampler=None) -> tuple[Responses, int]:
     """The samples of `gen` as responses, sampling only prompts not in the cache.
     `load_policy()` -> (model, tokenizer, device), called at most once. Returns the data
     and how many prompts were sampled. `progress` (a `progress.Progress`) shows the texts
-    sampled."""
+    sampled. `sampler(spec, prompts, done)`, where given, samples instead of the loaded
+    policy (`distributed.sampler`: on Ray workers), calling `done` as `sample_batch` does."""
     spec = gen.spec
     samples: dict[Prompt, list[str]] = {}
     missing = []
@@ -273,7 +319,8 @@ def resolve(gen: Generated, policy_hash: str, load_policy, progress: Progress | 
         else:
             missing.append(p)
     if missing:
-        model, tokenizer, device = load_policy()
+        if sampler is None:
+            model, tokenizer, device = load_policy()
         with (progress or _OFF).bar(len(missing) * spec.n, f"sample {gen.label}", unit="text") as bar:
 
             def done(p: Prompt, got: list[str]) -> None:
@@ -281,12 +328,15 @@ def resolve(gen: Generated, policy_hash: str, load_policy, progress: Progress | 
                 _store(policy_hash, spec, p, got)
                 bar.update(spec.n)
 
-            sample_batch(model, tokenizer, spec, tuple(missing), device, done)
+            if sampler is None:
+                sample_batch(model, tokenizer, spec, tuple(missing), device, done)
+            else:
+                sampler(spec, tuple(missing), done)
     rows = tuple(Row(p, s, {"prompt": p if isinstance(p, str) else to_messages(p),
                             "response": s}, i + 1)
                  for i, (p, s) in enumerate((p, s) for p in spec.prompts for s in samples[p]))
     return Responses(str(gen), rows), len(missing)
 
 
-__all__ = ["BATCH_TOKENS", "GenerateSpec", "Generated", "cached_samples", "cut", "encode", "resolve", "sample",
-           "sample_batch"]
+__all__ = ["BATCH_TOKENS", "GenerateSpec", "Generated", "RowBatch", "Samples", "cached_samples", "cut", "encode",
+           "generate_batch", "plan_batches", "resolve", "sample", "sample_batch"]
