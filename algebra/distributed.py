@@ -30,7 +30,9 @@ and, as for any failure, no output of the run is moved into place (io/target.py
 `Staging`); the scores stored so far stay in the cache, so a re-run scores only the
 rest. `FAULT_ENV` is a test hook, documented there.
 
-Generation (`generate`) and merges (`save`) still run in the driver process.
+Generation (`generate`) still runs in the driver process. Merges (`save`) run in Ray
+tasks with this module's connection, pickling, retries and fault hook:
+algebra/distributed_merge.py.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ INSTALL = "pip install 'algebra[ray]'"
 CPUS_PER_WORKER = 1  # CPUs per scoring actor on a cluster without GPUs
 IN_FLIGHT = 2  # batches handed to an actor before it returns one: it never waits for work
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batches it held
-# Test hook (tests/test_ray.py): a path. The first actor call to find no file there makes
-# it and kills its own process with os._exit, once per path, as a crash would; Ray
-# restarts the actor and re-runs its batches. Read by the driver and passed to actors.
+# Test hook (tests/test_ray.py, tests/test_ray_merge.py): a path. The first actor call (a
+# batch to score), or the first chunk a merge's shard task writes, to find no file there
+# makes it and kills its own process with os._exit, once per path, as a crash would; Ray
+# restarts the actor and re-runs its batches, or runs the task again. Read by the driver
+# and passed to actors and tasks.
 FAULT_ENV = "ALG_RAY_TEST_FAULT"
 
 

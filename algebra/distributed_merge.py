@@ -27,8 +27,11 @@ is staged (io/target.py `Staging`) only when every task has succeeded.
 
 Threads. A shard task uses the CPUs Ray gave it (`distributed.CPUS_PER_WORKER`); its work
 is elementwise or row-wise and its bytes do not depend on the thread count. A reduction
-task uses the driver's torch thread count: float64 sums by BLAS (`torch.dot`, a matmul)
-split their work by thread count, and so round differently on another count.
+task uses the driver's torch thread count, and reserves as many CPUs (at most a node's):
+float64 sums by BLAS (`torch.dot` of even 4096 elements) split their work by thread
+count and so round differently on another count, which a SLERP angle can carry into the
+last bit of an output. So the bytes are those of a local run with the driver's thread
+count (OMP_NUM_THREADS=1 makes it one thread on both sides).
 
 Faults. A task whose process dies (a crash, a lost node) is run again by Ray
 (`max_retries`: `distributed.RETRIES`); a shard task starts its file again from the
@@ -73,18 +76,22 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
     tp = sp.tensor_plan
     steps = tp.steps
     index = {id(s.gram): i for i, s in enumerate(steps) if s.kind == "reduce"}
-    known = evaluator.results if evaluator is not None else {}
+    known = dict(evaluator.results) if evaluator is not None else {}  # before this save
     gpus = int(ray.cluster_resources().get("GPU", 0)) if tp.config.device != "cpu" else 0
     device = "cuda" if tp.config.device.startswith("cuda") else tp.config.device  # the task's GPU is its cuda
     need = {"num_gpus": 1} if gpus else {}
-    task = ray.remote(_task).options(num_cpus=distributed.CPUS_PER_WORKER, max_retries=distributed.RETRIES,
-                                      **need)
+    remote = ray.remote(_task)
+    # a shard task: CPUS_PER_WORKER; a reduction: the driver's thread count (see "Threads"),
+    # reserved as CPUs up to the largest node's, so that it does not crowd other tasks
+    threads = torch.get_num_threads()
+    node_cpus = max((int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
+    cpus = {"shard": distributed.CPUS_PER_WORKER, "reduce": max(1, min(threads, node_cpus))}
     job = {
         "config": replace(tp.config, device=device),
         "out_dtype": tp.out_dtype,
         "options": distributed.actor_options(options, "cpu"),
         "span": sp.span,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "fault": os.environ.get(distributed.FAULT_ENV) or None,
         "folder": str(Path(folder).resolve()),
     }
@@ -103,13 +110,14 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
 
     values: dict[int, Any] = {}  # reduce step -> its value or a reference to it
     pending: dict[Any, tuple[str, Any]] = {}  # reference -> (what, payload)
-    submitted: list[tuple[str, Any]] = []
 
     def submit(work: dict, what: str, payload: Any) -> Any:
-        ref = task.remote(job, blob, {**work, "describe": {i: steps[i].describe() for i in work["steps"] + work["deps"]}},
-                          *(values[d] for d in work["deps"]))
+        # the steps it runs and reads, as the driver describes them: the task checks its own plan
+        work["describe"] = {i: steps[i].describe() for i in work["steps"] + work["deps"]}
+        kind = "reduce" if work["shard"] is None else "shard"
+        task = remote.options(num_cpus=cpus[kind], max_retries=distributed.RETRIES, **need)
+        ref = task.remote(job, blob, work, *(values[d] for d in work["deps"]))
         pending[ref] = (what, payload)
-        submitted.append(("reduce" if work["shard"] is None else "shard", ref))
         return ref
 
     try:
@@ -145,7 +153,7 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
     except BaseException:
         _cancel(ray, list(pending))
         raise
-    n_red = sum(1 for what, _ in submitted if what == "reduce")
+    n_red = sum(1 for s in steps if s.kind == "reduce" and s.gram not in known)
     options.out(f"save {sp.target.name} on Ray: {len(sp.shards)} shard task(s)"
                 + (f" after {n_red} reduction task(s)" if n_red else "")
                 + f", {time.perf_counter() - t0:.2f}s")

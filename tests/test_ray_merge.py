@@ -1,6 +1,8 @@
 """Merges on Ray (`save` under `alg run --ray`, algebra/distributed_merge.py).
 
-On the local Ray cluster of 2 CPUs that tests/test_ray.py's `cluster` fixture starts
+Without a cluster (default tier): who writes the shards follows the option, and a save
+under --ray without the ray package says how to install it and leaves nothing. On the
+local Ray cluster of 2 CPUs that tests/test_ray.py's `cluster` fixture starts
 (once for this module), so in the `slow` tier (`pytest -m slow tests/test_ray_merge.py`):
 lerp, SLERP with per-layer angles (a chain of Gram reductions), TIES, DARE-TIES and
 DELLA, saved in several shards by a local run and by a Ray run, compare byte for byte,
@@ -22,8 +24,6 @@ from algebra import AlgError, Interpreter, Options
 from algebra.cli import main
 from algebra.interpreter import Session
 from algebra.source import Source
-
-pytestmark = pytest.mark.slow
 
 # shard_size: a 64-wide, 2-layer tiny Llama (~0.4 MB in float32) in several shards, so
 # both workers write; chunk 4096 (the users' floor): several chunks per large tensor
@@ -62,6 +62,27 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def test_the_shards_are_written_by_ray_tasks_only_under_ray():
+    from algebra.distributed_merge import shard_writer, write_shards
+
+    assert shard_writer(Options(ray="off")) is None
+    assert shard_writer(Options(ray="local:2")) is write_shards
+    assert shard_writer(Options(ray="ray://head:10001")) is write_shards
+
+
+def test_a_save_under_ray_without_the_package_says_how_to_install_it_and_leaves_nothing(mws, monkeypatch,
+                                                                                        capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    (mws / "t.alg").write_text(recipe(["lerp"]))
+    assert main(["run", str(mws / "t.alg"), "--ray", "local:2", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'algebra[ray]'" in err and "Traceback" not in err, err
+    assert not (mws / "out").exists()
+
+
+@pytest.mark.slow
 def test_merges_on_ray_equal_local_byte_for_byte(cluster, mws, monkeypatch):  # noqa: F811
     from algebra import execute
 
@@ -92,6 +113,7 @@ def test_merges_on_ray_equal_local_byte_for_byte(cluster, mws, monkeypatch):  # 
     assert not [p for p in (mws / "out").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+@pytest.mark.slow
 def test_a_shard_task_killed_mid_write_is_run_again_and_the_folder_is_complete(cluster, mws, monkeypatch,  # noqa: F811
                                                                                tmp_path):
     from algebra import distributed
@@ -108,6 +130,7 @@ def test_a_shard_task_killed_mid_write_is_run_again_and_the_folder_is_complete(c
     assert files(mws / "out" / "slerp") == local
 
 
+@pytest.mark.slow
 def test_a_task_that_keeps_dying_fails_the_run_and_leaves_no_output(cluster, mws, monkeypatch, tmp_path,  # noqa: F811
                                                                     capsys):
     from algebra import distributed
@@ -126,6 +149,7 @@ def test_a_task_that_keeps_dying_fails_the_run_and_leaves_no_output(cluster, mws
     assert not (mws / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_task_error_is_the_users_error_at_the_save_and_leaves_no_output(cluster, mws):  # noqa: F811
     # 1e40 times weights of about 0.02-0.1 overflows float32: the task raises, the driver re-raises it
     text = HEAD + 'save(b * 1e40, "out/inf")\n'
