@@ -340,9 +340,8 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
     (card.describe_inputs); `base_dir` is the recipe's folder. `shards(sp, options, folder,
     evaluator)`, when given, writes the shard files in place of this process (under --ray:
     `distributed_merge.shard_writer`); the rest of the folder is written here either way.
-    On any failure (a signal, a
-    full disk, a read-only folder) the temporary folder and the parent folders this save
-    created are removed; an OSError becomes an AlgIOError."""
+    On any failure (a signal, a full disk, a read-only folder) the temporary folder and the
+    parent folders this save created are removed; an OSError becomes an AlgIOError."""
     from .io import target as tio
 
     own = staging is None
