@@ -9,7 +9,8 @@ DELLA, saved in several shards by a local run and by a Ray run, compare byte for
 every file of the folder (shards, index, config, tokenizer, card); the driver computes
 nothing (its executor is disabled during the Ray run); a task killed mid-shard is run
 again and the folder is still complete and identical; a task that keeps dying, or a task
-that raises (a non-finite result), fails the run with an AlgError and leaves no output.
+that raises (a non-finite result), fails the run with an AlgError and leaves no output;
+two saves of one SLERP in a run compute its angles once.
 """
 
 from __future__ import annotations
@@ -159,3 +160,16 @@ def test_a_task_error_is_the_users_error_at_the_save_and_leaves_no_output(cluste
     assert e.value.span is not None and e.value.span.line == 5
     assert not (mws / "out").exists()
     assert not os.path.exists(mws / "out" / "inf")
+
+
+@pytest.mark.slow
+def test_a_reduction_the_run_has_computed_is_not_computed_again(cluster, mws):  # noqa: F811
+    # two saves of one SLERP in one run share its angles, as in a local run
+    text = HEAD + "".join(f'save({MERGES["slerp"]}, "out/{n}", {SHARD})\n' for n in ("x", "y"))
+    log: list[str] = []
+    run(mws, "local:2", text, log)
+    first, second = [line for line in log if " on Ray: " in line]
+    assert "reduction task" in first and "reduction task" not in second, log
+    x, y = files(mws / "out" / "x"), files(mws / "out" / "y")
+    assert x.pop("README.md") != y.pop("README.md")  # the card is titled by the folder's name
+    assert x == y
