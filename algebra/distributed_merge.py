@@ -51,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .errors import AlgError, AlgRuntimeError
+from .errors import AlgError, AlgIOError, AlgRuntimeError
 from .options import Options
 
 
@@ -227,7 +227,17 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
     write: Any = None
     if work["shard"] is not None:
         fname, layout = work["shard"]
-        writer = ShardWriter(Path(job["folder"]) / fname, layout)
+        folder = Path(job["folder"])
+        try:
+            writer = ShardWriter(folder / fname, layout)
+        except FileNotFoundError:
+            if folder.is_dir():
+                raise
+            import socket
+
+            raise AlgIOError(f"the Ray task writing {fname} on {socket.gethostname()} does not see the save's "
+                             f"temporary folder '{folder}': under --ray the output folder must be on a "
+                             "filesystem every node of the cluster sees", job["span"]) from None
         fault = job["fault"]
 
         def write(name: str, e0: int, data: torch.Tensor) -> None:

@@ -10,7 +10,8 @@ every file of the folder (shards, index, config, tokenizer, card); the driver co
 nothing (its executor is disabled during the Ray run); a task killed mid-shard is run
 again and the folder is still complete and identical; a task that keeps dying, or a task
 that raises (a non-finite result), fails the run with an AlgError and leaves no output;
-two saves of one SLERP in a run compute its angles once.
+two saves of one SLERP in a run compute its angles once; a task that does not see the
+save's folder (not on a shared filesystem) says so.
 """
 
 from __future__ import annotations
@@ -173,3 +174,19 @@ def test_a_reduction_the_run_has_computed_is_not_computed_again(cluster, mws):  
     x, y = files(mws / "out" / "x"), files(mws / "out" / "y")
     assert x.pop("README.md") != y.pop("README.md")  # the card is titled by the folder's name
     assert x == y
+
+
+@pytest.mark.slow
+def test_a_task_that_does_not_see_the_folder_says_it_must_be_shared(cluster, mws):  # noqa: F811
+    from algebra.distributed_merge import write_shards
+    from algebra.errors import AlgIOError
+    from algebra.plan import plan_save
+
+    session = Session(Options(device="cpu", ray="local:2", out=lambda _: None), mws, mode="file")
+    [sink] = session.check(Source(recipe(["lerp"]), "t.alg")).sinks
+    sp = plan_save(sink.value, session.options)
+    # as on a node where the driver's folder is not mounted
+    with pytest.raises(AlgIOError, match="must be on a filesystem every node of the cluster sees") as e:
+        write_shards(sp, session.options, mws / "not-mounted")
+    assert "not-mounted" in e.value.message
+    assert e.value.span.location() == sink.span.location()  # at the save
