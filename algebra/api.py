@@ -22,6 +22,7 @@ from . import execute as _execute
 from . import graph as _graph
 from .ast import Program
 from .check import Checked, Checker, SaveRequest
+from .distributed_merge import shard_writer
 from .lower import Lowerer, TExpr
 from .options import Options
 from .parser import parse as _parse
@@ -72,4 +73,5 @@ def execute(p: TensorPlan, options: Options | None = None) -> dict[str, torch.Te
 
 
 def save(p: SavePlan, recipe_text: str = "", options: Options | None = None) -> Path:
-    return _execute.save(p, options or Options(), recipe_text)
+    options = options or Options()
+    return _execute.save(p, options, recipe_text, shards=shard_writer(options))

@@ -44,7 +44,8 @@ sampled row's generator are a local run's, so are the texts, row for row, on the
 kind of device (tests/test_ray.py: greedy and sampled). Faults are handled as for
 scoring; a batch re-run draws the same texts.
 
-Merges (`save`) still run in the driver process.
+Merges (`save`) run in Ray tasks with this module's connection, pickling, retries and
+fault hook: algebra/distributed_merge.py.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ INSTALL = "pip install 'algebra[ray]'"
 CPUS_PER_WORKER = 1  # CPUs per actor (scoring or generating) on a cluster without GPUs
 IN_FLIGHT = 2  # batches handed to an actor before it returns one: it never waits for work
 RETRIES = 3  # restarts of a dead actor, and re-runs of the batches it held
-# Test hook (tests/test_ray.py): a path. The first actor call (a batch to score or to
-# sample) to find no file there makes
-# it and kills its own process with os._exit, once per path, as a crash would; Ray
-# restarts the actor and re-runs its batches. Read by the driver and passed to actors.
+# Test hook (tests/test_ray.py, tests/test_ray_merge.py): a path. The first actor call (a
+# batch to score or to sample), or the first chunk a merge's shard task writes, to find no
+# file there makes it and kills its own process with os._exit, once per path, as a crash
+# would; Ray restarts the actor and re-runs its batches, or runs the task again. Read by
+# the driver and passed to actors and tasks.
 FAULT_ENV = "ALG_RAY_TEST_FAULT"
 
 

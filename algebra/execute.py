@@ -332,13 +332,16 @@ def new_evaluator(options: Options | RunConfig, check_finite: bool | None = None
 
 
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
-         evaluator: Evaluator | None = None, base_dir: Path | None = None, staging: Any = None) -> Path:
+         evaluator: Evaluator | None = None, base_dir: Path | None = None, staging: Any = None,
+         shards: Callable[..., None] | None = None) -> Path:
     """Write a SavePlan to a temporary folder and stage it: with a run's `staging`
     (io/target.py `Staging`), the folder is renamed into place when the whole run has
     succeeded; without one, at once. `input_hashes` gives the card's inputs
-    (card.describe_inputs); `base_dir` is the recipe's folder. On any failure (a signal, a
-    full disk, a read-only folder) the temporary folder and the parent folders this save
-    created are removed; an OSError becomes an AlgIOError."""
+    (card.describe_inputs); `base_dir` is the recipe's folder. `shards(sp, options, folder,
+    evaluator)`, when given, writes the shard files in place of this process (under --ray:
+    `distributed_merge.shard_writer`); the rest of the folder is written here either way.
+    On any failure (a signal, a full disk, a read-only folder) the temporary folder and the
+    parent folders this save created are removed; an OSError becomes an AlgIOError."""
     from .io import target as tio
 
     own = staging is None
@@ -368,18 +371,22 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
 
             hasher = threading.Thread(target=hash_inputs, daemon=True)
             hasher.start()
-        by_name: dict[str, ShardWriter] = {}
-        for fname, layout, names in sp.shards:
-            w = ShardWriter(tmp / fname, layout)
-            writers[fname] = w
-            for n in names:
-                by_name[n] = w
-        def write(name: str, e0: int, data: torch.Tensor) -> None:  # data is on the host
-            by_name[name].write(name, e0 * data.element_size(), data)
+        if shards is not None:
+            shards(sp, options, tmp, evaluator)
+        else:
+            by_name: dict[str, ShardWriter] = {}
+            for fname, layout, names in sp.shards:
+                w = ShardWriter(tmp / fname, layout)
+                writers[fname] = w
+                for n in names:
+                    by_name[n] = w
 
-        run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator, desc=f"save {target.name}")
-        for w in writers.values():
-            w.close()
+            def write(name: str, e0: int, data: torch.Tensor) -> None:  # data is on the host
+                by_name[name].write(name, e0 * data.element_size(), data)
+
+            run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator, desc=f"save {target.name}")
+            for w in writers.values():
+                w.close()
         _write_metadata(sp, tmp)
         if hasher is not None:
             hasher.join()

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import graph
 from .check import Checked, Checker, SaveRequest, bind_source
+from .distributed_merge import shard_writer
 from .errors import AlgError, AlgIOError, AlgTypeError
 from .io.checkpoint import CheckpointSource, MemorySource
 from .lazy import torch
@@ -91,7 +92,7 @@ class Session:
                 sp = plan_save(req, self.options, lowerer)
                 t0 = time.perf_counter()
                 execute.save(sp, self.options, sink.span.source.text, _hasher(req.model, self.checker.base_dir),
-                             evaluator, self.checker.base_dir, staging)
+                             evaluator, self.checker.base_dir, staging, shard_writer(self.options))
                 dt = time.perf_counter() - t0
                 self.options.out(
                     f"wrote {_rel(req.path)}: {len(sp.tensor_plan.tensors)} tensors, "
@@ -251,7 +252,7 @@ class Result:
         from . import execute
 
         return execute.save(sp, self._interp.options, self._source_text, _hasher(self.model, base_dir),
-                            base_dir=base_dir)
+                            base_dir=base_dir, shards=shard_writer(self._interp.options))
 
 
 def _with_device(opts: Options, device: str) -> Options:

@@ -1,8 +1,9 @@
-"""Scoring and generation on Ray against one process, on this machine.
+"""Scoring, generation and merges on Ray against one process, on this machine.
 
     python benchmarks/bench_ray.py [--texts 512] [--hidden 256] [--layers 4] [--batch 16]
-                                   [--workers 2] [--dir D] [--part all|score|generate]
+                                   [--workers 2] [--dir D] [--part all|score|generate|merge]
                                    [--gen-prompts 256] [--gen-tokens 32] [--gen-batch 8]
+                                   [--merge-layers 2] [--shard-size 100MB] [--merge-dir M]
 
 Scoring (--part score):
 
@@ -30,7 +31,21 @@ run locally with one thread (`generate_batch` per batch, the model loaded once; 
 torch's default threads), and on the Ray cluster (`distributed.Pool` with the "generate"
 job: one actor per CPU, each loading the policy once). The texts must be identical.
 
-Prints tables and the machine's load average, and writes JSON to WORKDIR/results.json.
+Merges (--part merge): two synthetic bf16 Llama checkpoints with TinyLlama's widths and
+`--merge-layers` decoder layers (bench_lerp.py's generator: 0.22B parameters, 0.44 GB
+each at 2 layers) are built in `--merge-dir` (default /tmp/alg-bench-ray-merge), and each recipe (`lerp(a, b, 0.3)`;
+`slerp(a, b, 0.5)`, whose per-tensor angles are reductions) is saved with
+`shard_size=--shard-size` (so that there are several shards to hand out) by `alg run`'s
+own path (`Session.run`) in this process, with torch's default thread count and with one
+thread (local-1t, as each Ray task has), then with `ray="local:N"` on a local Ray
+cluster of `--workers` CPUs (`ray.init` timed apart; `distributed_merge.write_shards`:
+one task per reduction, then one per shard), twice: the first Ray run starts the
+workers' processes (Python, torch, alg), the second finds them up. Every output file is
+compared byte for byte with the first local run's. Wall time is the save's, as `alg run`
+reports it.
+
+Prints tables and the machine's load average, and writes JSON to WORKDIR/results.json
+(scoring), WORKDIR/results-generate.json (generation) and MERGEDIR/results.json (merges).
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # bench_lerp: the synthetic checkpoints
 WORDS = ("the answer is forty two because twelve plus thirty makes it; let us think step by step about "
          "a reward model that scores a response to a prompt and merging checkpoints is algebra on weights "
          "please write a short poem about the sea").split()
@@ -131,12 +147,72 @@ def generation_bench(work: Path, prompts: int, tokens: int, batch: int, workers:
     return res
 
 
+MERGES = {"lerp": "lerp(a, b, 0.3)", "slerp": "slerp(a, b, 0.5)"}
+
+
+def merge_bench(work: Path, layers: int, shard_size: str, workers: int) -> dict:
+    """Merge wall times, local against Ray (see the module docstring)."""
+    import hashlib
+
+    import bench_lerp
+    import ray
+
+    from algebra import Options
+    from algebra.interpreter import Session
+    from algebra.source import Source
+
+    work.mkdir(parents=True, exist_ok=True)
+    bench_lerp.ensure_inputs(work, layers)
+    os.environ["ALG_CACHE"] = str(work / "cache")  # input hashes for the card: computed once
+    res: dict = {}
+
+    def run(name: str, expr: str, ray_opt: str) -> tuple[float, str, dict]:
+        out = work / f"out-{name}"
+        text = f'a = load("a")\nb = load("b")\nsave({expr}, "{out.name}", shard_size="{shard_size}", overwrite=true)\n'
+        lines: list[str] = []
+        t0 = time.perf_counter()
+        Session(Options(device="cpu", ray=ray_opt, out=lines.append), work, mode="file").run(Source(text, "b.alg"))
+        dt = time.perf_counter() - t0
+        digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+        return dt, " / ".join(lines), digests
+
+    import torch
+
+    local: dict = {}
+    threads = torch.get_num_threads()
+    for name, expr in MERGES.items():
+        run(name, expr, "off")  # untimed: the inputs into the page cache, their hashes into ALG_CACHE
+        for label, n in ((f"{name} local", threads), (f"{name} local-1t", 1)):
+            torch.set_num_threads(n)
+            dt, line, got = run(name, expr, "off")
+            local.setdefault(name, got)
+            res[label] = {"wall_s": dt, "log": line, "threads": n, "identical": got == local[name]}
+    torch.set_num_threads(threads)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    res["ray.init_s"] = time.perf_counter() - t0
+    try:
+        for attempt in ("first", "again"):
+            for name, expr in MERGES.items():
+                dt, line, got = run(name, expr, f"local:{workers}")
+                res[f"{name} Ray ({attempt})"] = {"wall_s": dt, "log": line, "identical": got == local[name]}
+    finally:
+        ray.shutdown()
+    res["shards"] = sum(f.endswith(".safetensors") for f in local["lerp"])
+    res["bytes"] = sum((work / "out-lerp" / f).stat().st_size for f in local["lerp"] if f.endswith(".safetensors"))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("all", "score", "generate"), default="all")
+    ap.add_argument("--part", choices=("all", "score", "generate", "merge"), default="all")
     ap.add_argument("--gen-prompts", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--gen-batch", type=int, default=8)
+    ap.add_argument("--merge-layers", type=int, default=2)
+    ap.add_argument("--shard-size", default="100MB")
+    ap.add_argument("--merge-dir", default="/tmp/alg-bench-ray-merge")
     ap.add_argument("--texts", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -145,6 +221,19 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/alg-bench-ray")
     args = ap.parse_args()
     work = Path(args.dir)
+    if args.part in ("all", "merge"):
+        merged = merge_bench(Path(args.merge_dir), args.merge_layers, args.shard_size, args.workers)
+        load = os.getloadavg()
+        print(f"merges: {args.merge_layers}-layer synthetic bf16 Llamas, {merged['bytes'] / 1e9:.2f} GB out in "
+              f"{merged['shards']} shards of <= {args.shard_size}; {os.cpu_count()} CPUs; "
+              f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; ray.init {merged['ray.init_s']:.1f}s")
+        print(f"{'':22} {'wall':>8}  identical to local")
+        for k, v in merged.items():
+            if isinstance(v, dict):
+                print(f"{k:22} {v['wall_s']:>7.2f}s  {v.get('identical', '')}")
+        (Path(args.merge_dir) / "results.json").write_text(json.dumps({**merged, "load_average": load}, indent=2))
+        if args.part == "merge":
+            return
     build(work, args.texts, args.hidden, args.layers)
     os.environ["ALG_CACHE"] = str(work / "cache")  # planning only reads it; empty: all to do
     shutil.rmtree(work / "cache", ignore_errors=True)
