@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
            "--set", f"out={_rel(out / 'sweep.json')}", "--set", f"plot={_rel(out / 'sweep.png')}", *a.rest]
     t = time.perf_counter()
     rc = subprocess.call(cmd, cwd=HERE)  # alg from the environment (PYTHONPATH or installed)
+    if rc == 0 and a.verb == "run":
+        import build
+
+        build.redact(out, HERE)  # sweep.json names the models and data without this machine's paths
     print(f"alg {a.verb}: exit {rc}, {time.perf_counter() - t:.1f}s wall", file=sys.stderr)
     return rc
 
