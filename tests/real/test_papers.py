@@ -47,7 +47,7 @@ def test_dogerm_sweep_reduced(real, real_tok, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in small))
     out = tmp_path / "out"
     _run(PAPERS / "dogerm" / "run.py", "--step", "1", "--data", str(data), "--out", str(out), "--", "--quiet")
-    assert (out / "sweep.png").read_bytes().startswith(PNG)
+    assert (out / "sweep.png").read_bytes().startswith(PNG) and (out / "margin.png").read_bytes().startswith(PNG)
     sweep = json.loads((out / "sweep.json").read_text())
     text = json.dumps(sweep)
     assert '"math"' in text and '"general"' in text
