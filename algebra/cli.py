@@ -3,7 +3,8 @@
     alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--force] [--ray [C]]
     alg check FILE      types, names, shapes and dtypes from headers; reads no weight
     alg plan FILE       the steps and the predicted peak memory
-    alg score FILE NAME --data D --out O [--force]   score D's rows with the recipe's reward NAME
+    alg score FILE NAME --data D --out O [--field ROLE=COL] [--split S] [--force]
+                        score D's rows (a data file or dataset folder) with the recipe's reward NAME
     alg repl            an interactive session (piped input: a script, no prompts)
     alg demo [--dir D]  build small demo checkpoints and run the example recipes
     alg convert mergekit CONFIG.yml [-o OUT.alg]   a mergekit config as an alg recipe
@@ -285,7 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc = command("score", "score a data set with a reward the recipe defines")
     sc.add_argument("file", metavar="FILE")
     sc.add_argument("name", metavar="NAME", help="the recipe's name for the reward")
-    sc.add_argument("--data", required=True, help="JSONL rows with 'prompt' and 'response'")
+    sc.add_argument("--data", required=True, metavar="PATH",
+                    help="the rows to score, as responses() reads them: a JSONL, JSON, CSV or Parquet "
+                         "file, a datasets save_to_disk folder or a Hub-layout folder")
+    sc.add_argument("--field", action="append", default=[], metavar="ROLE=COLUMN",
+                    help="the column giving prompt or response, as responses(prompt=..., response=...) "
+                         "names it (repeatable; default: columns 'prompt' and 'response')")
+    sc.add_argument("--split", default=None, metavar="NAME",
+                    help="the split of a dataset folder of several, as responses(split=...)")
     sc.add_argument("--out", required=True, help="JSONL output: the rows with a 'reward' field")
     sc.add_argument("--force", action="store_true", help="replace an existing --out file")
     _set_opt(sc)
@@ -332,6 +340,29 @@ def _input_file(path: str, what: str) -> Path:
         hint = f"; it holds {', '.join(inside)}" if inside else ""
         raise UsageError(f"'{path}' is a directory, not a {what}{hint}")
     return Path(path)
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, str]:
+    """score's --data (a file or a dataset folder: read as responses() reads it, by
+    reward/formats.py) and --field ROLE=COLUMN (responses()'s prompt= and response=)."""
+    from .io.files import missing
+    from .reward.formats import RESPONSE_ROLES
+
+    if missing(args.data):
+        raise UsageError(f"no such data file or folder: '{args.data}'")
+    fields: dict[str, str] = {}
+    for item in args.field:
+        role, sep, col = item.partition("=")
+        role = role.strip()
+        if not sep or not col:
+            raise UsageError(f"--field expects ROLE=COLUMN (like --field prompt=question), got '{item}'")
+        if role not in RESPONSE_ROLES:
+            raise UsageError(f"--field {item}: the roles are {_words(list(RESPONSE_ROLES))}, not '{role}'"
+                             f"{did_you_mean(role, RESPONSE_ROLES)}")
+        if role in fields:
+            raise UsageError(f"--field {item}: {role} is already given as --field {role}={fields[role]}")
+        fields[role] = col
+    return fields
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -413,7 +444,7 @@ def recipe(args: argparse.Namespace, options: Options) -> int:
     source = read_source(_input_file(args.file, "recipe file"))  # unreadable: AlgIOError
     _check_set_values(source, args.set)
     if args.command == "score":
-        _input_file(args.data, "data file")
+        fields = _data_options(args)
     from .interpreter import Session  # after the usage checks: it imports torch
 
     session = Session(options, source.folder, mode="file")
@@ -433,7 +464,8 @@ def recipe(args: argparse.Namespace, options: Options) -> int:
     elif args.command == "score":
         from .reward.engine import score_command
 
-        score_command(session, args.name, Path(args.data), Path(args.out))  # the recipe's sinks do not run
+        score_command(session, args.name, Path(args.data), Path(args.out),  # the recipe's sinks do not run
+                      fields=fields, split=args.split)
     return 0
 
 

@@ -130,8 +130,9 @@ CHOICES = "the choices are cpu, cuda, cuda:N (N = 0, 1, ...) or auto"
         # a folder where a file belongs
         (["run", "."], ["alg run: error: '.' is a directory, not a recipe file; it holds dogerm.alg, param.alg, warp.alg"]),
         (["convert", "mergekit", "models"], ["alg convert: error: 'models' is a directory, not a config file"]),
-        (["score", "dogerm.alg", "r", "--data", "models", "--out", "o.jsonl"],
-         ["alg score: error: 'models' is a directory, not a data file"]),
+        # --data takes a dataset folder (tests/test_data_formats.py), but not a missing path
+        (["score", "dogerm.alg", "r", "--data", "nothing-here", "--out", "o.jsonl"],
+         ["alg score: error: no such data file or folder: 'nothing-here'"]),
         # options where they mean nothing
         (["repl", "--set", "x=1"], ["alg repl: error: --set: not an option of alg repl (alg run, alg check, alg plan and alg score take it)"]),
         (["demo", "--set", "lam=1"], ["alg demo: error: --set: not an option of alg demo"]),

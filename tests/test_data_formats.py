@@ -431,3 +431,78 @@ def test_evaluate_a_reward_model_on_a_parquet_file(ws, rms, tmp_path_factory, mo
         {"q": r["prompt"], "a": r["chosen"], "day": "2024-05-01"} for r in rows[:3]]
     for s, r in zip(scored, rows, strict=False):
         assert s["reward"] == pytest.approx(H(r["prompt"], r["chosen"]), abs=2e-5)
+
+
+# ---- alg score --data: every format responses() reads --------------------------------------------
+
+
+def test_alg_score_reads_dataset_folders(ws, rms, tmp_path_factory, monkeypatch):
+    """`alg score --data` takes a save_to_disk folder and a Hub-layout Parquet folder, with
+    --field and --split as responses() takes prompt=, response= and split=: each row's
+    reward is the reward model's own score of that row (transformers, directly)."""
+    from conftest import alg_main
+    from test_reward import Direct
+
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path_factory.mktemp("alg-cache")))
+    rows = [json.loads(line) for line in (ws / "data" / "prompts_responses.jsonl").read_text().splitlines()][:4]
+    renamed = [{"question": r["prompt"], "answer": r["response"], "id": r["id"]} for r in rows]
+    (ws / "t.alg").write_text('h = reward("models/rm-helpful")\n')
+    # the train split differs from test, so a wrong split shows in the rows
+    DatasetDict(train=Dataset.from_list(renamed[:1]), test=Dataset.from_list(renamed)).save_to_disk(ws / "saved")
+    (ws / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(renamed[:1]), ws / "hub" / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(renamed[:2]), ws / "hub" / "data" / "test-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(renamed[2:]), ws / "hub" / "data" / "test-00001-of-00002.parquet")
+    H = Direct(rms["rm-helpful"])
+    for folder in ("saved", "hub"):
+        out = f"out/{folder}.jsonl"
+        r = alg_main("score", "t.alg", "h", "--data", folder, "--field", "prompt=question", "--field",
+                     "response=answer", "--split", "test", "--out", out, "--device", "cpu", "--quiet", cwd=ws)
+        assert r.returncode == 0, r.stderr
+        scored = [json.loads(line) for line in (ws / out).read_text().splitlines()]
+        assert [{k: v for k, v in s.items() if k != "reward"} for s in scored] == renamed
+        for s, row in zip(scored, rows, strict=True):
+            assert s["reward"] == pytest.approx(H(row["prompt"], row["response"]), abs=2e-5)
+
+
+def test_alg_score_data_errors(ws, tmp_path_factory, monkeypatch):
+    """What cannot be read is said at the file (inside a folder) and the options that named
+    it; bad --data and --field are usage errors, before the recipe is checked."""
+    from conftest import alg_main
+
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path_factory.mktemp("alg-cache")))
+    (ws / "t.alg").write_text('h = reward("models/rm-helpful")\n')
+    (ws / "empty").mkdir()
+    (ws / "bad" / "data").mkdir(parents=True)
+    (ws / "bad" / "data" / "test-00000-of-00001.parquet").write_bytes(b"not parquet at all")
+    (ws / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"q": "Hi?", "a": "Hello."}]), ws / "hub" / "data" / "test.parquet")
+
+    def score(*args):
+        return alg_main("score", "t.alg", "h", *args, "--out", "out/x.jsonl", "--device", "cpu", cwd=ws)
+
+    cases = [
+        (("--data", "empty"), 1, ["alg: error: 'empty' is a folder with no data files", "note: reading --data empty"]),
+        (("--data", "bad"), 1, ["alg: error: cannot read 'bad/data/test-00000-of-00001.parquet': ",
+                                "note: reading --data bad"]),
+        (("--data", "hub", "--field", "prompt=question"), 1,
+         ["alg: error: 'hub' has no column 'question' (for prompt); its columns: 'q', 'a'",
+          "note: reading --data hub --field prompt=question"]),
+        (("--data", "hub", "--field", "prompt=q", "--field", "response=a", "--split", "tset"), 1,
+         ["alg: error: 'hub' has no split 'tset'; did you mean 'test'?",
+          "note: reading --data hub --field prompt=q --field response=a --split tset"]),
+        (("--data", "nope"), 2, ["alg score: error: no such data file or folder: 'nope'"]),
+        (("--data", "hub", "--field", "promt=q"), 2,
+         ["alg score: error: --field promt=q: the roles are prompt and response, not 'promt'; did you mean "
+          "'prompt'?"]),
+        (("--data", "hub", "--field", "prompt"), 2,
+         ["alg score: error: --field expects ROLE=COLUMN (like --field prompt=question), got 'prompt'"]),
+        (("--data", "hub", "--field", "prompt=q", "--field", "prompt=a"), 2,
+         ["alg score: error: --field prompt=a: prompt is already given as --field prompt=q"]),
+    ]
+    for args, code, lines in cases:
+        r = score(*args)
+        assert r.returncode == code, (args, r.stderr)
+        for line in lines:
+            assert line in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and not (ws / "out" / "x.jsonl").exists()

@@ -361,9 +361,12 @@ def plan_text(sinks: list, options: Options) -> str:
         run.close()
 
 
-def score_command(session: Any, name: str, data: Path, out: Path) -> None:
-    """`alg score RECIPE NAME --data FILE --out FILE`: NAME's rewards for FILE's rows, with
-    its named sub-terms, as score() would write them. Paths are relative to the cwd."""
+def score_command(session: Any, name: str, data: Path, out: Path, *, fields: dict[str, str] | None = None,
+                  split: str | None = None) -> None:
+    """`alg score RECIPE NAME --data PATH --out FILE`: NAME's rewards for PATH's rows, with
+    its named sub-terms, as score() would write them. PATH is read as responses() reads it
+    (any format of reward/formats.py; `fields` and `split` as its prompt=, response= and
+    split=). Paths are relative to the cwd."""
     from ..errors import AlgIOError, AlgNameError, AlgTypeError
     from ..io.files import absolute
     from ..values import Sink
@@ -384,7 +387,13 @@ def score_command(session: Any, name: str, data: Path, out: Path) -> None:
     force = session.options.force  # --force: an existing --out is replaced
     if os.path.lexists(out) and not force:
         raise AlgIOError(f"'{out}' already exists; pass --force to alg score to replace it")
-    req = ScoreRequest(r, read_responses(absolute(data, Path.cwd()), str(data)), out.resolve(), names, force)
+    try:
+        rows = read_responses(absolute(data, Path.cwd()), str(data), fields=fields, split=split)
+    except AlgIOError as e:  # the reader names the file and row; say which option gave them
+        given = "".join(f" --field {k}={v}" for k, v in (fields or {}).items())
+        given += f" --split {split}" if split is not None else ""
+        raise e.with_note(f"reading --data {data}{given}") from None
+    req = ScoreRequest(r, rows, out.resolve(), names, force)
     run_sinks([Sink("score", None, req)], session.options)
 
 

@@ -77,6 +77,22 @@ def cache_root() -> Path:
     return Path(root) / VERSION
 
 
+SHOWN_ROOT = "<real-tier>"  # cache_root() as results written for others show it
+
+
+def redact(folder: Path, base: Path) -> None:
+    """The JSON and JSONL files in `folder` (results to commit) without this machine's
+    paths: cache_root() shown as SHOWN_ROOT, and a path under `base` (the example's
+    folder) relative to it."""
+    root, here = str(cache_root().resolve()), str(Path(base).resolve()) + os.sep
+    for f in sorted(Path(folder).iterdir()):
+        if f.suffix in (".json", ".jsonl") and f.is_file():
+            text = f.read_text(encoding="utf-8")
+            new = text.replace(root, SHOWN_ROOT).replace(here, "")
+            if new != text:
+                f.write_text(new, encoding="utf-8")
+
+
 def gguf_dir() -> Path:
     """The package's folder, found without importing it: its `__init__` imports the `llm`
     CLI and llama-cpp-python, which the tier does not need (CI installs it --no-deps)."""

@@ -47,10 +47,12 @@ def test_dogerm_sweep_reduced(real, real_tok, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in small))
     out = tmp_path / "out"
     _run(PAPERS / "dogerm" / "run.py", "--step", "1", "--data", str(data), "--out", str(out), "--", "--quiet")
-    assert (out / "sweep.png").read_bytes().startswith(PNG)
+    assert (out / "sweep.png").read_bytes().startswith(PNG) and (out / "margin.png").read_bytes().startswith(PNG)
     sweep = json.loads((out / "sweep.json").read_text())
     text = json.dumps(sweep)
     assert '"math"' in text and '"general"' in text
+    # results to commit name the tier's models without this machine's paths
+    assert str(real["rm"].parent) not in text and "<real-tier>/rm" in text and "<real-tier>/ft1" in text
 
     # lam = 0 is the reward model itself: its accuracy, recomputed here with transformers
     # (chat template, no special tokens added, the logit at the last token), must be the
@@ -96,6 +98,9 @@ def test_transform_best_of_n_reduced(real, tmp_path):
         assert sel_raw["response"] == max(rows, key=lambda r: r["help"] + r["brev"])["response"]
         assert sel_lsc["response"] == max(rows, key=lambda r: r["reward"])["response"]
     summary = json.loads((out / "summary.json").read_text())
+    for f in out.glob("*.json"):
+        assert str(real["rm"].parent) not in f.read_text(), f
+    assert "<real-tier>/rm" in (out / "winrate_raw_help.json").read_text()
     assert (out / "winrate.png").read_bytes().startswith(PNG)
     for s, sel in (("raw", raw), ("lsc", lsc)):
         e = summary["selections"][s]

@@ -49,8 +49,42 @@ def main(argv: list[str] | None = None) -> int:
            "--set", f"out={_rel(out / 'sweep.json')}", "--set", f"plot={_rel(out / 'sweep.png')}", *a.rest]
     t = time.perf_counter()
     rc = subprocess.call(cmd, cwd=HERE)  # alg from the environment (PYTHONPATH or installed)
+    if rc == 0 and a.verb == "run":
+        import build
+
+        build.redact(out, HERE)  # sweep.json names the models and data without this machine's paths
+        plot_margins(out / "sweep.json", out / "margin.png")
     print(f"alg {a.verb}: exit {rc}, {time.perf_counter() - t:.1f}s wall", file=sys.stderr)
     return rc
+
+
+def plot_margins(sweep: Path, path: Path) -> None:
+    """Accuracy and mean chosen-minus-rejected margin against lam, overall and per subset
+    (alg's sweep.png draws the accuracy; the margin shows a change too small to flip a pair)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = json.loads(sweep.read_text())["results"]
+    xs = [p["x"] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in zip(axes, ("accuracy", "margin"), ("accuracy", "mean margin (chosen - rejected)"),
+                              strict=True):
+        ax.plot(xs, [p[key] for p in points], "o-", lw=2, label="all")
+        for name in points[0]["subsets"]:
+            ax.plot(xs, [p["subsets"][name][key] for p in points], ".-", label=name)
+        ax.set_xlabel("lam")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("DogeRM: reward(merge(rm, ft1, lam)) on SmolLM2-135M")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{e[j]['winrate']:.2f} [{e[j]['ci95'][0]:.2f}, {e[j]['ci95'][1]:.2f}]" for j in (*JUDGES, "and")]
         print(f"{s:10} " + " ".join(f"{c:>22}" for c in cells))
     plot(summary, out / "winrate.png")
+    build.redact(out, HERE)  # the JSON written name the models and data without this machine's paths
     return 0
 
 
