@@ -44,7 +44,7 @@ class RewardRun:
         self.keep_loaded = keep_loaded  # a TRL reward function keeps its models between calls
         self._loaded: dict[Any, Any] = {}
         self.out = out or options.out
-        self.device = RunConfig.of(options).resolve_device()  # once per reward run
+        self.device = RunConfig.of(options).resolve_device()  # once per reward run; sets torch's threads
         self.cache = ScoreCache()
         self.scores: dict[str, float] = {}
         self.generated: dict[Generated, Responses] = {}
@@ -222,8 +222,17 @@ class RewardRun:
         finally:
             del model
             _free()
-        self.out(f"scored {n} text(s) with {job.label} in {time.perf_counter() - t0:.2f}s "
+        self.out(f"scored {n} text(s) with {job.label} in {time.perf_counter() - t0:.2f}s{self._on()} "
                  f"({job.n_texts - n} cached)")
+
+    def _on(self) -> str:
+        """Where the scoring ran, for the run's messages: the CPU threads (RunConfig.threads)."""
+        if self.device.type != "cpu":
+            return ""
+        import torch
+
+        n = torch.get_num_threads()
+        return f" on {n} CPU thread{'s' if n != 1 else ''}"
 
     def _lookup(self, leaf: ModelReward, points: Points) -> np.ndarray:
         sk = leaf.scoring_key
