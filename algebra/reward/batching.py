@@ -22,10 +22,11 @@ BATCH_TOKENS = 4096
 
 
 def cut_sorted(lengths: Sequence[int], batch_size: int | None = None, extra: int = 0,
-        budget: int = BATCH_TOKENS) -> list[range]:
+               budget: int | None = None) -> list[range]:
     """Consecutive slices of rows already sorted by length (either way): batch_size rows
-    each, or (None) the longest runs with rows x (longest + extra) <= budget, at least one
-    row each."""
+    each, or (None) the longest runs with rows x (longest + extra) <= budget (default
+    BATCH_TOKENS), at least one row each."""
+    budget = BATCH_TOKENS if budget is None else budget
     out, i, n = [], 0, len(lengths)
     while i < n:
         if batch_size:
@@ -41,7 +42,7 @@ def cut_sorted(lengths: Sequence[int], batch_size: int | None = None, extra: int
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int | None = None, extra: int = 0,
-                   budget: int = BATCH_TOKENS, longest_first: bool = False) -> list[list[int]]:
+                   budget: int | None = None, longest_first: bool = False) -> list[list[int]]:
     """Indices of `lengths` in batches: sorted by length (shortest first, or longest first;
     ties keep their order) and `cut_sorted`. Every index appears once."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i] if longest_first else lengths[i], i))

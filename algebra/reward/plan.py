@@ -236,7 +236,7 @@ def _batches(g: Group, todo: list[int], encoded: dict[tuple, dict] | None = None
     if not todo:
         return []
     tok = tokenizer_for(g.leaf)
-    seen = (encoded if encoded is not None else {}).setdefault((id(tok), g.leaf.fmt, max_tokens(g.leaf)), {})
+    seen = (encoded if encoded is not None else {}).setdefault((_same_as(tok), g.leaf.fmt, max_tokens(g.leaf)), {})
     for i in todo:
         if g.points[i] not in seen:
             seen[g.points[i]] = encode(g.leaf, tok, *g.points[i])
@@ -246,6 +246,28 @@ def _batches(g: Group, todo: list[int], encoded: dict[tuple, dict] | None = None
         rows = [todo[k] for k in part]
         out.append(Batch([g.points[i] for i in rows], [g.keys[i] for i in rows], [ids[k] for k in part]))
     return out
+
+
+_CONTENT: dict[int, str] = {}  # id(tokenizer) -> what it tokenizes by (the tokenizers are kept in _TOKENIZERS)
+
+
+def _same_as(tok: Any) -> str:
+    """A key equal for tokenizers that turn every text into the same ids (two reward models
+    of one base each have a copy of its tokenizer): a digest of the fast tokenizer's whole
+    definition (vocabulary, merges, normalizer, added tokens, post-processor) and the EOS
+    token that templates add; a slow tokenizer is only the same as itself."""
+    import hashlib
+
+    key = _CONTENT.get(id(tok))
+    if key is None:
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            key = f"id:{id(tok)}"
+        else:
+            blob = "\0".join([type(tok).__name__, str(tok.eos_token), tok.truncation_side, backend.to_str()])
+            key = hashlib.sha256(blob.encode()).hexdigest()
+        _CONTENT[id(tok)] = key
+    return key
 
 
 def _activation(model: Any, b: Batch) -> int:
