@@ -9,12 +9,12 @@ execution starts, once per evaluator, and with it torch's CPU thread count is se
 (`apply_threads`), so a run computes on the threads its configuration names.
 
 Threads. torch's default is one intra-op thread per core. On a machine that other work
-keeps busy, those threads wait on each other at every parallel region: scoring the
-benchmark's reward models took 5-20 times longer on two threads than on one at a load
-average above the core count, and about 1.3 times less time on two threads than one when
-the machine was quiet (benchmarks/README.md, bench_score). So the default, "auto", takes
-the cores that the one-minute load average leaves free (at least one, at most torch's
-default), decided once per process; an OMP_NUM_THREADS that the caller set is kept as is.
+keeps busy, those threads wait on each other at every parallel region: at a load average
+above the core count, scoring took several times longer on torch's two threads than on
+one (benchmarks/README.md: bench_score, bench_ray, bench_generate). So the default,
+"auto", takes the cores that the one-minute load average leaves free (at least one; on a
+quiet machine, one per core as torch would), decided once per process; an
+OMP_NUM_THREADS that the caller set is kept as is.
 """
 
 from __future__ import annotations
