@@ -106,9 +106,9 @@ def test_budget_batches_score_as_each_text_alone_in_float64(ws, rms, monkeypatch
     batches: list[list[list[int]]] = []
     real = engine.score_batch
 
-    def spy(model, input_ids, pad, device):
+    def spy(model, input_ids, pad, device, *rest):
         batches[-1].append([len(x) for x in input_ids])
-        return real(model, input_ids, pad, device)
+        return real(model, input_ids, pad, device, *rest)
 
     monkeypatch.setattr(engine, "score_batch", spy)
     got, default = {}, batching.BATCH_TOKENS
@@ -241,3 +241,66 @@ def test_auto_threads_are_the_cores_the_load_leaves(monkeypatch):
     assert auto_threads() == 1  # decided once per process
     monkeypatch.setattr(rc, "_AUTO", [])
     assert auto_threads() == free_cores(len(os.sched_getaffinity(0)), 3.0)
+
+
+HEAD = "You are a careful judge of answers; score this one. Question: {prompt} Answer: {response}"
+
+
+def test_a_shared_prefix_is_computed_once_and_scores_as_each_text_alone(ws, rms, monkeypatch):
+    """A template with a long fixed head: its key/value cache is computed once per model
+    and reused by every batch (several, under a small budget); the scores equal the float64
+    per-text forward pass of the whole text."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from algebra.reward import models
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))
+    rows_in = [json.loads(line) for line in (ws / "data" / "prompts_responses.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(rms["rm-helpful"])
+    model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"], dtype=torch.float64).eval()
+    ids = [tok(HEAD.format(prompt=r["prompt"], response=r["response"])).input_ids for r in rows_in]
+    assert models.shared_prefix(ids) >= models.MIN_PREFIX  # the test exercises the cached path
+    assert max(len(x) for x in ids) <= 128  # and the model's limit truncates none
+    with torch.no_grad():
+        ref = [float(model(input_ids=torch.tensor([x])).logits[0, 0]) for x in ids]
+    made: list = []
+    real = models.prefix_cache
+    monkeypatch.setattr(models, "prefix_cache", lambda *a: made.append(a[1]) or real(*a))
+    monkeypatch.setattr(batching, "BATCH_TOKENS", 3 * max(len(x) for x in ids))
+    run, out = _score(ws, f', template="{HEAD}"', "out/p.jsonl")
+    common = ids[0][: models.shared_prefix(ids)]
+    batches = len(batching.sorted_batches([len(x) for x in ids]))
+    assert run.scored == 12 and batches > 2 and 1 <= len(made) < batches  # reused across batches
+    assert all(m[: len(common)] == common for m in made)
+    assert [r["id"] for r in out] == [r["id"] for r in rows_in]
+    for row, w in zip(out, ref, strict=True):
+        assert row["reward"] == pytest.approx(w, abs=2e-5)
+
+
+def test_shared_prefix_leaves_each_row_a_token():
+    from algebra.reward.models import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 4]]) == 2
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1  # the shorter row keeps its last token
+    assert shared_prefix([[5]]) == 0 and shared_prefix([[1, 2, 3]]) == 2
+
+
+def test_one_text_batches_reuse_a_held_prefix_and_make_none(rms):
+    """batch_size=1: a lone row starting with the held prefix reuses it; one that does not
+    is scored whole, without a cache of its own; both as the row alone without a cache."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
+    head = list(range(10, 10 + models.MIN_PREFIX))
+    rows = [head + [40, 41], head + [42], [7] * 20 + [8]]
+    cpu = torch.device("cpu")
+    prefixes: dict = {}
+    got = [models.score_batch(model, rows[:2], 0, cpu, prefixes)]
+    assert list(prefixes) == [tuple(head)]
+    got += [models.score_batch(model, [r], 0, cpu, prefixes) for r in rows]
+    assert list(prefixes) == [tuple(head)]  # the lone rows made none
+    want = [models.score_batch(model, [r], 0, cpu) for r in rows]
+    assert got[0] == pytest.approx(want[0] + want[1], abs=1e-5)
+    assert [g[0] for g in got[1:]] == pytest.approx([w[0] for w in want], abs=1e-5)
