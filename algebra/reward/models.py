@@ -75,9 +75,9 @@ def pad_id(job: Job) -> int:
 
 
 # The shortest shared prefix (tokens) worth a key/value cache: a chat template's fixed head
-# (SmolLM2's default system prompt: 24 of about 50 tokens; a forward pass of its texts
-# without it took 1.6x less time). Below it the saving is within the noise of a
-# measurement (the benchmark's template: 4 of 69 tokens), and the copy per batch is not.
+# (SmolLM2's default system prompt: 24 of about 53 tokens; its reward model scored 24 texts
+# 1.5x faster with the cache, benchmarks/README.md). Below it the saving is within the
+# noise of a measurement (the benchmark's template: 4 of 69 tokens).
 MIN_PREFIX = 16
 
 
