@@ -304,3 +304,28 @@ def test_one_text_batches_reuse_a_held_prefix_and_make_none(rms):
     want = [models.score_batch(model, [r], 0, cpu) for r in rows]
     assert got[0] == pytest.approx(want[0] + want[1], abs=1e-5)
     assert [g[0] for g in got[1:]] == pytest.approx([w[0] for w in want], abs=1e-5)
+
+
+def test_an_encoder_gets_no_prefix_cache(rms):
+    """A model whose forward takes no cache (an encoder such as BERT or DeBERTa, whose
+    prefix tokens see the rest of the text) is scored whole."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    inner = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
+
+    class Encoder(torch.nn.Module):  # the forward signature of BertForSequenceClassification's kind
+        def __init__(self):
+            super().__init__()
+            self.inner, self.base_model = inner, inner.base_model
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    head = list(range(10, 10 + models.MIN_PREFIX))
+    rows = [head + [40, 41], head + [42]]
+    prefixes: dict = {}
+    got = models.score_batch(Encoder(), rows, 0, torch.device("cpu"), prefixes)
+    assert prefixes == {}
+    assert got == pytest.approx(models.score_batch(inner, rows, 0, torch.device("cpu")), abs=1e-6)

@@ -113,7 +113,10 @@ def score_batch(model: Any, input_ids: list[list[int]], pad: int, device: torch.
     import copy
     import inspect
 
-    p = shared_prefix(input_ids) if prefixes is not None else 0
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    # only a decoder takes a cache (an encoder's prefix tokens would see the rest: no reuse)
+    p = shared_prefix(input_ids) if prefixes is not None and name is not None else 0
     cache = None
     if p >= MIN_PREFIX:
         # the prefix cached last, if every row starts with it; else this batch's (one kept)
@@ -138,7 +141,6 @@ def score_batch(model: Any, input_ids: list[list[int]], pad: int, device: torch.
     if cache is not None:
         batch_cache = copy.deepcopy(cache)  # the forward pass appends to it
         batch_cache.batch_repeat_interleave(len(rows))
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         kwargs = {name: batch_cache, "use_cache": True}
     with torch.no_grad():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
