@@ -1,6 +1,6 @@
 """`alg`: the command line, a thin shell over `interpreter.Session`.
 
-    alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--force] [--ray [C]]
+    alg run FILE [--set name=value]... [--device D] [--float64] [--chunk N] [--threads N] [--force] [--ray [C]]
     alg check FILE      types, names, shapes and dtypes from headers; reads no weight
     alg plan FILE       the steps and the predicted peak memory
     alg score FILE NAME --data D --out O [--field ROLE=COL] [--split S] [--force]
@@ -35,9 +35,12 @@ from .options import (
     MIN_CHUNK_ELEMS,
     RAY_CHOICES,
     RAY_ENV,
+    THREADS_CHOICES,
+    THREADS_ENV,
     Options,
     check_device,
     check_ray,
+    check_threads,
     chunk_problem,
 )
 from .source import Source
@@ -209,6 +212,13 @@ def _ray(text: str) -> str:
         raise argparse.ArgumentTypeError(e.message.removeprefix("--ray: ") + hint) from None
 
 
+def _threads(text: str) -> int | str:
+    try:
+        return check_threads(text)
+    except AlgUsageError as e:
+        raise argparse.ArgumentTypeError(e.message.removeprefix("--threads: ")) from None
+
+
 def _ray_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", nargs="?", const="local", default=None, type=_ray, metavar="CLUSTER",
                    help=f"score on a Ray cluster: {RAY_CHOICES} (bare --ray: local; default "
@@ -224,6 +234,8 @@ def _compute_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
     p.add_argument("--chunk", type=_chunk, default=None, metavar="N",
                    help=f"elements per streamed chunk (default {Options.chunk_elems}, at least {MIN_CHUNK_ELEMS})")
+    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help=f"torch's CPU threads: {THREADS_CHOICES} (default ${THREADS_ENV}, else auto)")
 
 
 def _set_opt(p: argparse.ArgumentParser) -> None:
@@ -376,6 +388,7 @@ def options_from(args: argparse.Namespace) -> Options:
         overrides=dict(parse_set(s) for s in getattr(args, "set", [])),
         progress=getattr(args, "progress", "auto"),  # --progress/--quiet on run and score
         ray=getattr(args, "ray", None),  # None: $ALG_RAY
+        threads=getattr(args, "threads", None),  # None: $ALG_THREADS
         **kw,
     )
 

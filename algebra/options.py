@@ -50,6 +50,30 @@ def check_ray(text: str, what: str = "--ray") -> str:
     raise AlgUsageError(f"{what}: '{text}' is not a Ray cluster; the choices are {RAY_CHOICES}")
 
 
+# How many CPU threads torch computes with (--threads, ALG_THREADS, Interpreter(threads=...)):
+# a whole number N >= 1, or "auto" (runconfig.auto_threads: the cores the load average leaves
+# free, at least one; an OMP_NUM_THREADS of the caller's is kept).
+THREADS_CHOICES = "a whole number N >= 1, or auto (the cores the load average leaves free)"
+THREADS_ENV = "ALG_THREADS"
+
+
+def check_threads(value: Any, what: str = "--threads") -> int | str:
+    """`value` as a thread count (one of THREADS_CHOICES; "" is "auto"), else a usage error
+    naming `what` (the option or variable it came from)."""
+    if isinstance(value, bool):
+        raise AlgUsageError(f"{what}: {value!r} is not a thread count; give {THREADS_CHOICES}")
+    if isinstance(value, int):
+        if value >= 1:
+            return value
+        raise AlgUsageError(f"{what}: {value} is not a thread count; give {THREADS_CHOICES}")
+    t = str(value).strip()
+    if t in ("", "auto"):
+        return "auto"
+    if t.isdigit() and int(t) >= 1:
+        return int(t)
+    raise AlgUsageError(f"{what}: '{value}' is not a thread count; give {THREADS_CHOICES}")
+
+
 def _print_warning(d: Diagnostic) -> None:
     import sys
 
@@ -90,10 +114,17 @@ class Options:
     # the Ray cluster that scores (check_ray): None reads $ALG_RAY (unset: "off"); once
     # constructed, always a checked value, so `replace` does not read the variable again
     ray: str | None = None
+    # torch's CPU threads (check_threads): None reads $ALG_THREADS (unset: "auto"); once
+    # constructed, an int >= 1 or "auto"
+    threads: int | str | None = None
 
     def __post_init__(self) -> None:
         import os
 
+        if self.threads is None:
+            self.threads = check_threads(os.environ.get(THREADS_ENV, ""), THREADS_ENV)
+        else:
+            self.threads = check_threads(self.threads, "threads")
         if self.ray is None:
             self.ray = check_ray(os.environ.get(RAY_ENV, ""), RAY_ENV)
         else:

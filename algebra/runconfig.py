@@ -1,11 +1,20 @@
 """The run configuration: where a run computes, in which dtype, in chunks of how many
-elements.
+elements, on how many CPU threads.
 
 It is decided once, from the options (`RunConfig.of`), when a run is planned, and every
 plan carries it (`plan.TensorPlan.config`, beside the chunk each step streams); the
 executor reads these decisions from the plan instead of deciding again. Planning needs
 only names: the device is resolved (`resolve_device`, which imports torch) when
-execution starts, once per evaluator.
+execution starts, once per evaluator, and with it torch's CPU thread count is set
+(`apply_threads`), so a run computes on the threads its configuration names.
+
+Threads. torch's default is one intra-op thread per core. On a machine that other work
+keeps busy, those threads wait on each other at every parallel region: at a load average
+above the core count, scoring took several times longer on torch's two threads than on
+one (benchmarks/README.md: bench_score, bench_ray, bench_generate). So the default,
+"auto", takes the cores that the one-minute load average leaves free (at least one; on a
+quiet machine, one per core as torch would), decided once per process; an
+OMP_NUM_THREADS that the caller set is kept as is.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import AlgIOError
-from .options import Options, check_device
+from .options import Options, check_device, check_threads
 
 # compute dtype (Options.compute_dtype) -> its dtype code (types.DTYPES)
 COMPUTE_CODES = {"float32": "F32", "float64": "F64"}
@@ -25,12 +34,13 @@ class RunConfig:
     device: str  # as requested: cpu | cuda | cuda:N | auto (see resolve_device)
     compute_dtype: str  # float32 | float64
     chunk_elems: int  # elements per streamed chunk (a write step may round it to rows)
+    threads: int | str = "auto"  # torch's CPU threads: N >= 1 or "auto" (apply_threads)
 
     @classmethod
     def of(cls, options: Options | RunConfig) -> RunConfig:
         if isinstance(options, RunConfig):
             return options
-        return cls(options.device, options.compute_dtype, options.chunk_elems)
+        return cls(options.device, options.compute_dtype, options.chunk_elems, check_threads(options.threads))
 
     @property
     def compute_code(self) -> str:
@@ -50,7 +60,52 @@ class RunConfig:
         return torch_dtype(self.compute_code)
 
     def resolve_device(self) -> Any:
+        """The device, when execution starts; torch's thread count is set here too."""
+        self.apply_threads()
         return resolve_device(self.device)
+
+    def apply_threads(self) -> int:
+        """Set torch's intra-op thread count to this run's (see the module's notes) and
+        return it."""
+        import torch
+
+        n = self.threads if isinstance(self.threads, int) else auto_threads()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return n
+
+
+_AUTO: list[int] = []  # the "auto" thread count, decided once per process
+
+
+def free_cores(cores: int, load: float) -> int:
+    """The cores a load average leaves free: cores - load, rounded, at least one."""
+    return max(1, min(cores, cores - round(load)))
+
+
+def auto_threads() -> int:
+    """The "auto" thread count: OMP_NUM_THREADS where the caller set it (torch's own
+    choice), else the cores this process may use, lowered to those the one-minute load
+    average leaves free. Decided on first use and kept for the process, so every run in it
+    computes on the same threads."""
+    import os
+
+    if not _AUTO:
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        if omp.isdigit() and int(omp) >= 1:
+            n = int(omp)
+        else:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                cores = os.cpu_count() or 1
+            try:
+                load = os.getloadavg()[0]
+            except OSError:  # no load average on this platform
+                load = 0.0
+            n = free_cores(cores, load)
+        _AUTO.append(n)
+    return _AUTO[0]
 
 
 def resolve_device(name: str) -> Any:
@@ -73,4 +128,4 @@ def resolve_device(name: str) -> Any:
     return dev
 
 
-__all__ = ["COMPUTE_CODES", "RunConfig", "resolve_device"]
+__all__ = ["COMPUTE_CODES", "RunConfig", "auto_threads", "free_cores", "resolve_device"]

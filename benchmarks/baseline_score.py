@@ -6,7 +6,9 @@ scored separately, batch by batch, as one would write it by hand: both models lo
 once, then for every term and every batch of pairs, the chosen and rejected texts (and
 for the third term the refusal texts) formatted with the chat template, padded, scored.
 
-    python benchmarks/baseline_score.py WORKDIR      -> prints pairs/s and accuracy as JSON
+    python benchmarks/baseline_score.py WORKDIR [THREADS]   -> prints pairs/s and accuracy as JSON
+
+THREADS: torch.set_num_threads(THREADS) first (default: torch's own choice).
 """
 
 from __future__ import annotations
@@ -60,4 +62,6 @@ def main(work: Path, batch_size: int = 16) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))))
+    if len(sys.argv) > 2:
+        torch.set_num_threads(int(sys.argv[2]))
+    print(json.dumps({**main(Path(sys.argv[1])), "threads": torch.get_num_threads()}))

@@ -1,6 +1,7 @@
 """Scoring throughput: alg against a plain transformers loop, in preference pairs per second.
 
-    python benchmarks/bench_score.py [--pairs 256] [--hidden 256] [--layers 4] [--dir D]
+    python benchmarks/bench_score.py [--pairs 256] [--hidden 256] [--layers 4] [--rounds 2]
+                                     [--threads N] [--dir D]
 
 Two Llama sequence-classification reward models (random weights, a BPE tokenizer with a
 chat template, `algebra.tiny.build_reward_models`) and a synthetic preference set are
@@ -14,9 +15,14 @@ rewards under
   baseline   benchmarks/baseline_score.py: both models loaded once, each term scored
              separately, batch by batch (16 pairs), in a child process
 
+Each round runs both, alternating which goes first, and records the one-minute load
+average before each. --threads N gives both the same thread count (alg's --threads, the
+loop's torch.set_num_threads); without it each uses its own default (alg: auto, the loop:
+torch's).
 Texts stay under the models' 128 positions, so neither side truncates.
 Wall time is from process start to exit (imports and model loading included, for both).
-Both must agree on the accuracy. Prints a table and writes JSON to WORKDIR/results.json.
+Both must agree on the accuracy. Prints a table (medians over rounds) and writes JSON to
+WORKDIR/results.json.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -83,32 +90,64 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="both contenders' torch threads")
     ap.add_argument("--dir", default="/tmp/alg-bench-score")
     args = ap.parse_args()
     work = Path(args.dir)
     build(work, args.pairs, args.hidden, args.layers)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "ALG_CACHE": str(work / "cache")}
-    shutil.rmtree(work / "cache", ignore_errors=True)
-    alg = [sys.executable, "-m", "algebra", "run", "bench.alg", "--device", "cpu"]
-    cold, out = timed(alg, work, env)
-    warm, _ = timed(alg, work, env)
-    acc_alg = json.loads((work / "out" / "eval.json").read_text())["accuracy"]
-    base_t, base_out = timed([sys.executable, str(HERE / "baseline_score.py"), str(work)], work, env)
-    base = json.loads(base_out)
+    env.pop("ALG_THREADS", None)
+    alg = [sys.executable, "-m", "algebra", "run", "bench.alg", "--device", "cpu", "--force"]
+    loop = [sys.executable, str(HERE / "baseline_score.py"), str(work)]
+    if args.threads:
+        alg += ["--threads", str(args.threads)]
+        loop.append(str(args.threads))
     n = args.pairs
-    res = {"pairs": n, "hidden": args.hidden, "layers": args.layers,
-           "alg_cold_s": cold, "alg_warm_s": warm, "baseline_s": base_t,
-           "alg_cold_pairs_per_s": n / cold, "alg_warm_pairs_per_s": n / warm, "baseline_pairs_per_s": n / base_t,
-           "accuracy_alg": acc_alg, "accuracy_baseline": base["accuracy"], "alg_log": out}
+    rounds = []
+    for k in range(args.rounds):
+        got: dict = {}
+
+        def run_alg(got=got) -> None:
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            got["load_alg"] = os.getloadavg()[0]
+            got["alg_cold_s"], got["alg_log"] = timed(alg, work, env)
+            got["alg_warm_s"], _ = timed(alg, work, env)
+            got["accuracy_alg"] = json.loads((work / "out" / "eval.json").read_text())["accuracy"]
+
+        def run_loop(got=got) -> None:
+            got["load_loop"] = os.getloadavg()[0]
+            got["baseline_s"], out = timed(loop, work, env)
+            base = json.loads(out)
+            got["accuracy_baseline"], got["loop_threads"] = base["accuracy"], base["threads"]
+
+        order = (run_alg, run_loop) if k % 2 == 0 else (run_loop, run_alg)
+        for f in order:
+            f()
+        got["first"] = "alg" if k % 2 == 0 else "loop"
+        got["speedup"] = got["baseline_s"] / got["alg_cold_s"]
+        rounds.append(got)
+        print(f"round {k + 1} ({got['first']} first): alg {got['alg_cold_s']:.2f} s (load {got['load_alg']:.1f}), "
+              f"loop {got['baseline_s']:.2f} s (load {got['load_loop']:.1f}): {got['speedup']:.2f}x", flush=True)
+    med = {key: statistics.median(r[key] for r in rounds) for key in ("alg_cold_s", "alg_warm_s", "baseline_s")}
+    res = {"pairs": n, "hidden": args.hidden, "layers": args.layers, "threads": args.threads, "rounds": rounds,
+           "median": med, "speedup_of_medians": med["baseline_s"] / med["alg_cold_s"]}
     (work / "results.json").write_text(json.dumps(res, indent=2))
-    print(f"{n} pairs, two reward models (hidden {args.hidden}, {args.layers} layers), three terms")
+    alg_threads = args.threads or "auto"
+    print(f"{n} pairs, two reward models (hidden {args.hidden}, {args.layers} layers), three terms; "
+          f"medians of {args.rounds} round(s); alg threads {alg_threads}, loop threads {rounds[0]['loop_threads']}")
     print(f"{'':28}{'wall s':>8}{'pairs/s':>10}")
-    print(f"{'alg run (empty cache)':28}{cold:8.2f}{n / cold:10.1f}")
-    print(f"{'alg run (cache filled)':28}{warm:8.2f}{n / warm:10.1f}")
-    print(f"{'transformers loop':28}{base_t:8.2f}{n / base_t:10.1f}")
-    print(f"accuracy: alg {acc_alg:.4f}, loop {base['accuracy']:.4f}")
-    if abs(acc_alg - base["accuracy"]) > 1.5 / n:
-        raise SystemExit("the two disagree on accuracy")
+    print(f"{'alg run (empty cache)':28}{med['alg_cold_s']:8.2f}{n / med['alg_cold_s']:10.1f}")
+    print(f"{'alg run (cache filled)':28}{med['alg_warm_s']:8.2f}{n / med['alg_warm_s']:10.1f}")
+    print(f"{'transformers loop':28}{med['baseline_s']:8.2f}{n / med['baseline_s']:10.1f}")
+    per = ", ".join(f"{r['speedup']:.2f}x" for r in rounds)
+    loads = ", ".join(f"{r['load_alg']:.1f}/{r['load_loop']:.1f}" for r in rounds)
+    print(f"alg / loop pairs per second: {res['speedup_of_medians']:.2f}x (per round: {per})")
+    print(f"load average (1 min) before each, alg/loop: {loads}")
+    print(f"accuracy: alg {rounds[0]['accuracy_alg']:.4f}, loop {rounds[0]['accuracy_baseline']:.4f}")
+    for r in rounds:
+        if abs(r["accuracy_alg"] - r["accuracy_baseline"]) > 1.5 / n:
+            raise SystemExit("the two disagree on accuracy")
 
 
 if __name__ == "__main__":

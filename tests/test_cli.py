@@ -205,14 +205,14 @@ def test_options_are_those_the_command_uses():
 
     takes = {name: {o for a in p._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
              for name, p in next(a for a in build_parser()._actions if a.choices).choices.items()}
-    run = {"--force", "--set", "--device", "--float64", "--chunk"}
+    run = {"--force", "--set", "--device", "--float64", "--chunk", "--threads"}
     bars = {"--progress", "--quiet"}  # only where there is long work to show: run and score
     assert run | bars <= takes["run"] and bars <= takes["score"]
     assert [name for name in takes if bars & takes[name]] == ["run", "score"]
     assert takes["check"] == takes["run"] - bars and takes["plan"] == takes["run"] - bars | {"--verbose"}
-    assert {"--data", "--out", "--force", "--set", "--device", "--float64", "--chunk"} <= takes["score"]
+    assert {"--data", "--out", "--force", "--set", "--device", "--float64", "--chunk", "--threads"} <= takes["score"]
     for name in ("repl", "demo"):  # they define no recipe names and write no named output
-        assert {"--device", "--float64", "--chunk"} <= takes[name] and not {"--set", "--force"} & takes[name]
+        assert {"--device", "--float64", "--chunk", "--threads"} <= takes[name] and not {"--set", "--force"} & takes[name]
     assert [name for name in takes if "--set" in takes[name]] == ["run", "check", "plan", "score"]
     assert [name for name in takes if "--verbose" in takes[name]] == ["plan"]
 

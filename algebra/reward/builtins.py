@@ -25,6 +25,7 @@ from ..signature import Call, is_finite
 from ..types import type_name
 from ..values import Model, Sink
 from . import ops
+from .batching import BATCH_TOKENS
 from .data import Pairs, Responses, read_pairs, read_responses
 from .generate import Generated, GenerateSpec
 from .ops import PointwiseOp
@@ -209,7 +210,7 @@ def _reward_arg(call: Call, v: Any, param: str) -> Reward | float:
 
 
 @builtin(
-    "reward(m: Checkpoint | String, template: String | None = none, batch_size: Int = 16, "
+    "reward(m: Checkpoint | String, template: String | None = none, batch_size: Int | None = none, "
     "max_length: Int | None = none, add_special_tokens: Bool | None = none)",
     "A reward model as a function (prompt, response) -> float: a sequence-classification "
     "checkpoint with one label (a path, or any checkpoint value such as a merge), scored at "
@@ -220,10 +221,11 @@ def _reward_arg(call: Call, v: Any, param: str) -> Reward | float:
     "whether the tokenizer adds its special tokens (BOS, ...) to the text; default true for "
     "a format string, false for a chat template (which writes its own). TRL's GRPO scores "
     "text prompts as template=\"{prompt}{response}\", add_special_tokens=false; its "
-    "RewardTrainer as template=\"{prompt}{response}{eos}\". Scored in batches of batch_size "
-    "texts, truncated to max_length tokens (default: the model's limit).",
+    "RewardTrainer as template=\"{prompt}{response}{eos}\". Scored in batches of texts of "
+    f"similar length: batch_size texts each, by default as many as fit {BATCH_TOKENS} tokens (texts x longest); "
+    "texts are truncated to max_length tokens (default: the model's limit).",
 )
-def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_length: float | None,
+def _reward(call: Call, m: Any, template: str | None, batch_size: float | None, max_length: float | None,
             add_special_tokens: bool | None) -> Reward:
     model = _checkpoint(call, m, "m")
     config = model.type.config or {}
@@ -250,7 +252,7 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float, max_len
         kind, text = ("chat", chat) if chat else ("format", DEFAULT_TEMPLATE)
     special = (kind == "format") if add_special_tokens is None else bool(add_special_tokens)
     fmt = TextFormat(kind, text, special)
-    bs = _positive_int(call, batch_size, "batch_size")
+    bs = None if batch_size is None else _positive_int(call, batch_size, "batch_size")
     ml = None if max_length is None else _positive_int(call, max_length, "max_length")
     label = _label(model)
     return ModelReward(model.node, fmt, bs, ml, label, model)

@@ -44,7 +44,7 @@ class RewardRun:
         self.keep_loaded = keep_loaded  # a TRL reward function keeps its models between calls
         self._loaded: dict[Any, Any] = {}
         self.out = out or options.out
-        self.device = RunConfig.of(options).resolve_device()  # once per reward run
+        self.device = RunConfig.of(options).resolve_device()  # once per reward run; sets torch's threads
         self.cache = ScoreCache()
         self.scores: dict[str, float] = {}
         self.generated: dict[Generated, Responses] = {}
@@ -216,10 +216,11 @@ class RewardRun:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = pad
             n = 0
+            prefixes: dict = {}  # shared prefixes' key/value caches, for this model's batches
             with self.options.progress.bar(job.n_todo, f"score {job.label}", unit="text") as bar:
                 for g in job.groups:
                     for b in g.batches:
-                        values = score_batch(model, b.input_ids, pad, self.device)
+                        values = score_batch(model, b.input_ids, pad, self.device, prefixes)
                         self._store(b.keys, values)
                         n += len(values)
                         bar.update(len(values))
@@ -227,8 +228,17 @@ class RewardRun:
         finally:
             del model
             _free()
-        self.out(f"scored {n} text(s) with {job.label} in {time.perf_counter() - t0:.2f}s "
+        self.out(f"scored {n} text(s) with {job.label} in {time.perf_counter() - t0:.2f}s{self._on()} "
                  f"({job.n_texts - n} cached)")
+
+    def _on(self) -> str:
+        """Where the scoring ran, for the run's messages: the CPU threads (RunConfig.threads)."""
+        if self.device.type != "cpu":
+            return ""
+        import torch
+
+        n = torch.get_num_threads()
+        return f" on {n} CPU thread{'s' if n != 1 else ''}"
 
     def _lookup(self, leaf: ModelReward, points: Points) -> np.ndarray:
         sk = leaf.scoring_key

@@ -45,6 +45,7 @@ from typing import Any
 from ..caches import cache_path
 from ..graph import Node
 from ..progress import Progress
+from .batching import BATCH_TOKENS, cut_sorted
 from .data import Prompt, Responses, Row, prompt_text, to_messages
 
 
@@ -71,8 +72,8 @@ class Generated:
         return f"generate({self.label}, n={self.spec.n})"
 
 
-# rows x (longest prompt + max_new_tokens) per batch, when generate() is not given batch_size
-BATCH_TOKENS = 4096
+# BATCH_TOKENS (batching.py): rows x (longest prompt + max_new_tokens) per batch, when
+# generate() is not given batch_size; scoring batches by the same budget
 
 # the sampling scheme of temperature > 0, part of its cache key: "row-generators" is one
 # generator per (prompt, sample index); the key without it was the shared generator's
@@ -170,12 +171,7 @@ def sample(model: Any, tokenizer: Any, spec: GenerateSpec, prompt: Prompt, devic
 def batches(lengths: list[int], max_new_tokens: int, batch_size: int | None) -> list[range]:
     """Consecutive slices of rows sorted longest first: batch_size rows each, or (None) as
     many as keep rows x (longest + max_new_tokens) within BATCH_TOKENS (at least one)."""
-    out, i = [], 0
-    while i < len(lengths):
-        k = batch_size or max(1, BATCH_TOKENS // (lengths[i] + max_new_tokens))
-        out.append(range(i, min(i + k, len(lengths))))
-        i += k
-    return out
+    return cut_sorted(lengths, batch_size, extra=max_new_tokens)
 
 
 def _hooks(tokenizer: Any, start: int, stop: tuple[str, ...], seeds: list[int] | None, temperature: float):

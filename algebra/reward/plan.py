@@ -6,8 +6,13 @@ format, the distinct (prompt, response) points any term needs (baselines and
 `normalize` included). Models are then loaded one at a time, in order of first use, and
 each scores every text that any term of any sink needs, so a model is loaded once per
 run however many terms and sinks use it. Texts already scored (this session, or the
-on-disk cache) are left out. The rest are formatted, tokenized, sorted by token length
-(ties by first use) and cut into batches of the leaf's `batch_size`.
+on-disk cache) are left out. The rest are formatted and tokenized, each distinct text once
+per tokenizer and format (models that share both, such as two reward models on one base,
+share the token ids), sorted by token length (ties by first use) and cut into batches:
+the leaf's `batch_size` texts each, or by default as many as fit the token budget that
+generation uses too (`batching.BATCH_TOKENS`: texts x longest <= 4096), so a batch of
+short texts is wide, one of long texts narrow, and padding is small. The ids go to the
+forward pass as they are; nothing is tokenized again.
 
 Memory. A job's predicted peak is its parameters in the scoring dtype, plus, for a
 computed checkpoint, the weight engine's streaming buffers while it is materialised,
@@ -31,6 +36,7 @@ from ..graph import Node
 from ..options import Options
 from ..runconfig import RunConfig
 from ..types import human_bytes
+from .batching import sorted_batches
 from .cache import ScoreCache, model_hash, score_key
 from .data import Prompt, prompt_text, to_messages
 from .pointwise import Points, TreeEval
@@ -194,6 +200,7 @@ def plan_rewards(queries: list[Query], options: Options, data, known: dict[str, 
     for leaf, seen in wanted.values():
         by_node.setdefault(leaf.node, []).append((leaf, seen))
     jobs = []
+    encoded: dict[tuple, dict] = {}  # (tokenizer, format, limit) -> {point: token ids}, across models
     for node, items in by_node.items():
         model = items[0][0].model
         dtype = scoring_dtype(model, options, device)
@@ -210,7 +217,7 @@ def plan_rewards(queries: list[Query], options: Options, data, known: dict[str, 
         act = 0
         for g in groups:
             g.todo = [i for i, k in enumerate(g.keys) if k not in known]
-            g.batches = _batches(g, g.todo)
+            g.batches = _batches(g, g.todo, encoded)
             act = max([act] + [_activation(model, b) for b in g.batches])
         itemsize = torch.empty((), dtype=dtype).element_size()
         stream = 0
@@ -223,18 +230,44 @@ def plan_rewards(queries: list[Query], options: Options, data, known: dict[str, 
     return RewardPlan(jobs)
 
 
-def _batches(g: Group, todo: list[int]) -> list[Batch]:
+def _batches(g: Group, todo: list[int], encoded: dict[tuple, dict] | None = None) -> list[Batch]:
+    """g's texts `todo` as batches of token ids (see the module's notes); `encoded` holds
+    the ids of texts tokenized before, by tokenizer, format and length limit."""
     if not todo:
         return []
     tok = tokenizer_for(g.leaf)
-    ids = {i: encode(g.leaf, tok, *g.points[i]) for i in todo}
-    order = sorted(todo, key=lambda i: (len(ids[i]), i))
+    seen = (encoded if encoded is not None else {}).setdefault((_same_as(tok), g.leaf.fmt, max_tokens(g.leaf)), {})
+    for i in todo:
+        if g.points[i] not in seen:
+            seen[g.points[i]] = encode(g.leaf, tok, *g.points[i])
+    ids = [seen[g.points[i]] for i in todo]
     out = []
-    bs = g.leaf.batch_size
-    for s in range(0, len(order), bs):
-        part = order[s : s + bs]
-        out.append(Batch([g.points[i] for i in part], [g.keys[i] for i in part], [ids[i] for i in part]))
+    for part in sorted_batches([len(x) for x in ids], g.leaf.batch_size):
+        rows = [todo[k] for k in part]
+        out.append(Batch([g.points[i] for i in rows], [g.keys[i] for i in rows], [ids[k] for k in part]))
     return out
+
+
+_CONTENT: dict[int, str] = {}  # id(tokenizer) -> what it tokenizes by (the tokenizers are kept in _TOKENIZERS)
+
+
+def _same_as(tok: Any) -> str:
+    """A key equal for tokenizers that turn every text into the same ids (two reward models
+    of one base each have a copy of its tokenizer): a digest of the fast tokenizer's whole
+    definition (vocabulary, merges, normalizer, added tokens, post-processor) and the EOS
+    token that templates add; a slow tokenizer is only the same as itself."""
+    import hashlib
+
+    key = _CONTENT.get(id(tok))
+    if key is None:
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            key = f"id:{id(tok)}"
+        else:
+            blob = "\0".join([type(tok).__name__, str(tok.eos_token), tok.truncation_side, backend.to_str()])
+            key = hashlib.sha256(blob.encode()).hexdigest()
+        _CONTENT[id(tok)] = key
+    return key
 
 
 def _activation(model: Any, b: Batch) -> int:

@@ -98,7 +98,7 @@ class TextFormat:
 class ModelReward(Reward):
     node: Node  # the checkpoint (interned: equal computations are one node)
     fmt: TextFormat
-    batch_size: int
+    batch_size: int | None  # texts per batch; None: by token budget (batching.py)
     max_length: int | None
     label: str = field(compare=False)
     model: Any = field(compare=False, repr=False)  # the checked `values.Model`

@@ -1,0 +1,331 @@
+"""Scoring batched by a token budget (reward/batching.py, reward/plan.py) and the thread
+setting (--threads, ALG_THREADS, RunConfig.apply_threads).
+
+Scores are checked against an independent reference written here: transformers' plain
+forward pass of each text alone, unpadded, in float64. The budget cutting is checked by
+its properties (no batch over the budget unless one text is, every row once, order
+restored after un-sorting) and against generation's former rule."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import alg_main
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from algebra import Options
+from algebra.errors import AlgUsageError
+from algebra.interpreter import Session
+from algebra.reward import batching, engine
+from algebra.reward import generate as gen
+from algebra.runconfig import RunConfig, auto_threads, free_cores
+from algebra.source import Source
+
+# ---- the cut -------------------------------------------------------------------------------
+
+lengths_st = st.lists(st.integers(1, 300), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths_st, st.integers(0, 64), st.integers(1, 2000), st.booleans())
+def test_budget_batches_keep_within_the_budget_and_cover_every_row_once(lengths, extra, budget, longest_first):
+    parts = batching.sorted_batches(lengths, None, extra, budget, longest_first)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(len(lengths)))  # every row once
+    key = (lambda i: (-lengths[i], i)) if longest_first else (lambda i: (lengths[i], i))
+    assert flat == sorted(range(len(lengths)), key=key)  # sorted by length, ties in their order
+    for k, p in enumerate(parts):
+        width = max(lengths[i] for i in p) + extra
+        assert len(p) == 1 or len(p) * width <= budget  # over budget only as a text alone
+        if k + 1 < len(parts):  # greedy: the next row would not have fitted
+            nxt = parts[k + 1][0]
+            assert (len(p) + 1) * (max(width - extra, lengths[nxt]) + extra) > budget
+    # un-sorting: scores put back by index give the rows' own order
+    got = [None] * len(lengths)
+    for p in parts:
+        for i in p:
+            got[i] = lengths[i]
+    assert got == lengths
+
+
+@given(lengths_st, st.integers(1, 7))
+def test_a_batch_size_cuts_by_count(lengths, bs):
+    parts = batching.sorted_batches(lengths, bs)
+    assert [len(p) for p in parts] == [min(bs, len(lengths) - s) for s in range(0, len(lengths), bs)]
+
+
+@given(st.lists(st.integers(1, 5000), max_size=40), st.integers(0, 256))
+def test_generation_batches_as_before(lengths, new):
+    """generate's batches (now batching.cut_sorted) equal its own former rule on rows sorted
+    longest first: k = budget // (longest + max_new_tokens) rows, at least one."""
+    rows = sorted(lengths, reverse=True)
+    old, i = [], 0
+    while i < len(rows):
+        k = max(1, gen.BATCH_TOKENS // (rows[i] + new))
+        old.append(range(i, min(i + k, len(rows))))
+        i += k
+    assert gen.batches(rows, new, None) == old
+    assert gen.BATCH_TOKENS is batching.BATCH_TOKENS
+
+
+# ---- scores against a float64 reference ------------------------------------------------------
+
+
+def _reference(folder: Path, texts: list[tuple[str, str]]) -> list[float]:
+    """Each text alone, unpadded, in float64: transformers' own forward pass."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    out = []
+    for prompt, response in texts:
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        ids = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            out.append(float(model(input_ids=ids).logits[0, 0]))
+    return out
+
+
+def _score(ws: Path, reward_args: str, out: str) -> tuple[engine.RewardRun, list[dict]]:
+    session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
+    checked = session.check(Source(f'score(reward("models/rm-helpful"{reward_args}), '
+                                   f'"data/prompts_responses.jsonl", "{out}")', "t.alg"))
+    run = engine.run_sinks(checked.sinks, session.options)
+    return run, [json.loads(line) for line in (ws / out).read_text().splitlines()]
+
+
+def test_budget_batches_score_as_each_text_alone_in_float64(ws, rms, monkeypatch):
+    rows_in = [json.loads(line) for line in (ws / "data" / "prompts_responses.jsonl").read_text().splitlines()]
+    ref = _reference(rms["rm-helpful"], [(r["prompt"], r["response"]) for r in rows_in])
+    batches: list[list[list[int]]] = []
+    real = engine.score_batch
+
+    def spy(model, input_ids, pad, device, *rest):
+        batches[-1].append([len(x) for x in input_ids])
+        return real(model, input_ids, pad, device, *rest)
+
+    monkeypatch.setattr(engine, "score_batch", spy)
+    got, default = {}, batching.BATCH_TOKENS
+    # the default budget (all 12 texts in one padded batch), a budget that cuts them into
+    # several, and one text per batch; each with an empty cache so that all are scored
+    small_budget = 0
+    for name, args in (("budget", ""), ("small", ""), ("one", ", batch_size=1")):
+        monkeypatch.setenv("ALG_CACHE", str(ws / f"cache-{name}"))
+        if name == "small":  # about three of the longest text
+            small_budget = 3 * max(batches[0][0])
+            monkeypatch.setattr(batching, "BATCH_TOKENS", small_budget)
+        batches.append([])
+        run, out = _score(ws, args, f"out/{name}.jsonl")
+        monkeypatch.setattr(batching, "BATCH_TOKENS", default)
+        assert run.scored == len(rows_in)
+        assert [r["id"] for r in out] == [r["id"] for r in rows_in]  # input order
+        got[name] = [r["reward"] for r in out]
+        for v, w in zip(got[name], ref, strict=True):
+            assert v == pytest.approx(w, abs=2e-5)
+    big, small, one = batches
+    assert len(big) == 1 and len(set(big[0])) > 1  # one batch, texts of several lengths: padded
+    assert len(small) > 2 and all(len(b) == 1 or len(b) * max(b) <= small_budget for b in small)
+    assert any(len(b) > 1 for b in small)
+    assert all(len(b) == 1 for b in one)
+
+
+def test_batching_leaves_the_cache_keys_as_they_were(ws, monkeypatch):
+    """A cache filled by batch_size batches (the former default, 16) is hit whole by the
+    budget batches: the batching is not part of a text's key."""
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))
+    first, a = _score(ws, ", batch_size=16", "out/a.jsonl")
+    again, b = _score(ws, "", "out/b.jsonl")
+    assert first.scored == 12 and again.scored == 0
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+
+
+def test_two_models_on_one_tokenizer_tokenize_each_text_once(ws, monkeypatch):
+    from algebra.reward import plan as plan_mod
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))
+    calls: list = []
+    real = plan_mod.encode
+    monkeypatch.setattr(plan_mod, "encode", lambda leaf, tok, p, r: calls.append((p, r)) or real(leaf, tok, p, r))
+    session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
+    checked = session.check(Source('r = reward("models/rm-helpful") + reward("models/rm-harmless")\n'
+                                   'score(r, "data/prompts_responses.jsonl", "out/s.jsonl")', "t.alg"))
+    run = engine.run_sinks(checked.sinks, session.options)
+    assert run.scored == 24 and run.loads == 2  # both models scored every text
+    assert len(calls) == len(set(calls)) == 12  # each text tokenized once, for both
+
+
+def test_models_run_with_sdpa_attention(ws, rms):
+    """transformers' default for a loaded folder and for a model built from its config
+    (a computed checkpoint): scaled-dot-product attention, not the eager kernel."""
+    from algebra.reward.models import load_model
+
+    session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
+    session.check(Source('a = reward("models/rm-helpful")\n'
+                         'b = reward(lerp(load("models/rm-helpful"), load("models/rm-harmless"), 0.5))\n', "t.alg"))
+    env = session.checker.env.values
+    for name in ("a", "b"):
+        leaf = env[name]
+        m = load_model(leaf.model, session.options, torch.device("cpu"), torch.float32)
+        assert m.config._attn_implementation == "sdpa", name
+
+
+# ---- threads ---------------------------------------------------------------------------------
+
+
+def test_thread_setting_is_checked():
+    from algebra.options import check_threads
+
+    assert check_threads("3") == 3 and check_threads(2) == 2
+    assert check_threads("") == check_threads(" auto ") == "auto"
+    for bad in ("0", "-1", "two", "1.5", 0, True):
+        with pytest.raises(AlgUsageError, match="thread count"):
+            check_threads(bad)
+
+
+def test_threads_from_the_environment_and_the_options(monkeypatch):
+    monkeypatch.setenv("ALG_THREADS", "3")
+    assert Options().threads == 3 and RunConfig.of(Options()).threads == 3
+    assert Options(threads=1).threads == 1  # an explicit setting wins over the variable
+    monkeypatch.delenv("ALG_THREADS")
+    assert Options().threads == "auto"
+    monkeypatch.setenv("ALG_THREADS", "lots")
+    with pytest.raises(AlgUsageError, match="ALG_THREADS: 'lots'"):
+        Options()
+
+
+def test_threads_are_applied_when_the_run_starts():
+    before = torch.get_num_threads()
+    try:
+        want = 3 if before != 3 else 2
+        config = RunConfig.of(Options(device="cpu", threads=want))
+        assert config.resolve_device().type == "cpu"
+        assert torch.get_num_threads() == want
+        assert RunConfig.of(Options(device="cpu", threads=1)).apply_threads() == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_alg_score_threads_option_sets_torchs_threads(ws):
+    before = torch.get_num_threads()
+    try:
+        (ws / "r.alg").write_text('help = reward("models/rm-helpful")\n')
+        got = alg_main("score", "r.alg", "help", "--data", "data/prompts_responses.jsonl", "--out", "o.jsonl",
+                       "--device", "cpu", "--threads", "2", cwd=ws)
+        assert got.returncode == 0, got.stderr
+        assert "on 2 CPU threads" in got.stdout and torch.get_num_threads() == 2
+        bad = alg_main("run", "r.alg", "--threads", "0", cwd=ws)
+        assert bad.returncode == 2 and "--threads" in bad.stderr and "thread count" in bad.stderr
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_threads_are_the_cores_the_load_leaves(monkeypatch):
+    assert [free_cores(2, x) for x in (0.0, 0.4, 0.6, 1.0, 1.6, 12.0)] == [2, 2, 1, 1, 1, 1]
+    assert free_cores(16, 3.2) == 13 and free_cores(4, -1) == 4
+    import algebra.runconfig as rc
+
+    monkeypatch.setattr(rc, "_AUTO", [])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the caller's choice is kept
+    assert auto_threads() == 1
+    monkeypatch.setattr(rc, "_AUTO", [])
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0.0, 0.0))
+    assert auto_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert auto_threads() == 1  # decided once per process
+    monkeypatch.setattr(rc, "_AUTO", [])
+    assert auto_threads() == free_cores(len(os.sched_getaffinity(0)), 3.0)
+
+
+HEAD = "You are a careful judge of answers; score this one. Question: {prompt} Answer: {response}"
+
+
+def test_a_shared_prefix_is_computed_once_and_scores_as_each_text_alone(ws, rms, monkeypatch):
+    """A template with a long fixed head: its key/value cache is computed once per model
+    and reused by every batch (several, under a small budget); the scores equal the float64
+    per-text forward pass of the whole text."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from algebra.reward import models
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))
+    rows_in = [json.loads(line) for line in (ws / "data" / "prompts_responses.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(rms["rm-helpful"])
+    model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"], dtype=torch.float64).eval()
+    ids = [tok(HEAD.format(prompt=r["prompt"], response=r["response"])).input_ids for r in rows_in]
+    assert models.shared_prefix(ids) >= models.MIN_PREFIX  # the test exercises the cached path
+    assert max(len(x) for x in ids) <= 128  # and the model's limit truncates none
+    with torch.no_grad():
+        ref = [float(model(input_ids=torch.tensor([x])).logits[0, 0]) for x in ids]
+    made: list = []
+    real = models.prefix_cache
+    monkeypatch.setattr(models, "prefix_cache", lambda *a: made.append(a[1]) or real(*a))
+    monkeypatch.setattr(batching, "BATCH_TOKENS", 3 * max(len(x) for x in ids))
+    run, out = _score(ws, f', template="{HEAD}"', "out/p.jsonl")
+    common = ids[0][: models.shared_prefix(ids)]
+    batches = len(batching.sorted_batches([len(x) for x in ids]))
+    assert run.scored == 12 and batches > 2 and 1 <= len(made) < batches  # reused across batches
+    assert all(m[: len(common)] == common for m in made)
+    assert [r["id"] for r in out] == [r["id"] for r in rows_in]
+    for row, w in zip(out, ref, strict=True):
+        assert row["reward"] == pytest.approx(w, abs=2e-5)
+
+
+def test_shared_prefix_leaves_each_row_a_token():
+    from algebra.reward.models import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 4]]) == 2
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1  # the shorter row keeps its last token
+    assert shared_prefix([[5]]) == 0 and shared_prefix([[1, 2, 3]]) == 2
+
+
+def test_one_text_batches_reuse_a_held_prefix_and_make_none(rms):
+    """batch_size=1: a lone row starting with the held prefix reuses it; one that does not
+    is scored whole, without a cache of its own; both as the row alone without a cache."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
+    head = list(range(10, 10 + models.MIN_PREFIX))
+    rows = [head + [40, 41], head + [42], [7] * 20 + [8]]
+    cpu = torch.device("cpu")
+    prefixes: dict = {}
+    got = [models.score_batch(model, rows[:2], 0, cpu, prefixes)]
+    assert list(prefixes) == [tuple(head)]
+    got += [models.score_batch(model, [r], 0, cpu, prefixes) for r in rows]
+    assert list(prefixes) == [tuple(head)]  # the lone rows made none
+    want = [models.score_batch(model, [r], 0, cpu) for r in rows]
+    assert got[0] == pytest.approx(want[0] + want[1], abs=1e-5)
+    assert [g[0] for g in got[1:]] == pytest.approx([w[0] for w in want], abs=1e-5)
+
+
+def test_an_encoder_gets_no_prefix_cache(rms):
+    """A model whose forward takes no cache (an encoder such as BERT or DeBERTa, whose
+    prefix tokens see the rest of the text) is scored whole."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    inner = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
+
+    class Encoder(torch.nn.Module):  # the forward signature of BertForSequenceClassification's kind
+        def __init__(self):
+            super().__init__()
+            self.inner, self.base_model = inner, inner.base_model
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    head = list(range(10, 10 + models.MIN_PREFIX))
+    rows = [head + [40, 41], head + [42]]
+    prefixes: dict = {}
+    got = models.score_batch(Encoder(), rows, 0, torch.device("cpu"), prefixes)
+    assert prefixes == {}
+    assert got == pytest.approx(models.score_batch(inner, rows, 0, torch.device("cpu")), abs=1e-6)
