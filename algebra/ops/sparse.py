@@ -217,16 +217,26 @@ def _var_mask(ds: list[torch.Tensor], t: float, cut: float, e0: int) -> torch.Te
     return top_mask(var, t, cut, e0)
 
 
-def population_var(ds: list[torch.Tensor]) -> torch.Tensor:
-    """Σ (d_i - mean)^2 / n elementwise: SCE's selection score."""
+def population_var(ds: list[torch.Tensor], pool=None) -> torch.Tensor:
+    """Σ (d_i - mean)^2 / n elementwise: SCE's selection score. With the executor's chunk
+    pool (`pool`), the result and temporaries are pool buffers (the caller gives the
+    result back)."""
     n = len(ds)
-    mean = torch.zeros_like(ds[0])
+    size, dtype = ds[0].numel(), ds[0].dtype
+
+    def take() -> torch.Tensor:
+        return pool.take(size, dtype) if pool is not None else torch.empty_like(ds[0])
+
+    mean = take().zero_()
     for d in ds:
         mean.add_(d)
     mean.div_(n)
-    var = torch.zeros_like(ds[0])
+    var, tmp = take().zero_(), take()
     for d in ds:
-        var.add_(torch.sub(d, mean).square_())
+        var.add_(torch.sub(d, mean, out=tmp).square_())
+    if pool is not None:
+        pool.give(mean)
+        pool.give(tmp)
     return var.div_(n)
 
 
