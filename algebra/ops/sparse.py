@@ -77,28 +77,6 @@ def keep_threshold(p: float) -> int:
     return math.ceil(p * (1 << DRAW_BITS))
 
 
-def _libc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def trim_heap() -> None:
-    """Hand freed heap back to the system (glibc). The temporaries of this module's
-    chunk loops are allocated by torch, not taken from the executor's pool; once glibc's
-    dynamic mmap threshold has grown past a chunk, they come from the heap, which glibc
-    keeps when freed, so a long loop held a few hundred MB beyond its working set.
-    Trimming once per chunk costs a few page faults and keeps the peak near the plan's."""
-    if _TRIM is not None:
-        _TRIM(0)
-
-
 # ---- keep rules ------------------------------------------------------------------------------
 
 
@@ -183,38 +161,67 @@ def _split(items: tuple) -> tuple[list[torch.Tensor], Combine, list]:
     raise AssertionError("tv_combine without its Combine parameter")
 
 
-def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int) -> torch.Tensor:
-    """d' for one model: a new tensor (d itself is never written)."""
+def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int, pool) -> torch.Tensor:
+    """d' for one model: a pool buffer (d itself is never written)."""
+    size = d.numel()
+    out = pool.take(size, d.dtype)
     if sp.kind == "none":
-        return d.clone()
+        return out.copy_(d)
     if sp.kind in ("top", "window"):
-        mag = d.abs()
-        keep = top_mask(mag, vals[-2], vals[-1], e0)
+        mag = torch.abs(d, out=out)
+        keep = _top_mask_into(mag, vals[-2], vals[-1], e0, pool)
         if sp.kind == "window":
-            drop = top_mask(mag, vals[0], vals[1], e0)
+            drop = _top_mask_into(mag, vals[0], vals[1], e0, pool)
             if drop is not None:
-                keep = ~drop if keep is None else keep.logical_and_(~drop)
-        del mag
-        return d.clone() if keep is None else torch.where(keep, d, 0.0)
+                if keep is None:
+                    keep = drop.logical_not_()
+                else:
+                    keep.logical_and_(drop.logical_not_())
+                    pool.give(drop)
+        if keep is None:
+            return out.copy_(d)
+        torch.where(keep, d, d.new_zeros(()), out=out)
+        pool.give(keep)
+        return out
     if sp.kind == "dare":
-        v = draws(e0, d.numel(), sp.key, d.device)
+        v = draws(e0, size, sp.key, d.device)
         keep = v < keep_threshold(sp.density)
         del v
-        return torch.where(keep, d, 0.0).div_(sp.density)
+        return torch.where(keep, d, d.new_zeros(()), out=out).div_(sp.density)
     if sp.kind == "della":
         ranks = _rows_ranks(d.abs(), row)
         p = della_probability(ranks, row, sp.density, sp.epsilon)
         del ranks
         limit = p.mul(1 << DRAW_BITS).ceil_()
-        keep = draws(e0, d.numel(), sp.key, d.device).to(torch.float64) < limit
+        keep = draws(e0, size, sp.key, d.device).to(torch.float64) < limit
         del limit
-        return torch.where(keep, d / p.to(d.dtype), 0.0)
+        return torch.where(keep, d / p.to(d.dtype), d.new_zeros(()), out=out)
     raise AssertionError(f"unknown sparsifier {sp.kind!r}")
 
 
-def _var_mask(ds: list[torch.Tensor], t: float, cut: float, e0: int) -> torch.Tensor | None:
-    var = population_var(ds)
-    return top_mask(var, t, cut, e0)
+def _top_mask_into(score: torch.Tensor, t: float, cut: float, e0: int, pool) -> torch.Tensor | None:
+    """`top_mask` in a pool buffer (None: every element kept)."""
+    n = score.numel()
+    keep = pool.take(n, torch.bool)
+    if cut < 0:
+        return keep.zero_()
+    if t < 0:
+        pool.give(keep)
+        return None
+    torch.gt(score, t, out=keep)
+    j = min(int(cut) - e0, n)  # ties at t are kept for chunk positions < j
+    if j > 0:
+        eq = torch.eq(score[:j], t, out=pool.take(j, torch.bool))
+        keep[:j].logical_or_(eq)
+        pool.give(eq)
+    return keep
+
+
+def _var_mask(ds: list[torch.Tensor], t: float, cut: float, e0: int, pool) -> torch.Tensor | None:
+    var = population_var(ds, pool)
+    keep = _top_mask_into(var, t, cut, e0, pool)
+    pool.give(var)
+    return keep
 
 
 def population_var(ds: list[torch.Tensor], pool=None) -> torch.Tensor:
@@ -261,54 +268,76 @@ def _needs_rows(e) -> bool:
     return any(s.kind == "della" for s in spec.sparsify)
 
 
-@primitive("tv_combine", arity=-1, scratch=_combine_scratch, positional=True, rowwise=_needs_rows)
-def tv_combine(*items, e0: int = 0) -> torch.Tensor:
+@primitive("tv_combine", arity=-1, scratch=_combine_scratch, positional=True, rowwise=_needs_rows, pooled=True)
+def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
     """The merged task vector of n task vectors d_i: sparsify each (see `Sparsify`),
     optionally elect a sign per element and keep only agreeing entries, then sum with
-    weights (and divide by the kept weights when normalising)."""
+    weights (and divide by the kept weights when normalising). Temporaries and the result
+    are buffers of the executor's chunk pool (`pool`; without one, fresh tensors)."""
     ds, spec, vals = _split(items)
-    trim_heap()
+    pool = pool if pool is not None else _Fresh()
+    size, dtype = ds[0].numel(), ds[0].dtype
     weights = [float(w) for w in vals[: spec.n]]
     pos = spec.n
     parts: list[torch.Tensor] = []
     for i, (d, sp) in enumerate(zip(ds, spec.sparsify, strict=True)):
         mine = vals[pos : pos + sp.nvals]
         pos += sp.nvals
-        parts.append(_sparsified(d, sp, mine, spec.row, e0))
+        parts.append(_sparsified(d, sp, mine, spec.row, e0, pool))
         if spec.consensus != "sce":
             parts[i].mul_(weights[i])
     if spec.select_var:
-        keep = _var_mask(parts, vals[pos], vals[pos + 1], e0)
+        keep = _var_mask(parts, vals[pos], vals[pos + 1], e0, pool)
         if keep is not None:
+            keep.logical_not_()
             for p in parts:
-                p.masked_fill_(~keep, 0.0)
+                p.masked_fill_(keep, 0.0)
+            pool.give(keep)
     if spec.consensus == "none":
         out = parts[0]
         for p in parts[1:]:
             out.add_(p)
+            pool.give(p)
         return out
-    total = torch.zeros_like(parts[0])
+    total = pool.take(size, dtype).zero_()
     for p in parts:
         total.add_(p)
-    positive = total >= 0  # the elected sign; zero counts as +
-    del total
-    out = torch.zeros_like(parts[0])
-    den = torch.zeros_like(parts[0])
+    positive = torch.ge(total, 0, out=pool.take(size, torch.bool))  # the elected sign; zero counts as +
+    pool.give(total)
+    out = pool.take(size, dtype).zero_()
+    den = pool.take(size, dtype).zero_()
+    agree, below, unit = pool.take(size, torch.bool), pool.take(size, torch.bool), pool.take(size, dtype)
     for i, p in enumerate(parts):
-        agree = torch.where(positive, p > 0, p < 0)  # a zero entry never agrees
+        # a zero entry never agrees
+        torch.where(positive, torch.gt(p, 0, out=agree), torch.lt(p, 0, out=below), out=agree)
         if spec.consensus == "sce":
             p.mul_(weights[i])
-        out.add_(p.masked_fill_(~agree, 0.0))
         if spec.consensus == "sce" or spec.normalize:
-            den.add_(agree.to(den.dtype), alpha=weights[i])
-        del agree
+            den.add_(unit.copy_(agree), alpha=weights[i])
+        out.add_(p.masked_fill_(agree.logical_not_(), 0.0))
+        pool.give(p)
+    for buf in (positive, agree, below, unit):
+        pool.give(buf)
     if spec.consensus == "sce":
-        return out.div_(den.clamp_(min=1e-6))
-    if spec.normalize:
-        den.masked_fill_(den == 0, 1.0)
+        out.div_(den.clamp_(min=1e-6))
+    elif spec.normalize:
+        zero = torch.eq(den, 0, out=pool.take(size, torch.bool))
+        den.masked_fill_(zero, 1.0)
+        pool.give(zero)
         out.div_(den)
+    pool.give(den)
     return out
 
 
+class _Fresh:
+    """A stand-in for the chunk pool outside the executor: fresh tensors, nothing kept."""
+
+    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype)
+
+    def give(self, t: torch.Tensor) -> None:
+        pass
+
+
 __all__ = ["Combine", "Sparsify", "della_probability", "draws", "keep_threshold", "population_var",
-           "rng_key", "top_mask", "trim_heap", "tv_combine"]
+           "rng_key", "top_mask", "tv_combine"]
