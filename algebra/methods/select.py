@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..ir import Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops.sparse import population_var, top_mask
@@ -79,7 +80,8 @@ class Select(Reduction):
         gathered = 3.0 if cs == 4 else 2.0
         if self._var:
             return sum(rule(d, cs) for d in self.deltas) + 2.0 + 3.5 + gathered
-        return max(rule(d, cs) for d in self.deltas) + 3.5 + gathered
+        # (+1: a chunk of the shared base, held while each task vector is formed)
+        return max(rule(d, cs) for d in self.deltas) + 1.0 + 3.5 + gathered
 
     def describe(self) -> str:
         n = sum(len(r) for r in self.ranks)
@@ -118,11 +120,19 @@ def _keys(sel: Select, ev: Any, e0: int, e1: int, itype: torch.dtype):
         for s in var_scores:
             yield s, key
         pool.give(var)
+    shared = _shared_base(sel.deltas)
+    base = None
     for i, d_expr in enumerate(sel.deltas):
         mine = [s for s, (kind, j) in enumerate(sel.scores) if kind == "abs" and j == i]
         if not mine:
             continue
-        d = ev.eval(d_expr, e0, e1)
+        if shared is not None:  # d_i = m_i - base, the base read once for all of them
+            base = ev.eval(shared[0], e0, e1) if base is None else base
+            x = ev.eval(shared[1][i], e0, e1)
+            d = torch.sub(x, base, out=pool.take(e1 - e0, ev.dtype))
+            pool.give(x)
+        else:
+            d = ev.eval(d_expr, e0, e1)
         if pool.owns(d):
             mag = d.abs_()
         else:  # a view of an input: never written
@@ -131,6 +141,26 @@ def _keys(sel: Select, ev: Any, e0: int, e1: int, itype: torch.dtype):
         for s in mine:
             yield s, key
         pool.give(mag)
+    if base is not None:
+        pool.give(base)
+
+
+def _shared_base(deltas) -> tuple[TExpr, list[TExpr]] | None:
+    """(base, [m_i]) when every task vector is the expression m_i - base of one base (as
+    the methods lower them), so that a chunk of the base is read once for all; else None.
+    m_i - base computed directly equals the Lin's 1.0 * m_i + (-1.0) * base bit for bit."""
+    base, ms = None, []
+    for d in deltas:
+        if not isinstance(d, Lin):
+            return None
+        terms = d.terms
+        if (len(terms) != 2 or isinstance(d.const, Sym) or d.const != 0
+                or any(isinstance(c, Sym) for c, _ in terms) or terms[0][0] != 1.0 or terms[1][0] != -1.0
+                or (base is not None and terms[1][1] is not base)):
+            return None
+        base = terms[1][1]
+        ms.append(terms[0][1])
+    return (base, ms) if base is not None else None
 
 
 def _count_into(hist: torch.Tensor, digits: torch.Tensor) -> None:
@@ -336,10 +366,11 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
                 torch.gt(key, hi, out=above)
                 w[2] += int(torch.count_nonzero(above))
                 torch.ge(key, lo, out=inside).logical_and_(above.logical_not_())
-                vals, counts = torch.unique(key[inside], return_counts=True)
-                if vals.numel():
+                # np.unique: torch's CPU unique took 100x longer on these few keys
+                vals, counts = np.unique(key[inside].cpu().numpy(), return_counts=True)
+                if vals.size:
                     w[4].append((j, vals, counts))
-                budget -= vals.numel()
+                budget -= vals.size
         pool.give(above)
         pool.give(inside)
         if budget < 0:
@@ -356,18 +387,17 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
         need = k - above  # how many of the window's keys, from the top, are kept
         if need <= 0 or not recs:
             continue  # the window missed: below the threshold
-        vals = torch.cat([v for _, v, _ in recs])
-        counts = torch.cat([c for _, _, c in recs])
-        uniq, inverse = torch.unique(vals, return_inverse=True)
-        totals = torch.zeros(uniq.numel(), dtype=torch.int64).scatter_add_(0, inverse, counts)
-        cum = totals.flip(0).cumsum(0)  # from the largest key down
+        uniq, inverse = np.unique(np.concatenate([v for _, v, _ in recs]), return_inverse=True)
+        totals = np.bincount(inverse, weights=np.concatenate([c for _, _, c in recs]), minlength=uniq.size)
+        totals = totals.astype(np.int64)[::-1]  # from the largest key down
+        cum = np.cumsum(totals)
         if int(cum[-1]) < need:
             continue  # the window missed: above the threshold
-        pos = int(torch.searchsorted(cum, need))
-        t = int(uniq.flip(0)[pos])
+        pos = int(np.searchsorted(cum, need))  # the first key where the count reaches need
+        t = int(uniq[::-1][pos])
         keep_equal = need - (int(cum[pos - 1]) if pos else 0)
         tf = float(torch.tensor([t], dtype=itype).view(ftype).item())
-        if keep_equal == int(totals.flip(0)[pos]):
+        if keep_equal == int(totals[pos]):
             r.result = (tf, float(n))
             continue
         for j, v, c in recs:  # the chunk holding the keep_equal-th key equal to t

@@ -148,6 +148,9 @@ class Combine:
     normalize: bool
     row: int  # the tensor's row length (DELLA ranks rows)
     select_var: bool = False
+    # the tensors are (base, m_1 .. m_n), not (d_1 .. d_n), and the scale leads the
+    # scalars: the result is base + scale * merged (each input chunk read once)
+    with_base: bool = False
 
     def __repr__(self) -> str:
         kinds = ",".join(sorted({s.kind for s in self.sparsify}))
@@ -260,7 +263,7 @@ def _combine_scratch(e) -> float:
         temps = 9.0  # magnitudes, int64 order and ranks, float64 probabilities and limits
     if spec.select_var:
         temps = max(temps, 3.0)
-    return n + 2.0 + temps
+    return n + 2.0 + temps + (1.0 if spec.with_base else 0.0)  # (a task vector formed from its model)
 
 
 def _needs_rows(e) -> bool:
@@ -277,15 +280,36 @@ def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
     ds, spec, vals = _split(items)
     pool = pool if pool is not None else _Fresh()
     size, dtype = ds[0].numel(), ds[0].dtype
+    base = None
+    if spec.with_base:
+        base, ds, scale, vals = ds[0], ds[1:], float(vals[0]), vals[1:]
     weights = [float(w) for w in vals[: spec.n]]
     pos = spec.n
     parts: list[torch.Tensor] = []
     for i, (d, sp) in enumerate(zip(ds, spec.sparsify, strict=True)):
         mine = vals[pos : pos + sp.nvals]
         pos += sp.nvals
+        if base is not None:  # d = m - base, as the Lin 1.0 * m + (-1.0) * base computes it, bit for bit
+            d = torch.sub(d, base, out=pool.take(size, dtype))
         parts.append(_sparsified(d, sp, mine, spec.row, e0, pool))
+        if base is not None:
+            pool.give(d)
         if spec.consensus != "sce":
             parts[i].mul_(weights[i])
+    merged = _combined(parts, spec, weights, vals[pos:], e0, size, dtype, pool)
+    if base is None:
+        return merged
+    # base + scale * merged, as the Lin 1.0 * base + scale * merged computes it
+    out = torch.mul(base, 1.0, out=pool.take(size, dtype)).add_(merged, alpha=scale)
+    pool.give(merged)
+    return out
+
+
+def _combined(parts: list[torch.Tensor], spec: Combine, weights: list[float], vals: list, e0: int, size: int,
+              dtype: torch.dtype, pool) -> torch.Tensor:
+    """The merged task vector from the sparsified (weighted) parts; `vals` holds what
+    follows the sparsifiers' scalars (SCE's variance selection)."""
+    pos = 0
     if spec.select_var:
         keep = _var_mask(parts, vals[pos], vals[pos + 1], e0, pool)
         if keep is not None:
@@ -299,24 +323,36 @@ def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
             out.add_(p)
             pool.give(p)
         return out
-    total = pool.take(size, dtype).zero_()
-    for p in parts:
+    # Sums start from their first term, not from 0 (0 + x == x for every x but -0.0),
+    # and no result can tell: the total is only compared with 0, a kept entry is
+    # nonzero and any other +0.0, and a zero denominator is replaced whatever its sign.
+    total = torch.add(parts[0], parts[1], out=pool.take(size, dtype)) if len(parts) > 1 else parts[0]
+    for p in parts[2:]:
         total.add_(p)
     positive = torch.ge(total, 0, out=pool.take(size, torch.bool))  # the elected sign; zero counts as +
-    pool.give(total)
-    out = pool.take(size, dtype).zero_()
-    den = pool.take(size, dtype).zero_()
-    agree, below, unit = pool.take(size, torch.bool), pool.take(size, torch.bool), pool.take(size, dtype)
+    if len(parts) > 1:
+        pool.give(total)
+    out = den = None
+    weighted = spec.consensus == "sce" or spec.normalize
+    agree, below = pool.take(size, torch.bool), pool.take(size, torch.bool)
     for i, p in enumerate(parts):
         # a zero entry never agrees
         torch.where(positive, torch.gt(p, 0, out=agree), torch.lt(p, 0, out=below), out=agree)
         if spec.consensus == "sce":
             p.mul_(weights[i])
-        if spec.consensus == "sce" or spec.normalize:
-            den.add_(unit.copy_(agree), alpha=weights[i])
-        out.add_(p.masked_fill_(agree.logical_not_(), 0.0))
-        pool.give(p)
-    for buf in (positive, agree, below, unit):
+        if weighted and den is None:
+            den = pool.take(size, dtype).copy_(agree).mul_(weights[i])  # w * (0 or 1), exactly
+        elif weighted:
+            unit = pool.take(size, dtype).copy_(agree)
+            den.add_(unit, alpha=weights[i])
+            pool.give(unit)
+        p.masked_fill_(agree.logical_not_(), 0.0)
+        if out is None:
+            out = p
+        else:
+            out.add_(p)
+            pool.give(p)
+    for buf in (positive, agree, below):
         pool.give(buf)
     if spec.consensus == "sce":
         out.div_(den.clamp_(min=1e-6))
@@ -325,7 +361,8 @@ def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
         den.masked_fill_(zero, 1.0)
         pool.give(zero)
         out.div_(den)
-    pool.give(den)
+    if den is not None:
+        pool.give(den)
     return out
 
 
