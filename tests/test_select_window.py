@@ -120,3 +120,43 @@ def test_sce_variance_rank_through_the_window(family, windowed):
     keep = top_mask(var, t_, cut, 0)
     assert np.array_equal(keep.numpy(), top_k_mask(var.numpy(), k))
     assert windowed["window"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["top", "window", "dare", "none"])
+@pytest.mark.parametrize("consensus", ["sum", "none", "sce"])
+def test_tv_combine_from_the_models_equals_the_lin_form_bit_for_bit(kind, consensus, dtype):
+    """`with_base`: tv_combine reads the base and the models and forms d_i and
+    base + scale * merged itself; it must give the bits of the Lin form (d_i from
+    1.0 * m_i + (-1.0) * base, then 1.0 * base + scale * tv_combine(d_i)), -0.0 included."""
+    from algebra.ops.sparse import Combine, Sparsify, tv_combine
+
+    g = torch.Generator().manual_seed(3)
+    n, e0 = 4096, 1000
+    base = torch.randn(n, generator=g, dtype=dtype)
+    base[:64] = -0.0  # signed zeros in the base: the result's zero signs must agree too
+    ms = [(base + torch.randn(n, generator=g, dtype=dtype) * 0.01).to(torch.bfloat16).to(dtype) for _ in range(2)]
+    ms[0][:32] = base[:32]  # zero task-vector entries
+    mags = [(m - base).abs() for m in ms]
+    vals: list = []
+    sps = []
+    for mag in mags:
+        t = float(mag.kthvalue(n // 2).values)
+        if kind == "top":
+            vals += [t, float(e0 + n // 3)]  # ties at t cut a third of the way in
+        elif kind == "window":
+            vals += [float(mag.kthvalue(n - 40).values), float(e0 + n), t, float(e0 + n)]
+        sps.append(Sparsify(kind, 0.4, key=(7, 9)) if kind == "dare" else Sparsify(kind))
+    weights = [0.7, -0.3] if consensus != "sce" else [0.6, 0.4]
+    spec = dict(n=2, sparsify=tuple(sps), consensus=consensus, normalize=True, row=64)
+    scale = 0.9
+
+    def lin_delta(m):
+        acc = torch.mul(m, 1.0)
+        return acc.add_(base, alpha=-1.0)
+
+    merged = tv_combine(*[lin_delta(m) for m in ms], Combine(**spec), *weights, *vals, e0=e0)
+    expected = torch.mul(base, 1.0).add_(merged, alpha=scale)
+    got = tv_combine(base, *ms, Combine(**spec, with_base=True), scale, *weights, *vals, e0=e0)
+    assert torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                       expected.view(torch.int64 if dtype == torch.float64 else torch.int32))
