@@ -299,8 +299,8 @@ def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
     merged = _combined(parts, spec, weights, vals[pos:], e0, size, dtype, pool)
     if base is None:
         return merged
-    # base + scale * merged, as the Lin 1.0 * base + scale * merged computes it
-    out = torch.mul(base, 1.0, out=pool.take(size, dtype)).add_(merged, alpha=scale)
+    # base + scale * merged: the Lin 1.0 * base + scale * merged's own add (1.0 * base is base)
+    out = torch.add(base, merged, alpha=scale, out=pool.take(size, dtype))
     pool.give(merged)
     return out
 
