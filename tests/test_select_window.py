@@ -160,3 +160,94 @@ def test_tv_combine_from_the_models_equals_the_lin_form_bit_for_bit(kind, consen
     got = tv_combine(base, *ms, Combine(**spec, with_base=True), scale, *weights, *vals, e0=e0)
     assert torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
                        expected.view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+def _tv_combine_before(ds, spec, weights, vals, e0):
+    """tv_combine as it was before the pooled rewrite (commit 61ca607), for top, window,
+    dare and none sparsifiers: fresh tensors, sums from zero. The pooled one must give
+    the same bits."""
+    from algebra.ops.sparse import draws, keep_threshold, population_var
+
+    parts, pos = [], 0
+    for i, (d, sp) in enumerate(zip(ds, spec.sparsify, strict=True)):
+        mine = vals[pos : pos + sp.nvals]
+        pos += sp.nvals
+        if sp.kind == "none":
+            x = d.clone()
+        elif sp.kind in ("top", "window"):
+            mag = d.abs()
+            keep = top_mask(mag, mine[-2], mine[-1], e0)
+            if sp.kind == "window":
+                drop = top_mask(mag, mine[0], mine[1], e0)
+                if drop is not None:
+                    keep = ~drop if keep is None else keep.logical_and_(~drop)
+            x = d.clone() if keep is None else torch.where(keep, d, 0.0)
+        else:
+            x = torch.where(draws(e0, d.numel(), sp.key, d.device) < keep_threshold(sp.density), d, 0.0).div_(sp.density)
+        parts.append(x)
+        if spec.consensus != "sce":
+            parts[i].mul_(weights[i])
+    if spec.select_var:
+        keep = top_mask(population_var(parts), vals[pos], vals[pos + 1], e0)
+        if keep is not None:
+            for p in parts:
+                p.masked_fill_(~keep, 0.0)
+    if spec.consensus == "none":
+        out = parts[0]
+        for p in parts[1:]:
+            out.add_(p)
+        return out
+    total = torch.zeros_like(parts[0])
+    for p in parts:
+        total.add_(p)
+    positive = total >= 0
+    out, den = torch.zeros_like(parts[0]), torch.zeros_like(parts[0])
+    for i, p in enumerate(parts):
+        agree = torch.where(positive, p > 0, p < 0)
+        if spec.consensus == "sce":
+            p.mul_(weights[i])
+        out.add_(p.masked_fill_(~agree, 0.0))
+        if spec.consensus == "sce" or spec.normalize:
+            den.add_(agree.to(den.dtype), alpha=weights[i])
+    if spec.consensus == "sce":
+        return out.div_(den.clamp_(min=1e-6))
+    if spec.normalize:
+        den.masked_fill_(den == 0, 1.0)
+        out.div_(den)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["top", "window", "dare", "none"])
+@pytest.mark.parametrize(("consensus", "normalize", "select_var"),
+                         [("sum", True, False), ("sum", False, False), ("none", False, False),
+                          ("sce", False, False), ("sce", False, True)])
+def test_pooled_tv_combine_equals_the_previous_one_bit_for_bit(kind, consensus, normalize, select_var, dtype):
+    from algebra.execute import ChunkPool
+    from algebra.ops.sparse import Combine, Sparsify, tv_combine
+
+    g = torch.Generator().manual_seed(5)
+    n, e0 = 3000, 700
+    ds = [(torch.randn(n, generator=g, dtype=dtype) * 0.01).to(torch.bfloat16).to(dtype) for _ in range(3)]
+    ds[1][:50] = 0.0
+    ds[2][50:80] = -ds[0][50:80]  # opposite entries: totals of exactly zero
+    vals: list = []
+    sps = []
+    for d in ds:
+        mag = d.abs()
+        t = float(mag.kthvalue(n // 2).values)
+        if kind == "top":
+            vals += [t, float(e0 + n // 3)]
+        elif kind == "window":
+            vals += [float(mag.kthvalue(n - 30).values), float(e0 + n // 2), t, float(e0 + n)]
+        sps.append(Sparsify(kind, 0.6, key=(3, 4)) if kind == "dare" else Sparsify(kind))
+    if select_var:
+        var = sum((d - sum(ds) / 3) ** 2 for d in ds) / 3
+        vals += [float(var.kthvalue(n // 3).values), float(e0 + n)]
+    weights = [0.5, -0.25, 0.75]
+    spec = Combine(3, tuple(sps), consensus, normalize, 64, select_var)
+    pool = ChunkPool(torch.device("cpu"))
+    got = tv_combine(*ds, spec, *weights, *vals, e0=e0, pool=pool)
+    want = _tv_combine_before([d.clone() for d in ds], spec, weights, vals, e0)
+    itype = torch.int64 if dtype == torch.float64 else torch.int32
+    assert torch.equal(got.view(itype), want.view(itype))

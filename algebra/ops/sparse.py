@@ -335,18 +335,19 @@ def _combined(parts: list[torch.Tensor], spec: Combine, weights: list[float], va
     out = den = None
     weighted = spec.consensus == "sce" or spec.normalize
     agree, below = pool.take(size, torch.bool), pool.take(size, torch.bool)
+    zero = parts[0].new_zeros(())
     for i, p in enumerate(parts):
         # a zero entry never agrees
         torch.where(positive, torch.gt(p, 0, out=agree), torch.lt(p, 0, out=below), out=agree)
         if spec.consensus == "sce":
             p.mul_(weights[i])
+        # the denominator: w_i where agreeing, as (0 or 1) * w_i computes it (the weight
+        # rounded to the dtype; a bool operand of add_ is 0 or 1 in the dtype)
         if weighted and den is None:
-            den = pool.take(size, dtype).copy_(agree).mul_(weights[i])  # w * (0 or 1), exactly
+            den = torch.where(agree, parts[0].new_full((), weights[i]), zero, out=pool.take(size, dtype))
         elif weighted:
-            unit = pool.take(size, dtype).copy_(agree)
-            den.add_(unit, alpha=weights[i])
-            pool.give(unit)
-        p.masked_fill_(agree.logical_not_(), 0.0)
+            den.add_(agree, alpha=weights[i])
+        torch.where(agree, p, zero, out=p)
         if out is None:
             out = p
         else:
