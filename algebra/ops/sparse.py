@@ -47,29 +47,38 @@ def rng_key(seed: int, name: str, model: int) -> tuple[int, int]:
     return key & M32, key >> 32
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2^32 for h in [0, 2^32) held in int64, without int64 overflow."""
-    lo = h * (c & 0xFFFF)
-    hi = (h * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return lo.add_(hi).bitwise_and_(M32)
+def _mul32(h: torch.Tensor, c: int, tmp: torch.Tensor) -> torch.Tensor:
+    """h = (h * c) mod 2^32 in place, for h in [0, 2^32) held in int64, without int64
+    overflow (`tmp`: a scratch buffer of h's size)."""
+    torch.mul(h, c >> 16, out=tmp).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return h.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(M32)
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h ^= h >> 13
-    h = _mul32(h, 0xC2B2AE35)
-    h ^= h >> 16
+def _fmix32(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser, in place."""
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
+    _mul32(h, 0x85EBCA6B, tmp)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 13, out=tmp))
+    _mul32(h, 0xC2B2AE35, tmp)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
     return h
 
 
-def draws(e0: int, n: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The 24-bit draws v of elements e0 .. e0+n-1 (int64)."""
-    idx = torch.arange(e0, e0 + n, dtype=torch.int64, device=device)
-    hi = idx >> 32
-    h = _fmix32(idx.bitwise_and_(M32).bitwise_xor_(key[0]))
-    h = _fmix32(h.bitwise_xor_(hi).bitwise_xor_(key[1]))
-    return h >> (32 - DRAW_BITS)
+def draws(e0: int, n: int, key: tuple[int, int], device: torch.device, pool=None) -> torch.Tensor:
+    """The 24-bit draws v of elements e0 .. e0+n-1 (int64; a buffer of `pool`, the
+    executor's chunk pool, when given: the caller gives it back)."""
+    def take() -> torch.Tensor:
+        return pool.take(n, torch.int64) if pool is not None else torch.empty(n, dtype=torch.int64, device=device)
+
+    h, hi, tmp = take(), take(), take()
+    torch.arange(e0, e0 + n, dtype=torch.int64, device=device, out=h)
+    torch.bitwise_right_shift(h, 32, out=hi)
+    _fmix32(h.bitwise_and_(M32).bitwise_xor_(key[0]), tmp)
+    _fmix32(h.bitwise_xor_(hi).bitwise_xor_(key[1]), tmp)
+    if pool is not None:
+        pool.give(hi)
+        pool.give(tmp)
+    return h.bitwise_right_shift_(32 - DRAW_BITS)
 
 
 def keep_threshold(p: float) -> int:
@@ -187,10 +196,12 @@ def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int, po
         pool.give(keep)
         return out
     if sp.kind == "dare":
-        v = draws(e0, size, sp.key, d.device)
-        keep = v < keep_threshold(sp.density)
-        del v
-        return torch.where(keep, d, d.new_zeros(()), out=out).div_(sp.density)
+        v = draws(e0, size, sp.key, d.device, pool)
+        keep = torch.lt(v, keep_threshold(sp.density), out=pool.take(size, torch.bool))
+        pool.give(v)
+        torch.where(keep, d, d.new_zeros(()), out=out).div_(sp.density)
+        pool.give(keep)
+        return out
     if sp.kind == "della":
         ranks = _rows_ranks(d.abs(), row)
         p = della_probability(ranks, row, sp.density, sp.epsilon)
