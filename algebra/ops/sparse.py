@@ -269,7 +269,7 @@ def _combine_scratch(e) -> float:
     # (elected sign, denominator) and one sparsifier's temporaries
     temps = 1.5
     if "dare" in kinds:
-        temps = 5.0  # int64 index and hash temporaries (2 units each in float32)
+        temps = 6.5  # three int64 draw buffers (2 units each in float32) and the keep mask
     if "della" in kinds:
         temps = 9.0  # magnitudes, int64 order and ranks, float64 probabilities and limits
     if spec.select_var:
