@@ -62,6 +62,12 @@ class ChunkPool:
         self._out[id(buf)] = buf
         return buf[:n]
 
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether `t` is (a view of) a buffer handed out by `take` and not yet given
+        back, which its holder may write (an input's view never is)."""
+        base = t._base if t._base is not None else t
+        return id(base) in self._out
+
     def give(self, t: torch.Tensor) -> None:
         """Take back a buffer from `take`; anything else (an input's view) is ignored."""
         base = t._base if t._base is not None else t

@@ -64,6 +64,7 @@ class Primitive:
     # fn sees whole rows of its result's last dimension (or a function of the Map
     # expression saying whether this call needs them)
     rowwise: bool | Callable[[object], bool] = False
+    pooled: bool = False  # fn receives pool= (the evaluator's ChunkPool) for its temporaries
 
     def scratch_for(self, expr: object) -> float:
         return float(self.scratch(expr) if callable(self.scratch) else self.scratch)
@@ -114,7 +115,8 @@ class Family:
         return declare
 
     def primitive(self, name: str, arity: int, scratch: float | Callable[[object], float] = 0,
-                  positional: bool = False, rowwise: bool | Callable[[object], bool] = False):
+                  positional: bool = False, rowwise: bool | Callable[[object], bool] = False,
+                  pooled: bool = False):
         """Declare an elementwise primitive (ops/__init__.py): a node whose op is its name
         lowers to a `Map` over its tensor arguments and scalar parameters."""
 
@@ -122,7 +124,7 @@ class Family:
             if name in self.primitives:
                 raise ValueError(f"primitive '{name}' is defined twice")
             self.primitives[name] = Primitive(name, fn, arity, (fn.__doc__ or "").strip(), scratch,
-                                              positional, rowwise)
+                                              positional, rowwise, pooled)
             return fn
 
         return declare

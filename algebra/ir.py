@@ -372,7 +372,10 @@ class Map(TExpr):
         # a primitive's arguments are always checked: it may absorb a nan silently
         args = [a.eval(ev, e0, e1) for a in self.args]
         params = [ev.coef(p) if isinstance(p, Sym) else p for p in self.params]
-        out = prim.fn(*args, *params, e0=e0) if prim.positional else prim.fn(*args, *params)
+        kw = {"e0": e0} if prim.positional else {}
+        if prim.pooled:
+            kw["pool"] = ev.pool
+        out = prim.fn(*args, *params, **kw)
         for a in args:
             ev.pool.give(a)
         return out

@@ -13,6 +13,9 @@ saved as bf16:
 
   alg        python -m algebra run ties.alg --force, where ties.alg is
              save(ties(load("a"), [load("ties-ft1"), load("ties-ft2")], 0.5, 0.5), "out-ties-alg")
+  alg lerp   python -m algebra run lerp.alg --force, where lerp.alg is
+             save(lerp(load("a"), load("ties-ft1"), 0.5), "out-lerp-alg"): the same
+             inputs streamed once, for the ratio TIES / lerp (--no-lerp skips it)
   mergekit   mergekit-yaml ties.yml out-ties-mk (from a separate venv, --mergekit-venv;
              CPU, defaults otherwise: no lazy unpickling, synchronous writes, dtype float32,
              out_dtype bfloat16). mergekit ranks each task vector with a full argsort.
@@ -175,6 +178,7 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=None, metavar="N")
     ap.add_argument("--interval-ms", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--no-lerp", action="store_true", help="skip alg's lerp of the same inputs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     work = args.dir.expanduser().resolve()
@@ -188,6 +192,8 @@ def main() -> int:
     recipe = work / "ties.alg"
     recipe.write_text(f'base = load("a")\nms = [load("ties-ft1"), load("ties-ft2")]\n'
                       f'save(ties(base, ms, {WEIGHT}, {DENSITY}), "out-ties-alg")\n')
+    lerp_recipe = work / "lerp-ties-inputs.alg"
+    lerp_recipe.write_text(f'save(lerp(load("a"), load("ties-ft1"), {WEIGHT}), "out-lerp-alg")\n')
     mk_yaml = work / "ties.yml"
     mk_yaml.write_text(
         "merge_method: ties\n"
@@ -198,10 +204,11 @@ def main() -> int:
         + "parameters: {normalize: true}\ndtype: float32\nout_dtype: bfloat16\n")
     mk_bin = args.mergekit_venv / "bin" / "mergekit-yaml"
     with_mk = mk_bin.is_file()
-    outs = {"alg": work / "out-ties-alg", "mergekit": work / "out-ties-mk"}
+    outs = {"alg": work / "out-ties-alg", "mergekit": work / "out-ties-mk", "lerp": work / "out-lerp-alg"}
     extra = ["--chunk", str(args.chunk)] if args.chunk else []
     cmds = {
         "alg": [sys.executable, "-m", "algebra", "run", str(recipe), "--force", *extra],
+        "lerp": [sys.executable, "-m", "algebra", "run", str(lerp_recipe), "--force", *extra],
         "mergekit": [str(mk_bin), str(mk_yaml), str(outs["mergekit"]), "--no-cuda", "--no-copy-tokenizer",
                      "--no-write-model-card", "--quiet", "--out-shard-size", "1B"],
         "import": [sys.executable, "-c", "import algebra.cli, algebra.interpreter, algebra.execute, time; time.sleep(0.5)"],
@@ -222,6 +229,7 @@ def main() -> int:
               f"{r['peak_rss_anon'] / MB:8.1f} MB  (other processes {r['others_cpu_s']:.1f}s CPU)", flush=True)
         return {"kind": kind, "tag": tag, **r}
 
+    load_start = os.getloadavg()
     predicted, plan_line = bl.predicted_peak(recipe, extra, env)
     print(f"alg plan: {plan_line.strip()}", flush=True)
     raw = [run("import", "import-algebra")]
@@ -229,9 +237,10 @@ def main() -> int:
         raw.append(run("alg", "alg-first"))  # also hashes new inputs for the model card (cached after)
     mk_repeat = args.mergekit_repeat if args.mergekit_repeat is not None else args.repeat
     for i in range(max(args.repeat, mk_repeat if with_mk else 0)):
-        order = ["alg", "mergekit"] if i % 2 == 0 else ["mergekit", "alg"]
+        order = ["alg", "lerp", "mergekit"] if i % 2 == 0 else ["mergekit", "lerp", "alg"]
         for kind in order:
-            if kind == "alg" and i < args.repeat or kind == "mergekit" and with_mk and i < mk_repeat:
+            if (kind == "alg" or kind == "lerp" and not args.no_lerp) and i < args.repeat \
+                    or kind == "mergekit" and with_mk and i < mk_repeat:
                 raw.append(run(kind, f"{kind}-{i + 1}"))
     check = compare(work, args.layers, with_mk)
     if not args.keep:
@@ -241,6 +250,9 @@ def main() -> int:
     summary = {k: bl.summarize([r for r in raw if r["kind"] == k and r["tag"] != "alg-first"])
                for k in ("alg", "import")}
     rows = [("`alg run`", summary["alg"])]
+    if not args.no_lerp:
+        summary["lerp"] = bl.summarize([r for r in raw if r["kind"] == "lerp"])
+        rows.append(("`alg run`: lerp of the same inputs", summary["lerp"]))
     if with_mk:
         summary["mergekit"] = bl.summarize([r for r in raw if r["kind"] == "mergekit"])
         rows.append(("`mergekit-yaml` (mergekit 0.1.5)", summary["mergekit"]))
@@ -256,9 +268,13 @@ def main() -> int:
           + (f"{predicted / MB:.1f} MB" if predicted else "?"))
     if with_mk:
         print(f"- wall time alg / mergekit (medians): {alg['wall_median_s'] / summary['mergekit']['wall_median_s']:.2f}")
+    if not args.no_lerp:
+        print(f"- wall time alg TIES / alg lerp (medians): {alg['wall_median_s'] / summary['lerp']['wall_median_s']:.2f}"
+              f"; CPU: {alg['cpu_median_s'] / summary['lerp']['cpu_median_s']:.2f}")
     print(f"- outputs: {json.dumps(check, indent=1)}")
     others = max(r["others_cpu_s"] / r["wall_s"] for r in raw)
-    print(f"- other processes used up to {others:.0%} of a CPU during a run (the machine is shared)")
+    print(f"- other processes used up to {others:.0%} of a CPU during a run (the machine is shared); "
+          f"load average (1, 5, 15 min) at the start {load_start}, at the end {os.getloadavg()}")
     print(f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
           f"torch {torch.__version__}")
     if with_mk:

@@ -34,7 +34,8 @@ from typing import Any
 from ..errors import AlgRuntimeError, AlgTypeError
 from ..family import Family
 from ..graph import Node
-from ..lower import Lowerer, Map, TExpr, lin, s_mul
+from ..ir import Lin
+from ..lower import Lowerer, Map, Sym, TExpr, lin, s_mul
 from ..ops.sparse import Combine, Sparsify, rng_key
 from ..plan import row_length
 from ..rules import derived, same_tables
@@ -405,6 +406,13 @@ def _lower_tv(low: Lowerer, node: Node, name: str) -> TExpr:
         sq = low.reduction((id(node), name, "squares"), lambda: MaskedSquares(
             tuple(ds), sel, f"sce weights {name}"))
         weights = [SceWeight(sq, i, n) for i in range(n_models)]
+    ms = [low.tensor(node.args[i + 1], name) for i in range(n_models)]
+    if not any(isinstance(x, Lin) for x in (base, *ms)) and base not in ms and (isinstance(scale, Sym) or scale != 0):
+        # one primitive reads the base and the models once per chunk and forms d_i and
+        # base + scale * merged itself, with the Lins' own operations (the same bits)
+        spec = Combine(n_models, tuple(sparsify), consensus, bool(p.normalize), row_length(base.spec), select_var,
+                       with_base=True)
+        return Map("tv_combine", (base, *ms), (spec, scale, *weights, *vals), base.spec)
     spec = Combine(n_models, tuple(sparsify), consensus, bool(p.normalize), row_length(base.spec), select_var)
     merged = Map("tv_combine", tuple(ds), (spec, *weights, *vals), base.spec)
     return lin([(1.0, base), (scale, merged)])

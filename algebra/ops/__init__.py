@@ -13,7 +13,9 @@ Two flags widen what a primitive may depend on: `positional` (it receives `e0=`,
 index of the chunk's first element in its own tensor, for rules that depend on an
 element's position: counter-based random draws, ties broken by index) and `rowwise`
 (it sees whole rows, rows being the last dimension of its result: the evaluator widens
-a range to whole rows, and the planner aligns write chunks to rows).
+a range to whole rows, and the planner aligns write chunks to rows). A third,
+`pooled`, hands it the evaluator's chunk pool (`pool=`): it takes its chunk-sized
+temporaries and its result from there, and gives back all but the result.
 """
 
 from __future__ import annotations

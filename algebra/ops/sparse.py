@@ -47,56 +47,43 @@ def rng_key(seed: int, name: str, model: int) -> tuple[int, int]:
     return key & M32, key >> 32
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2^32 for h in [0, 2^32) held in int64, without int64 overflow."""
-    lo = h * (c & 0xFFFF)
-    hi = (h * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return lo.add_(hi).bitwise_and_(M32)
+def _mul32(h: torch.Tensor, c: int, tmp: torch.Tensor) -> torch.Tensor:
+    """h = (h * c) mod 2^32 in place, for h in [0, 2^32) held in int64, without int64
+    overflow (`tmp`: a scratch buffer of h's size)."""
+    torch.mul(h, c >> 16, out=tmp).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return h.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(M32)
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h ^= h >> 13
-    h = _mul32(h, 0xC2B2AE35)
-    h ^= h >> 16
+def _fmix32(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser, in place."""
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
+    _mul32(h, 0x85EBCA6B, tmp)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 13, out=tmp))
+    _mul32(h, 0xC2B2AE35, tmp)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
     return h
 
 
-def draws(e0: int, n: int, key: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The 24-bit draws v of elements e0 .. e0+n-1 (int64)."""
-    idx = torch.arange(e0, e0 + n, dtype=torch.int64, device=device)
-    hi = idx >> 32
-    h = _fmix32(idx.bitwise_and_(M32).bitwise_xor_(key[0]))
-    h = _fmix32(h.bitwise_xor_(hi).bitwise_xor_(key[1]))
-    return h >> (32 - DRAW_BITS)
+def draws(e0: int, n: int, key: tuple[int, int], device: torch.device, pool=None) -> torch.Tensor:
+    """The 24-bit draws v of elements e0 .. e0+n-1 (int64; a buffer of `pool`, the
+    executor's chunk pool, when given: the caller gives it back)."""
+    def take() -> torch.Tensor:
+        return pool.take(n, torch.int64) if pool is not None else torch.empty(n, dtype=torch.int64, device=device)
+
+    h, hi, tmp = take(), take(), take()
+    torch.arange(e0, e0 + n, dtype=torch.int64, device=device, out=h)
+    torch.bitwise_right_shift(h, 32, out=hi)
+    _fmix32(h.bitwise_and_(M32).bitwise_xor_(key[0]), tmp)
+    _fmix32(h.bitwise_xor_(hi).bitwise_xor_(key[1]), tmp)
+    if pool is not None:
+        pool.give(hi)
+        pool.give(tmp)
+    return h.bitwise_right_shift_(32 - DRAW_BITS)
 
 
 def keep_threshold(p: float) -> int:
     """Draws v < this survive with probability p: ceil(p * 2^24)."""
     return math.ceil(p * (1 << DRAW_BITS))
-
-
-def _libc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def trim_heap() -> None:
-    """Hand freed heap back to the system (glibc). The temporaries of this module's
-    chunk loops are allocated by torch, not taken from the executor's pool; once glibc's
-    dynamic mmap threshold has grown past a chunk, they come from the heap, which glibc
-    keeps when freed, so a long loop held a few hundred MB beyond its working set.
-    Trimming once per chunk costs a few page faults and keeps the peak near the plan's."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 # ---- keep rules ------------------------------------------------------------------------------
@@ -170,6 +157,9 @@ class Combine:
     normalize: bool
     row: int  # the tensor's row length (DELLA ranks rows)
     select_var: bool = False
+    # the tensors are (base, m_1 .. m_n), not (d_1 .. d_n), and the scale leads the
+    # scalars: the result is base + scale * merged (each input chunk read once)
+    with_base: bool = False
 
     def __repr__(self) -> str:
         kinds = ",".join(sorted({s.kind for s in self.sparsify}))
@@ -183,50 +173,91 @@ def _split(items: tuple) -> tuple[list[torch.Tensor], Combine, list]:
     raise AssertionError("tv_combine without its Combine parameter")
 
 
-def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int) -> torch.Tensor:
-    """d' for one model: a new tensor (d itself is never written)."""
+def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int, pool) -> torch.Tensor:
+    """d' for one model: a pool buffer (d itself is never written)."""
+    size = d.numel()
+    out = pool.take(size, d.dtype)
     if sp.kind == "none":
-        return d.clone()
+        return out.copy_(d)
     if sp.kind in ("top", "window"):
-        mag = d.abs()
-        keep = top_mask(mag, vals[-2], vals[-1], e0)
+        mag = torch.abs(d, out=out)
+        keep = _top_mask_into(mag, vals[-2], vals[-1], e0, pool)
         if sp.kind == "window":
-            drop = top_mask(mag, vals[0], vals[1], e0)
+            drop = _top_mask_into(mag, vals[0], vals[1], e0, pool)
             if drop is not None:
-                keep = ~drop if keep is None else keep.logical_and_(~drop)
-        del mag
-        return d.clone() if keep is None else torch.where(keep, d, 0.0)
+                if keep is None:
+                    keep = drop.logical_not_()
+                else:
+                    keep.logical_and_(drop.logical_not_())
+                    pool.give(drop)
+        if keep is None:
+            return out.copy_(d)
+        torch.where(keep, d, d.new_zeros(()), out=out)
+        pool.give(keep)
+        return out
     if sp.kind == "dare":
-        v = draws(e0, d.numel(), sp.key, d.device)
-        keep = v < keep_threshold(sp.density)
-        del v
-        return torch.where(keep, d, 0.0).div_(sp.density)
+        v = draws(e0, size, sp.key, d.device, pool)
+        keep = torch.lt(v, keep_threshold(sp.density), out=pool.take(size, torch.bool))
+        pool.give(v)
+        torch.where(keep, d, d.new_zeros(()), out=out).div_(sp.density)
+        pool.give(keep)
+        return out
     if sp.kind == "della":
         ranks = _rows_ranks(d.abs(), row)
         p = della_probability(ranks, row, sp.density, sp.epsilon)
         del ranks
         limit = p.mul(1 << DRAW_BITS).ceil_()
-        keep = draws(e0, d.numel(), sp.key, d.device).to(torch.float64) < limit
+        keep = draws(e0, size, sp.key, d.device).to(torch.float64) < limit
         del limit
-        return torch.where(keep, d / p.to(d.dtype), 0.0)
+        return torch.where(keep, d / p.to(d.dtype), d.new_zeros(()), out=out)
     raise AssertionError(f"unknown sparsifier {sp.kind!r}")
 
 
-def _var_mask(ds: list[torch.Tensor], t: float, cut: float, e0: int) -> torch.Tensor | None:
-    var = population_var(ds)
-    return top_mask(var, t, cut, e0)
+def _top_mask_into(score: torch.Tensor, t: float, cut: float, e0: int, pool) -> torch.Tensor | None:
+    """`top_mask` in a pool buffer (None: every element kept)."""
+    n = score.numel()
+    keep = pool.take(n, torch.bool)
+    if cut < 0:
+        return keep.zero_()
+    if t < 0:
+        pool.give(keep)
+        return None
+    torch.gt(score, t, out=keep)
+    j = min(int(cut) - e0, n)  # ties at t are kept for chunk positions < j
+    if j > 0:
+        eq = torch.eq(score[:j], t, out=pool.take(j, torch.bool))
+        keep[:j].logical_or_(eq)
+        pool.give(eq)
+    return keep
 
 
-def population_var(ds: list[torch.Tensor]) -> torch.Tensor:
-    """Σ (d_i - mean)^2 / n elementwise: SCE's selection score."""
+def _var_mask(ds: list[torch.Tensor], t: float, cut: float, e0: int, pool) -> torch.Tensor | None:
+    var = population_var(ds, pool)
+    keep = _top_mask_into(var, t, cut, e0, pool)
+    pool.give(var)
+    return keep
+
+
+def population_var(ds: list[torch.Tensor], pool=None) -> torch.Tensor:
+    """Σ (d_i - mean)^2 / n elementwise: SCE's selection score. With the executor's chunk
+    pool (`pool`), the result and temporaries are pool buffers (the caller gives the
+    result back)."""
     n = len(ds)
-    mean = torch.zeros_like(ds[0])
+    size, dtype = ds[0].numel(), ds[0].dtype
+
+    def take() -> torch.Tensor:
+        return pool.take(size, dtype) if pool is not None else torch.empty_like(ds[0])
+
+    mean = take().zero_()
     for d in ds:
         mean.add_(d)
     mean.div_(n)
-    var = torch.zeros_like(ds[0])
+    var, tmp = take().zero_(), take()
     for d in ds:
-        var.add_(torch.sub(d, mean).square_())
+        var.add_(torch.sub(d, mean, out=tmp).square_())
+    if pool is not None:
+        pool.give(mean)
+        pool.give(tmp)
     return var.div_(n)
 
 
@@ -238,12 +269,12 @@ def _combine_scratch(e) -> float:
     # (elected sign, denominator) and one sparsifier's temporaries
     temps = 1.5
     if "dare" in kinds:
-        temps = 5.0  # int64 index and hash temporaries (2 units each in float32)
+        temps = 6.5  # three int64 draw buffers (2 units each in float32) and the keep mask
     if "della" in kinds:
         temps = 9.0  # magnitudes, int64 order and ranks, float64 probabilities and limits
     if spec.select_var:
         temps = max(temps, 3.0)
-    return n + 2.0 + temps
+    return n + 2.0 + temps + (1.0 if spec.with_base else 0.0)  # (a task vector formed from its model)
 
 
 def _needs_rows(e) -> bool:
@@ -251,54 +282,111 @@ def _needs_rows(e) -> bool:
     return any(s.kind == "della" for s in spec.sparsify)
 
 
-@primitive("tv_combine", arity=-1, scratch=_combine_scratch, positional=True, rowwise=_needs_rows)
-def tv_combine(*items, e0: int = 0) -> torch.Tensor:
+@primitive("tv_combine", arity=-1, scratch=_combine_scratch, positional=True, rowwise=_needs_rows, pooled=True)
+def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
     """The merged task vector of n task vectors d_i: sparsify each (see `Sparsify`),
     optionally elect a sign per element and keep only agreeing entries, then sum with
-    weights (and divide by the kept weights when normalising)."""
+    weights (and divide by the kept weights when normalising). Temporaries and the result
+    are buffers of the executor's chunk pool (`pool`; without one, fresh tensors)."""
     ds, spec, vals = _split(items)
-    trim_heap()
+    pool = pool if pool is not None else _Fresh()
+    size, dtype = ds[0].numel(), ds[0].dtype
+    base = None
+    if spec.with_base:
+        base, ds, scale, vals = ds[0], ds[1:], float(vals[0]), vals[1:]
     weights = [float(w) for w in vals[: spec.n]]
     pos = spec.n
     parts: list[torch.Tensor] = []
     for i, (d, sp) in enumerate(zip(ds, spec.sparsify, strict=True)):
         mine = vals[pos : pos + sp.nvals]
         pos += sp.nvals
-        parts.append(_sparsified(d, sp, mine, spec.row, e0))
+        if base is not None:  # d = m - base, as the Lin 1.0 * m + (-1.0) * base computes it, bit for bit
+            d = torch.sub(d, base, out=pool.take(size, dtype))
+        parts.append(_sparsified(d, sp, mine, spec.row, e0, pool))
+        if base is not None:
+            pool.give(d)
         if spec.consensus != "sce":
             parts[i].mul_(weights[i])
+    merged = _combined(parts, spec, weights, vals[pos:], e0, size, dtype, pool)
+    if base is None:
+        return merged
+    # base + scale * merged: the Lin 1.0 * base + scale * merged's own add (1.0 * base is base)
+    out = torch.add(base, merged, alpha=scale, out=pool.take(size, dtype))
+    pool.give(merged)
+    return out
+
+
+def _combined(parts: list[torch.Tensor], spec: Combine, weights: list[float], vals: list, e0: int, size: int,
+              dtype: torch.dtype, pool) -> torch.Tensor:
+    """The merged task vector from the sparsified (weighted) parts; `vals` holds what
+    follows the sparsifiers' scalars (SCE's variance selection)."""
+    pos = 0
     if spec.select_var:
-        keep = _var_mask(parts, vals[pos], vals[pos + 1], e0)
+        keep = _var_mask(parts, vals[pos], vals[pos + 1], e0, pool)
         if keep is not None:
+            keep.logical_not_()
             for p in parts:
-                p.masked_fill_(~keep, 0.0)
+                p.masked_fill_(keep, 0.0)
+            pool.give(keep)
     if spec.consensus == "none":
         out = parts[0]
         for p in parts[1:]:
             out.add_(p)
+            pool.give(p)
         return out
-    total = torch.zeros_like(parts[0])
-    for p in parts:
+    # Sums start from their first term, not from 0 (0 + x == x for every x but -0.0),
+    # and no result can tell: the total is only compared with 0, a kept entry is
+    # nonzero and any other +0.0, and a zero denominator is replaced whatever its sign.
+    total = torch.add(parts[0], parts[1], out=pool.take(size, dtype)) if len(parts) > 1 else parts[0]
+    for p in parts[2:]:
         total.add_(p)
-    positive = total >= 0  # the elected sign; zero counts as +
-    del total
-    out = torch.zeros_like(parts[0])
-    den = torch.zeros_like(parts[0])
+    positive = torch.ge(total, 0, out=pool.take(size, torch.bool))  # the elected sign; zero counts as +
+    if len(parts) > 1:
+        pool.give(total)
+    out = den = None
+    weighted = spec.consensus == "sce" or spec.normalize
+    agree, below = pool.take(size, torch.bool), pool.take(size, torch.bool)
+    zero = parts[0].new_zeros(())
     for i, p in enumerate(parts):
-        agree = torch.where(positive, p > 0, p < 0)  # a zero entry never agrees
+        # a zero entry never agrees
+        torch.where(positive, torch.gt(p, 0, out=agree), torch.lt(p, 0, out=below), out=agree)
         if spec.consensus == "sce":
             p.mul_(weights[i])
-        out.add_(p.masked_fill_(~agree, 0.0))
-        if spec.consensus == "sce" or spec.normalize:
-            den.add_(agree.to(den.dtype), alpha=weights[i])
-        del agree
+        # the denominator: w_i where agreeing, as (0 or 1) * w_i computes it (the weight
+        # rounded to the dtype; a bool operand of add_ is 0 or 1 in the dtype)
+        if weighted and den is None:
+            den = torch.where(agree, parts[0].new_full((), weights[i]), zero, out=pool.take(size, dtype))
+        elif weighted:
+            den.add_(agree, alpha=weights[i])
+        torch.where(agree, p, zero, out=p)
+        if out is None:
+            out = p
+        else:
+            out.add_(p)
+            pool.give(p)
+    for buf in (positive, agree, below):
+        pool.give(buf)
     if spec.consensus == "sce":
-        return out.div_(den.clamp_(min=1e-6))
-    if spec.normalize:
-        den.masked_fill_(den == 0, 1.0)
+        out.div_(den.clamp_(min=1e-6))
+    elif spec.normalize:
+        zero = torch.eq(den, 0, out=pool.take(size, torch.bool))
+        den.masked_fill_(zero, 1.0)
+        pool.give(zero)
         out.div_(den)
+    if den is not None:
+        pool.give(den)
     return out
 
 
+class _Fresh:
+    """A stand-in for the chunk pool outside the executor: fresh tensors, nothing kept."""
+
+    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype)
+
+    def give(self, t: torch.Tensor) -> None:
+        pass
+
+
 __all__ = ["Combine", "Sparsify", "della_probability", "draws", "keep_threshold", "population_var",
-           "rng_key", "top_mask", "trim_heap", "tv_combine"]
+           "rng_key", "top_mask", "tv_combine"]

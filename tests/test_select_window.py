@@ -1,0 +1,253 @@
+"""The windowed selection (methods/select.py `_window_select`): a sample brackets each
+rank-k key, one pass counts above the window and records its distinct keys per chunk.
+On the tiny test checkpoints it is forced by lowering the sample thresholds; its (t, J)
+must equal the float64 stable-sort reference exactly (bf16 data: many ties), and when
+the window misses (a zero-width window) or overflows its budget, the radix passes must
+give the same answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_folder
+from test_methods_sparse import F64, _close, _run, crumbs, f64, top, top_k_mask, tv_reference  # noqa: F401
+
+from algebra import api
+from algebra.execute import new_evaluator
+from algebra.lower import Lowerer, lin
+from algebra.methods import select
+from algebra.methods.select import OfNonzero, Select
+from algebra.ops.sparse import top_mask
+from algebra.options import Options
+
+
+@pytest.fixture
+def windowed(monkeypatch):
+    """Every streamed tensor of 16+ elements takes the window; counts its outcomes."""
+    monkeypatch.setattr(select, "SAMPLE_MIN", 4)
+    monkeypatch.setattr(select, "SAMPLE_SHARE", 4)
+    monkeypatch.setattr(select, "WINDOW_SIGMAS", 2.0)  # narrower: tiny chunks, tiny budgets
+    seen = {"window": 0, "resolved": 0, "radix": 0}
+    real_window, real_collect = select._window_select, select._collect
+
+    def window(sel, ev, spans, ranks, *a):
+        seen["window"] += 1
+        real_window(sel, ev, spans, ranks, *a)
+        seen["resolved"] += sum(r.result is not None for r in ranks)
+
+    monkeypatch.setattr(select, "_window_select", window)
+    monkeypatch.setattr(select, "_collect", lambda *a: seen.__setitem__("radix", seen["radix"] + 1) or real_collect(*a))
+    return seen
+
+
+def _check_ranks(family_bf16, chunk: int, ks_of) -> tuple[int, int]:
+    """Select on every float tensor of the bf16 family; each (t, J) keeps exactly the
+    reference's top k. Returns (selections streamed, tensors with ties at a threshold)."""
+    models = api.check(api.parse(f'[load("{family_bf16["base"]}"), load("{family_bf16["math"]}")]')).result
+    low = Lowerer()
+    t = {n: read_folder(family_bf16[n]) for n in ("base", "math")}
+    ev = new_evaluator(Options(device="cpu"))
+    streamed = tied = 0
+    for name, spec in models[0].type.tensors.items():
+        if not spec.is_float or spec.numel < 16:
+            continue
+        d = lin([(1.0, low.tensor(models[1].node, name)), (-1.0, low.tensor(models[0].node, name))])
+        n = spec.numel
+        ks = ks_of(n)
+        sel = Select((d,), (("abs", 0),), (ks,), name)
+        ev.reduce(sel, chunk)
+        streamed += n > chunk
+        mag = (t["math"][name].float() - t["base"][name].float()).abs().flatten()
+        for j, k in enumerate(ks):
+            tt, cut = ev.results[sel][2 * j], ev.results[sel][2 * j + 1]
+            keep = top_mask(mag, tt, cut, 0)
+            keep = torch.ones_like(mag, dtype=torch.bool) if keep is None else keep
+            assert int(keep.sum()) == k, (name, k)
+            assert np.array_equal(keep.numpy(), top_k_mask(mag.double().numpy(), k)), (name, k)
+            tied += int((mag == tt).sum()) > 1
+    return streamed, tied
+
+
+@pytest.mark.parametrize("chunk", [333, 2000])
+def test_window_keeps_exactly_k_lowest_index_first(family_bf16, windowed, chunk):
+    streamed, tied = _check_ranks(family_bf16, chunk, lambda n: (1, n // 3, n // 2, n - 1))
+    assert streamed and windowed["window"] == streamed
+    assert windowed["resolved"] > 0  # found there (tiny tensors overflow the budget of a tiny chunk more often)
+    assert tied > 0  # the data really had ties at the thresholds
+
+
+def test_window_misses_fall_back_to_the_radix_passes(family_bf16, windowed, monkeypatch):
+    monkeypatch.setattr(select, "WINDOW_SIGMAS", -1.0)  # an empty-ish window: most ranks miss
+    streamed, _ = _check_ranks(family_bf16, 333, lambda n: (n // 3, n // 2))
+    assert windowed["resolved"] < 2 * streamed and windowed["radix"] > 0
+
+
+def test_window_over_budget_falls_back(family_bf16, windowed, monkeypatch):
+    monkeypatch.setattr(select, "WINDOW_SIGMAS", 1e9)  # every key in the window: over a chunk's worth
+    streamed, _ = _check_ranks(family_bf16, 333, lambda n: (n // 2,))
+    assert windowed["resolved"] == 0 and streamed > 0
+
+
+@pytest.mark.parametrize("chunk", [2000, 1000])
+def test_merges_through_the_window_match_the_references(family, f64, windowed, chunk):  # noqa: F811
+    out = _run(family, "ties(b, [m1, m2], [1, 0.6], [0.3, 0.5])", chunk_elems=chunk, **F64)
+    sps = [top(0.3), top(0.5)]
+    _close(out, tv_reference(f64, lambda n, i, d, s: sps[i](n, i, d, s), [1, 0.6], "sum", True))
+    out = _run(family, "breadcrumbs_ties(b, [m1, m2], 1, 0.4, gamma=0.1)", chunk_elems=chunk, **F64)
+    _close(out, tv_reference(f64, crumbs(0.4, 0.1), [1, 1], "sum", True))
+    assert windowed["window"] > 0 and windowed["resolved"] > 0
+
+
+def test_sce_variance_rank_through_the_window(family, windowed):
+    """SCE's rank is a fraction of the nonzero variances, known only after the pass."""
+    from algebra.methods.select import _radix_select
+
+    models = api.check(api.parse("\n".join(f'load("{family[n]}")' for n in ("base", "math", "rl1"))
+                                 .replace("\n", ", ").join("[]"))).result
+    low = Lowerer()
+    ev = new_evaluator(Options(device="cpu", compute_dtype="float64"))
+    t = {n: read_folder(family[n]) for n in ("base", "math", "rl1")}
+    name = max((k for k, s in models[0].type.tensors.items() if s.is_float), key=lambda k: models[0].type.tensors[k].numel)
+    ds = tuple(lin([(1.0, low.tensor(m.node, name)), (-1.0, low.tensor(models[0].node, name))]) for m in models[1:])
+    sel = Select(ds, (("var", -1),), ((OfNonzero(0.4),),), name)
+    t_, cut = _radix_select(sel, ev, 500)
+    b = t["base"][name].double().flatten()
+    x = [t[m][name].double().flatten() - b for m in ("math", "rl1")]
+    mean = (x[0] + x[1]) / 2
+    var = ((x[0] - mean) ** 2 + (x[1] - mean) ** 2) / 2
+    k = int(int((var != 0).sum()) * 0.4)
+    keep = top_mask(var, t_, cut, 0)
+    assert np.array_equal(keep.numpy(), top_k_mask(var.numpy(), k))
+    assert windowed["window"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["top", "window", "dare", "none"])
+@pytest.mark.parametrize("consensus", ["sum", "none", "sce"])
+def test_tv_combine_from_the_models_equals_the_lin_form_bit_for_bit(kind, consensus, dtype):
+    """`with_base`: tv_combine reads the base and the models and forms d_i and
+    base + scale * merged itself; it must give the bits of the Lin form (d_i from
+    1.0 * m_i + (-1.0) * base, then 1.0 * base + scale * tv_combine(d_i)), -0.0 included."""
+    from algebra.ops.sparse import Combine, Sparsify, tv_combine
+
+    g = torch.Generator().manual_seed(3)
+    n, e0 = 4096, 1000
+    base = torch.randn(n, generator=g, dtype=dtype)
+    base[:64] = -0.0  # signed zeros in the base: the result's zero signs must agree too
+    ms = [(base + torch.randn(n, generator=g, dtype=dtype) * 0.01).to(torch.bfloat16).to(dtype) for _ in range(2)]
+    ms[0][:32] = base[:32]  # zero task-vector entries
+    mags = [(m - base).abs() for m in ms]
+    vals: list = []
+    sps = []
+    for mag in mags:
+        t = float(mag.kthvalue(n // 2).values)
+        if kind == "top":
+            vals += [t, float(e0 + n // 3)]  # ties at t cut a third of the way in
+        elif kind == "window":
+            vals += [float(mag.kthvalue(n - 40).values), float(e0 + n), t, float(e0 + n)]
+        sps.append(Sparsify(kind, 0.4, key=(7, 9)) if kind == "dare" else Sparsify(kind))
+    weights = [0.7, -0.3] if consensus != "sce" else [0.6, 0.4]
+    spec = dict(n=2, sparsify=tuple(sps), consensus=consensus, normalize=True, row=64)
+    scale = 0.9
+
+    def lin_delta(m):
+        acc = torch.mul(m, 1.0)
+        return acc.add_(base, alpha=-1.0)
+
+    merged = tv_combine(*[lin_delta(m) for m in ms], Combine(**spec), *weights, *vals, e0=e0)
+    expected = torch.mul(base, 1.0).add_(merged, alpha=scale)
+    got = tv_combine(base, *ms, Combine(**spec, with_base=True), scale, *weights, *vals, e0=e0)
+    assert torch.equal(got.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                       expected.view(torch.int64 if dtype == torch.float64 else torch.int32))
+
+
+def _tv_combine_before(ds, spec, weights, vals, e0):
+    """tv_combine as it was before the pooled rewrite (commit 61ca607), for top, window,
+    dare and none sparsifiers: fresh tensors, sums from zero. The pooled one must give
+    the same bits."""
+    from algebra.ops.sparse import draws, keep_threshold, population_var
+
+    parts, pos = [], 0
+    for i, (d, sp) in enumerate(zip(ds, spec.sparsify, strict=True)):
+        mine = vals[pos : pos + sp.nvals]
+        pos += sp.nvals
+        if sp.kind == "none":
+            x = d.clone()
+        elif sp.kind in ("top", "window"):
+            mag = d.abs()
+            keep = top_mask(mag, mine[-2], mine[-1], e0)
+            if sp.kind == "window":
+                drop = top_mask(mag, mine[0], mine[1], e0)
+                if drop is not None:
+                    keep = ~drop if keep is None else keep.logical_and_(~drop)
+            x = d.clone() if keep is None else torch.where(keep, d, 0.0)
+        else:
+            x = torch.where(draws(e0, d.numel(), sp.key, d.device) < keep_threshold(sp.density), d, 0.0).div_(sp.density)
+        parts.append(x)
+        if spec.consensus != "sce":
+            parts[i].mul_(weights[i])
+    if spec.select_var:
+        keep = top_mask(population_var(parts), vals[pos], vals[pos + 1], e0)
+        if keep is not None:
+            for p in parts:
+                p.masked_fill_(~keep, 0.0)
+    if spec.consensus == "none":
+        out = parts[0]
+        for p in parts[1:]:
+            out.add_(p)
+        return out
+    total = torch.zeros_like(parts[0])
+    for p in parts:
+        total.add_(p)
+    positive = total >= 0
+    out, den = torch.zeros_like(parts[0]), torch.zeros_like(parts[0])
+    for i, p in enumerate(parts):
+        agree = torch.where(positive, p > 0, p < 0)
+        if spec.consensus == "sce":
+            p.mul_(weights[i])
+        out.add_(p.masked_fill_(~agree, 0.0))
+        if spec.consensus == "sce" or spec.normalize:
+            den.add_(agree.to(den.dtype), alpha=weights[i])
+    if spec.consensus == "sce":
+        return out.div_(den.clamp_(min=1e-6))
+    if spec.normalize:
+        den.masked_fill_(den == 0, 1.0)
+        out.div_(den)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["top", "window", "dare", "none"])
+@pytest.mark.parametrize(("consensus", "normalize", "select_var"),
+                         [("sum", True, False), ("sum", False, False), ("none", False, False),
+                          ("sce", False, False), ("sce", False, True)])
+def test_pooled_tv_combine_equals_the_previous_one_bit_for_bit(kind, consensus, normalize, select_var, dtype):
+    from algebra.execute import ChunkPool
+    from algebra.ops.sparse import Combine, Sparsify, tv_combine
+
+    g = torch.Generator().manual_seed(5)
+    n, e0 = 3000, 700
+    ds = [(torch.randn(n, generator=g, dtype=dtype) * 0.01).to(torch.bfloat16).to(dtype) for _ in range(3)]
+    ds[1][:50] = 0.0
+    ds[2][50:80] = -ds[0][50:80]  # opposite entries: totals of exactly zero
+    vals: list = []
+    sps = []
+    for d in ds:
+        mag = d.abs()
+        t = float(mag.kthvalue(n // 2).values)
+        if kind == "top":
+            vals += [t, float(e0 + n // 3)]
+        elif kind == "window":
+            vals += [float(mag.kthvalue(n - 30).values), float(e0 + n // 2), t, float(e0 + n)]
+        sps.append(Sparsify(kind, 0.6, key=(3, 4)) if kind == "dare" else Sparsify(kind))
+    if select_var:
+        var = sum((d - sum(ds) / 3) ** 2 for d in ds) / 3
+        vals += [float(var.kthvalue(n // 3).values), float(e0 + n)]
+    weights = [0.5, -0.25, 0.75]
+    spec = Combine(3, tuple(sps), consensus, normalize, 64, select_var)
+    pool = ChunkPool(torch.device("cpu"))
+    got = tv_combine(*ds, spec, *weights, *vals, e0=e0, pool=pool)
+    want = _tv_combine_before([d.clone() for d in ds], spec, weights, vals, e0)
+    itype = torch.int64 if dtype == torch.float64 else torch.int32
+    assert torch.equal(got.view(itype), want.view(itype))
