@@ -25,13 +25,10 @@ draws are the local run's, and the bytes are too; the driver then writes the ind
 config, the tokenizer and the card with the local code (`execute.save`), and the folder
 is staged (io/target.py `Staging`) only when every task has succeeded.
 
-Threads. A shard task uses the CPUs Ray gave it (`distributed.CPUS_PER_WORKER`); its work
-is elementwise or row-wise and its bytes do not depend on the thread count. A reduction
-task uses the driver's torch thread count, and reserves as many CPUs (at most a node's):
-float64 sums by BLAS (`torch.dot` of even 4096 elements) split their work by thread
-count and so round differently on another count, which a SLERP angle can carry into the
-last bit of an output. So the bytes are those of a local run with the driver's thread
-count (OMP_NUM_THREADS=1 makes it one thread on both sides).
+Threads. A task, reduction or shard, runs on the CPUs Ray gave it
+(`distributed.CPUS_PER_WORKER`): shard work is elementwise or row-wise, and reductions
+sum with `ops/sums.py`, whose float64 sums round the same on any thread count, so the
+bytes do not depend on how many threads a task or the driver has.
 
 Faults. A task whose process dies (a crash, a lost node) is run again by Ray
 (`max_retries`: `distributed.RETRIES`); a shard task starts its file again from the
@@ -66,7 +63,6 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
     with Ray tasks, computing the reductions the run has not computed yet first, as tasks
     too. Returns when every task has succeeded; raises the first failure otherwise, after
     cancelling the rest."""
-    import torch
 
     from . import distributed
     from .ir import expr_deps
@@ -81,17 +77,11 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
     device = "cuda" if tp.config.device.startswith("cuda") else tp.config.device  # the task's GPU is its cuda
     need = {"num_gpus": 1} if gpus else {}
     remote = ray.remote(_task)
-    # a shard task: CPUS_PER_WORKER; a reduction: the driver's thread count (see "Threads"),
-    # reserved as CPUs up to the largest node's, so that it does not crowd other tasks
-    threads = torch.get_num_threads()
-    node_cpus = max((int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
-    cpus = {"shard": distributed.CPUS_PER_WORKER, "reduce": max(1, min(threads, node_cpus))}
     job = {
         "config": replace(tp.config, device=device),
         "out_dtype": tp.out_dtype,
         "options": distributed.actor_options(options, "cpu"),
         "span": sp.span,
-        "threads": threads,
         "fault": os.environ.get(distributed.FAULT_ENV) or None,
         "folder": str(Path(folder).resolve()),
     }
@@ -114,8 +104,7 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
     def submit(work: dict, what: str, payload: Any) -> Any:
         # the steps it runs and reads, as the driver describes them: the task checks its own plan
         work["describe"] = {i: steps[i].describe() for i in work["steps"] + work["deps"]}
-        kind = "reduce" if work["shard"] is None else "shard"
-        task = remote.options(num_cpus=cpus[kind], max_retries=distributed.RETRIES, **need)
+        task = remote.options(num_cpus=distributed.CPUS_PER_WORKER, max_retries=distributed.RETRIES, **need)
         ref = task.remote(job, blob, work, *(values[d] for d in work["deps"]))
         pending[ref] = (what, payload)
         return ref
@@ -207,11 +196,8 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
     from .lower import Lowerer
     from .plan import plan_tensors
 
-    if work["shard"] is None:
-        torch.set_num_threads(job["threads"])  # the driver's: see the module's "Threads"
-    else:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    config = replace(job["config"], threads=max(1, int(cpus)))  # see the module's "Threads"
     assert registry  # imported for the builtin families a lowering reads, in a fresh process
     options = job["options"]
     tp = plan_tensors(pickle.loads(blob), job["config"], job["out_dtype"], Lowerer())
@@ -219,7 +205,7 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
         if i >= len(tp.steps) or tp.steps[i].describe() != text:
             raise AlgRuntimeError(f"internal error: a Ray task planned the save differently from the driver "
                                   f"(step {i + 1}: '{text}'); please report it")
-    ev = execute.new_evaluator(job["config"], options.check_finite)
+    ev = execute.new_evaluator(config, options.check_finite)
     for i, v in zip(work["deps"], dep_values, strict=True):
         ev.results[tp.steps[i].gram] = v
     sub = replace(tp, steps=[tp.steps[i] for i in work["steps"]])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ir import TExpr, expr_deps
+from .ops import sums
 
 
 class Reduction:
@@ -90,10 +91,11 @@ class Gram(Reduction):
 
     def buffers(self, cs: int, rule) -> float:
         # x, then y, in the compute dtype; in float32 each is widened to float64 for the
-        # dot products, and both float64 copies are held for them
+        # dot products, and both float64 copies are held for them, with one float64
+        # chunk of products (ops/sums.py: sums that do not depend on the thread count)
         if cs >= 8:
-            return max(max(rule(x, cs), 1.0 + rule(y, cs)) for x, y in self.items)
-        return max(max(rule(x, cs), rule(y, cs)) for x, y in self.items) + 2 * (8 / cs)
+            return max(max(rule(x, cs), 1.0 + rule(y, cs)) for x, y in self.items) + 1.0
+        return max(max(rule(x, cs), rule(y, cs)) for x, y in self.items) + 3 * (8 / cs)
 
     def describe(self) -> str:
         return f"{self.label}: dot and norms over {len(self.items)} tensor(s)"
@@ -106,11 +108,12 @@ class Gram(Reduction):
             for e0 in range(0, x.numel, chunk):
                 e1 = min(x.numel, e0 + chunk)
                 a, b = _widened(ev, (x, y), e0, e1)
-                xy += float(torch.dot(a, b))
-                xx += float(torch.dot(a, a))
-                yy += float(torch.dot(b, b))
-                ev.pool.give(a)
-                ev.pool.give(b)
+                prod = ev.pool.take(e1 - e0, torch.float64)
+                xy += sums.dot(a, b, out=prod)
+                xx += sums.dot(a, a, out=prod)
+                yy += sums.dot(b, b, out=prod)
+                for t in (a, b, prod):
+                    ev.pool.give(t)
         return (xy, xx, yy)
 
     def __repr__(self) -> str:
@@ -143,9 +146,10 @@ class GramMatrix(Reduction):
         return [row[0] for row in self.items]
 
     def buffers(self, cs: int, rule) -> float:
-        # each expression is evaluated then widened; all n float64 copies are held
+        # each expression is evaluated then widened; all n float64 copies are held, with
+        # one float64 chunk of products
         wide = 1.0 if cs >= 8 else 8 / cs
-        return max(max(rule(x, cs) for x in row) for row in self.items) + len(self.items[0]) * wide
+        return max(max(rule(x, cs) for x in row) for row in self.items) + (len(self.items[0]) + 1) * wide
 
     def describe(self) -> str:
         return f"{self.label}: {self.n}x{self.n} inner products over {len(self.items)} tensor(s)"
@@ -160,11 +164,14 @@ class GramMatrix(Reduction):
             for e0 in range(0, numel, chunk):
                 e1 = min(numel, e0 + chunk)
                 vs = _widened(ev, row, e0, e1)
-                stacked = torch.stack(vs)
-                total += (stacked @ stacked.T).cpu().numpy()
-                del stacked
-                for v in vs:
+                prod = ev.pool.take(e1 - e0, torch.float64)
+                for i in range(self.n):
+                    for j in range(i, self.n):
+                        total[i, j] += sums.dot(vs[i], vs[j], out=prod)
+                for v in (*vs, prod):
                     ev.pool.give(v)
+        iu = np.triu_indices(self.n, 1)
+        total[iu[1], iu[0]] = total[iu[0], iu[1]]
         return total
 
     def __repr__(self) -> str:

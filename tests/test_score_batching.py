@@ -211,7 +211,8 @@ def test_threads_are_applied_when_the_run_starts():
         torch.set_num_threads(before)
 
 
-def test_alg_score_threads_option_sets_torchs_threads(ws):
+def test_alg_score_threads_option_sets_torchs_threads(ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALG_CACHE", str(tmp_path / "cache"))  # scored here, not read from another test's cache
     before = torch.get_num_threads()
     try:
         (ws / "r.alg").write_text('help = reward("models/rm-helpful")\n')

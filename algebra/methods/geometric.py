@@ -27,6 +27,7 @@ from ..family import Family
 from ..graph import Node
 from ..lazy import np
 from ..lower import GramMatrix, Lowerer, Map, Reduction, Solve, SPick, Sym, TExpr, lin
+from ..ops import sums
 from ..ops.geometric import (
     grid_pieces,
     karcher_coefficients,
@@ -103,7 +104,7 @@ class RowGram(Reduction):
                     for j in range(i, n):
                         p = torch.mul(vs[i][lo:hi].view(k, w), vs[j][lo:hi].view(k, w),
                                       out=prod[lo:hi].view(k, w))
-                        total[where, i, j] += p.sum(axis).cpu().numpy()
+                        total[where, i, j] += sums.sum_axis(p, axis).cpu().numpy()
             ev.pool.give(prod)
             for v in vs:
                 ev.pool.give(v)

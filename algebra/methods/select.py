@@ -29,6 +29,7 @@ from typing import Any
 from ..ir import Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
+from ..ops import sums as fsums
 from ..ops.sparse import population_var, top_mask
 
 KEEP_ALL = (-1.0, 0.0)  # (t, J) that keeps every element
@@ -523,7 +524,7 @@ class MaskedSquares(Reduction):
                 x = d.to(torch.float64)
                 if keep is not None:
                     x = x.masked_fill_(~keep, 0.0)
-                sums[i] += float(torch.dot(x, x))
+                sums[i] += fsums.dot(x, x)
                 del x
                 ev.pool.give(d)
         return tuple(sums)
