@@ -224,40 +224,45 @@ def test_breadcrumbs_matches_reference(family, f64, chunk):
     _close(out, tv_reference(f64, top(0.5), [1], models=("math",)))
 
 
-# 37 takes the streamed path of 333 (radix passes, the tie-cut pass) with 9x the chunks: the slow tier
-@pytest.mark.parametrize("chunk", [1 << 20, 333, pytest.param(37, marks=pytest.mark.slow)])
-def test_select_keeps_exactly_k_with_ties_lowest_index_first(family_bf16, chunk, monkeypatch):
-    """bf16 task vectors hold many equal magnitudes: the threshold must keep exactly k,
-    the lower indices first, on the in-memory path (one chunk) and on the radix passes
-    with the tie-cut pass (bf16 buckets larger than a chunk)."""
+def check_ranks(family_bf16, chunk: int, ks_of, min_numel: int = 8) -> tuple[int, int]:
+    """Select on every float tensor of the bf16 family (of at least `min_numel` entries):
+    each (t, J) keeps exactly the reference's top k (`top_k_mask`) for each k of
+    `ks_of(numel)`. Returns (selections streamed, tensors with ties at a threshold)."""
     models = api.check(api.parse(f'[load("{family_bf16["base"]}"), load("{family_bf16["math"]}")]')).result
     low = Lowerer()
     t = {n: read_folder(family_bf16[n]) for n in ("base", "math")}
     ev = new_evaluator(Options(device="cpu"))
-    tied = 0
-    from algebra.methods import select
-
-    gathered = []
-    monkeypatch.setattr(select, "_collect", lambda *a, real=select._collect: gathered.append(1) or real(*a))
-    runs = 0
+    streamed = tied = 0
     for name, spec in models[0].type.tensors.items():
-        if not spec.is_float or spec.numel < 8:
+        if not spec.is_float or spec.numel < min_numel:
             continue
         d = lin([(1.0, low.tensor(models[1].node, name)), (-1.0, low.tensor(models[0].node, name))])
-        n = spec.numel
-        ks = (1, n // 3, n // 2, n - 1)
+        ks = ks_of(spec.numel)
         sel = Select((d,), (("abs", 0),), (ks,), name)
         ev.reduce(sel, chunk)
-        runs += spec.numel > chunk
+        streamed += spec.numel > chunk
         mag = (t["math"][name].float() - t["base"][name].float()).abs().flatten()
         for j, k in enumerate(ks):
             tt, cut = ev.results[sel][2 * j], ev.results[sel][2 * j + 1]
             keep = top_mask(mag, tt, cut, 0)
             keep = torch.ones_like(mag, dtype=torch.bool) if keep is None else keep
             assert int(keep.sum()) == k, (name, k)
-            expected = top_k_mask(mag.double().numpy(), k)
-            assert np.array_equal(keep.numpy(), expected), (name, k)
+            assert np.array_equal(keep.numpy(), top_k_mask(mag.double().numpy(), k)), (name, k)
             tied += int((mag == tt).sum()) > 1
+    return streamed, tied
+
+
+# 37 takes the streamed path of 333 (radix passes, the tie-cut pass) with 9x the chunks: the slow tier
+@pytest.mark.parametrize("chunk", [1 << 20, 333, pytest.param(37, marks=pytest.mark.slow)])
+def test_select_keeps_exactly_k_with_ties_lowest_index_first(family_bf16, chunk, monkeypatch):
+    """bf16 task vectors hold many equal magnitudes: the threshold must keep exactly k,
+    the lower indices first, on the in-memory path (one chunk) and on the radix passes
+    with the tie-cut pass (bf16 buckets larger than a chunk)."""
+    from algebra.methods import select
+
+    gathered = []
+    monkeypatch.setattr(select, "_collect", lambda *a, real=select._collect: gathered.append(1) or real(*a))
+    runs, tied = check_ranks(family_bf16, chunk, lambda n: (1, n // 3, n // 2, n - 1))
     assert tied > 0  # the data really had ties at some thresholds
     if chunk < 1 << 20:
         assert len(gathered) < runs  # buckets larger than a chunk: the radix passes ran

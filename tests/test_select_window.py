@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_folder
-from test_methods_sparse import F64, _close, _run, crumbs, f64, top, top_k_mask, tv_reference  # noqa: F401
+from test_methods_sparse import (  # noqa: F401
+    F64,
+    _close,
+    _run,
+    check_ranks,
+    crumbs,
+    f64,
+    top,
+    top_k_mask,
+    tv_reference,
+)
 
 from algebra import api
 from algebra.execute import new_evaluator
@@ -42,31 +52,7 @@ def windowed(monkeypatch):
 
 
 def _check_ranks(family_bf16, chunk: int, ks_of) -> tuple[int, int]:
-    """Select on every float tensor of the bf16 family; each (t, J) keeps exactly the
-    reference's top k. Returns (selections streamed, tensors with ties at a threshold)."""
-    models = api.check(api.parse(f'[load("{family_bf16["base"]}"), load("{family_bf16["math"]}")]')).result
-    low = Lowerer()
-    t = {n: read_folder(family_bf16[n]) for n in ("base", "math")}
-    ev = new_evaluator(Options(device="cpu"))
-    streamed = tied = 0
-    for name, spec in models[0].type.tensors.items():
-        if not spec.is_float or spec.numel < 16:
-            continue
-        d = lin([(1.0, low.tensor(models[1].node, name)), (-1.0, low.tensor(models[0].node, name))])
-        n = spec.numel
-        ks = ks_of(n)
-        sel = Select((d,), (("abs", 0),), (ks,), name)
-        ev.reduce(sel, chunk)
-        streamed += n > chunk
-        mag = (t["math"][name].float() - t["base"][name].float()).abs().flatten()
-        for j, k in enumerate(ks):
-            tt, cut = ev.results[sel][2 * j], ev.results[sel][2 * j + 1]
-            keep = top_mask(mag, tt, cut, 0)
-            keep = torch.ones_like(mag, dtype=torch.bool) if keep is None else keep
-            assert int(keep.sum()) == k, (name, k)
-            assert np.array_equal(keep.numpy(), top_k_mask(mag.double().numpy(), k)), (name, k)
-            tied += int((mag == tt).sum()) > 1
-    return streamed, tied
+    return check_ranks(family_bf16, chunk, ks_of, min_numel=16)
 
 
 @pytest.mark.parametrize("chunk", [333, 2000])
