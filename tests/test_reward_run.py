@@ -162,3 +162,26 @@ def test_generate_from_a_computed_policy_samples_as_its_saved_folder(ws, monkeyp
     assert model.config.num_hidden_layers == 1
     tok = AutoTokenizer.from_pretrained(ws / "saved")
     assert got == sample(model, tok, g.spec, "What is 12 plus 30?", "cpu")
+
+
+def test_samples_are_cached_per_sampling_dtype(ws, monkeypatch):
+    """A policy sampled in another dtype (bf16 on a GPU; float64 here, with --float64)
+    draws other texts: it must not be served the float32 run's samples, nor they its."""
+    from dataclasses import replace
+
+    import torch
+
+    from algebra.reward import engine
+    from algebra.reward.generate import policy_key
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "cache-dtype"))
+    text = ('g = generate(load("models/policy"), "data/prompts_responses.jsonl", n=2, max_new_tokens=4, seed=3)\n'
+            'score(reward("models/rm-helpful"), g, "out/d.jsonl", overwrite=true)\n')
+    assert policy_key("h", torch.float32) == "h" and policy_key("h", torch.bfloat16) == "h:bfloat16"
+    first = run_rewards(ws, text)
+    assert first.loads == 2  # policy and reward model
+    session, checked = check(ws, text)
+    wide = engine.run_sinks(checked.sinks, replace(session.options, compute_dtype="float64"))
+    assert wide.loads == 2  # sampled again in float64: the float32 samples were not reused
+    again = run_rewards(ws, text)
+    assert again.loads == 0  # each dtype's samples stay cached under their own key

@@ -31,7 +31,7 @@ from .builtins import EvalRequest, KLRequest, ScoreRequest, WinRequest
 from .cache import ScoreCache, model_hash
 from .data import Pairs, Responses, show_prompt
 from .evaluate import accuracy, format_sweep, format_table, plot_sweep
-from .generate import Generated, resolve
+from .generate import Generated, policy_key, resolve
 from .models import _free, load_model, pad_id, score_batch
 from .plan import Job, Query, RewardPlan, format_reward_plan, plan_rewards
 from .pointwise import Points, TreeEval
@@ -83,12 +83,15 @@ class RewardRun:
 
         holder: list = []
 
+        from .plan import scoring_dtype
+
+        dtype = scoring_dtype(g.model, self.options, self.device)  # part of the samples' cache key
+
         def load(g=g, holder=holder):
             from transformers import AutoTokenizer
 
-            from .plan import scoring_dtype, tokenizer_folder
+            from .plan import tokenizer_folder
 
-            dtype = scoring_dtype(g.model, self.options, self.device)
             holder.append(load_model(g.model, self.options, self.device, dtype, causal=True))
             self.loads += 1
             return holder[0], AutoTokenizer.from_pretrained(tokenizer_folder(g.model), trust_remote_code=False), self.device
@@ -100,7 +103,7 @@ class RewardRun:
             from ..distributed import sampler as on_ray
 
             sampler, where = on_ray(self, g), " on Ray"
-        got, sampled = resolve(part, model_hash(g.node), load, self.options.progress, sampler)
+        got, sampled = resolve(part, policy_key(model_hash(g.node), dtype), load, self.options.progress, sampler)
         if sampled:
             self.out(f"sampled {g}: {sampled} prompt(s) x {g.spec.n}{where} in {time.perf_counter() - t0:.2f}s")
         holder.clear()
@@ -274,7 +277,8 @@ def _kl_placeholders(pm: Any, spec: Any) -> KLResult:
 
 
 def _placeholders(g: Generated, prompts: tuple) -> Responses:
-    """g's samples where cached, else placeholders (alg plan samples nothing)."""
+    """g's samples where cached, else placeholders (alg plan samples nothing, and resolves
+    no device: it shows the float32 samples a CPU run caches)."""
     from .data import Row
     from .generate import cached_samples
 

@@ -31,7 +31,9 @@ options), so a re-run or a longer prompt list samples only what is new. The key 
 greedy request without stop strings is the one used before batching (its outputs are the
 same); stop strings, and the per-sample generators of sampling (which draw differently
 from the earlier shared generator), are added to the key explicitly (`_sample_key`).
-`batch_size` is not part of the key: it does not change what is sampled.
+`batch_size` is not part of the key: it does not change what is sampled. The dtype the
+policy samples in is (`policy_key`): a GPU run in bf16 and a CPU run in float32 draw
+different texts from one policy, so they do not share samples.
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class Generated:
 # the sampling scheme of temperature > 0, part of its cache key: "row-generators" is one
 # generator per (prompt, sample index); the key without it was the shared generator's
 SAMPLER = "row-generators"
+
+
+def policy_key(policy_hash: str, dtype: Any) -> str:
+    """The cache's name for a policy sampled in `dtype` (a torch dtype): its content hash,
+    with the dtype appended unless it is float32, whose keys are those written before the
+    dtype was part of them."""
+    name = str(dtype).removeprefix("torch.")
+    return policy_hash if name == "float32" else f"{policy_hash}:{name}"
 
 
 def _sample_key(policy_hash: str, spec: GenerateSpec, prompt: Prompt) -> str:
