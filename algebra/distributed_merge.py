@@ -63,7 +63,6 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
     with Ray tasks, computing the reductions the run has not computed yet first, as tasks
     too. Returns when every task has succeeded; raises the first failure otherwise, after
     cancelling the rest."""
-
     from . import distributed
     from .ir import expr_deps
 
@@ -122,7 +121,7 @@ def write_shards(sp: Any, options: Options, folder: Path, evaluator: Any = None)
         for fname, layout, names in sp.shards:
             mine = sorted(by_name[n] for n in names)
             deps = closure(r for i in mine for r in expr_deps(steps[i].out.expr))
-            submit({"steps": mine, "deps": deps, "shard": (fname, layout)}, f"writing {fname}",
+            submit({"steps": mine, "deps": deps, "shard": (fname, layout, names)}, f"writing {fname}",
                    (sum(steps[i].out.spec.nbytes for i in mine), len(mine)))
         with options.progress.bar(tp.nbytes, f"save {sp.target.name} (Ray)", unit="B", items=len(tp.tensors),
                                   item_unit="tensors") as bar:
@@ -192,7 +191,6 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
     import torch
 
     from . import execute, registry
-    from .io.safetensors import ShardWriter
     from .lower import Lowerer
     from .plan import plan_tensors
 
@@ -200,7 +198,7 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
     config = replace(job["config"], threads=max(1, int(cpus)))  # see the module's "Threads"
     assert registry  # imported for the builtin families a lowering reads, in a fresh process
     options = job["options"]
-    tp = plan_tensors(pickle.loads(blob), job["config"], job["out_dtype"], Lowerer())
+    tp = plan_tensors(pickle.loads(blob), config, job["out_dtype"], Lowerer())
     for i, text in work["describe"].items():
         if i >= len(tp.steps) or tp.steps[i].describe() != text:
             raise AlgRuntimeError(f"internal error: a Ray task planned the save differently from the driver "
@@ -209,13 +207,13 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
     for i, v in zip(work["deps"], dep_values, strict=True):
         ev.results[tp.steps[i].gram] = v
     sub = replace(tp, steps=[tp.steps[i] for i in work["steps"]])
-    writer = None
+    writers: dict = {}
     write: Any = None
     if work["shard"] is not None:
-        fname, layout = work["shard"]
+        fname = work["shard"][0]
         folder = Path(job["folder"])
         try:
-            writer = ShardWriter(folder / fname, layout)
+            put = execute.open_shards(folder, [work["shard"]], writers)
         except FileNotFoundError:
             if folder.is_dir():
                 raise
@@ -227,7 +225,7 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
         fault = job["fault"]
 
         def write(name: str, e0: int, data: torch.Tensor) -> None:
-            writer.write(name, e0 * data.element_size(), data)
+            put(name, e0, data)
             if fault:
                 from .distributed import _fault_hook
 
@@ -240,9 +238,9 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
             e.source = None  # an input's open mapping does not travel back; its message names it
         raise
     finally:
-        if writer is not None:
-            writer.close()
-    return ev.results[sub.steps[0].gram] if writer is None else None
+        for w in writers.values():
+            w.close()
+    return None if work["shard"] is not None else ev.results[sub.steps[0].gram]
 
 
 __all__ = ["shard_writer", "write_shards"]

@@ -337,6 +337,24 @@ def new_evaluator(options: Options | RunConfig, check_finite: bool | None = None
     return Evaluator(config.resolve_device(), config.torch_dtype(), check_finite)
 
 
+def open_shards(folder: Path, shards, writers: dict[str, ShardWriter]) -> Callable[[str, int, torch.Tensor], None]:
+    """Create the shard files `shards` ((file name, layout, tensor names), as in
+    `SavePlan.shards`) in `folder`, adding each writer to `writers` (the caller closes
+    them), and return the `write` for `run_tensor_plan` that puts each host chunk at its
+    tensor's offset in its file."""
+    by_name: dict[str, ShardWriter] = {}
+    for fname, layout, names in shards:
+        w = ShardWriter(folder / fname, layout)
+        writers[fname] = w
+        for n in names:
+            by_name[n] = w
+
+    def write(name: str, e0: int, data: torch.Tensor) -> None:
+        by_name[name].write(name, e0 * data.element_size(), data)
+
+    return write
+
+
 def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callable[[], list] | None = None,
          evaluator: Evaluator | None = None, base_dir: Path | None = None, staging: Any = None,
          shards: Callable[..., None] | None = None) -> Path:
@@ -380,16 +398,7 @@ def save(sp: SavePlan, options: Options, recipe_text: str, input_hashes: Callabl
         if shards is not None:
             shards(sp, options, tmp, evaluator)
         else:
-            by_name: dict[str, ShardWriter] = {}
-            for fname, layout, names in sp.shards:
-                w = ShardWriter(tmp / fname, layout)
-                writers[fname] = w
-                for n in names:
-                    by_name[n] = w
-
-            def write(name: str, e0: int, data: torch.Tensor) -> None:  # data is on the host
-                by_name[name].write(name, e0 * data.element_size(), data)
-
+            write = open_shards(tmp, sp.shards, writers)
             run_tensor_plan(sp.tensor_plan, options, write, sp.span, evaluator, desc=f"save {target.name}")
             for w in writers.values():
                 w.close()
