@@ -61,6 +61,7 @@ from typing import Any
 from .errors import AlgError, AlgRuntimeError
 from .graph import Node
 from .options import Options
+from .runconfig import RunConfig
 
 INSTALL = "pip install 'algebra[ray]'"
 CPUS_PER_WORKER = 1  # CPUs per actor (scoring or generating) on a cluster without GPUs
@@ -172,6 +173,14 @@ def _drop(_d: Any) -> None:
     pass
 
 
+def assigned_threads() -> int:
+    """In a Ray actor or task: the CPUs Ray gave it, as torch's thread count (at least
+    one). Neither the driver's --threads nor the node's load is this process's share."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
 # ---- the actor ------------------------------------------------------------------------------
 
 
@@ -205,13 +214,11 @@ class _Worker:
 
         from .reward.models import load_model
 
-        if ray.get_gpu_ids():  # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU
-            self.device = torch.device("cuda")
-        else:
-            self.device = torch.device("cpu")
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
-        options = actor_options(options, self.device.type)
+        # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU, if it was given one
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        # on the CPUs Ray gave it, also when loading a merge (whose evaluator applies them)
+        options = replace(actor_options(options, self.device.type), threads=assigned_threads())
+        RunConfig.of(options).apply_threads()
         from . import registry  # noqa: F401  (the builtin families a lowering reads, in a fresh process)
 
         causal, make = JOBS[job]

@@ -187,15 +187,13 @@ def _task(job: dict, blob: bytes, work: dict, *dep_values: Any) -> Any:
     """One Ray task: plan the model again, then run steps `work["steps"]` of the plan (one
     reduction, or the writes of one shard) with the local executor, given the values of
     the reductions `work["deps"]`. Returns the reduction's value (None for a shard)."""
-    import ray
     import torch
 
-    from . import execute, registry
+    from . import distributed, execute, registry
     from .lower import Lowerer
     from .plan import plan_tensors
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    config = replace(job["config"], threads=max(1, int(cpus)))  # see the module's "Threads"
+    config = replace(job["config"], threads=distributed.assigned_threads())  # see the module's "Threads"
     assert registry  # imported for the builtin families a lowering reads, in a fresh process
     options = job["options"]
     tp = plan_tensors(pickle.loads(blob), config, job["out_dtype"], Lowerer())
