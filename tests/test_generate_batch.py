@@ -14,6 +14,7 @@ from test_reward import check
 
 from algebra.errors import AlgTypeError
 from algebra.reward import generate as gen
+from algebra.reward.batching import cut_sorted
 from algebra.reward.generate import GenerateSpec, cut, sample, sample_batch
 
 # prompts of very different token lengths (and a chat-message prompt with a system turn),
@@ -159,12 +160,12 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(policy):
 
 def test_batches_fit_the_token_budget():
     lengths = [300, 200, 100, 100, 10, 10, 10]
-    got = gen.batches(lengths, 64, None)
+    got = cut_sorted(lengths, None, extra=64)
     assert [r.start for r in got] == sorted(r.start for r in got) and sum(map(len, got)) == len(lengths)
     for r in got:  # the first row of a batch is its longest
         assert len(r) == 1 or len(r) * (lengths[r.start] + 64) <= gen.BATCH_TOKENS
-    assert [list(r) for r in gen.batches(lengths, 64, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
-    assert [len(r) for r in gen.batches([gen.BATCH_TOKENS * 2], 64, None)] == [1]
+    assert [list(r) for r in cut_sorted(lengths, 3, extra=64)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [len(r) for r in cut_sorted([gen.BATCH_TOKENS * 2], None, extra=64)] == [1]
 
 
 def test_cache_keys_and_reuse(policy, tmp_path, monkeypatch):

@@ -69,7 +69,7 @@ def test_generation_batches_as_before(lengths, new):
         k = max(1, gen.BATCH_TOKENS // (rows[i] + new))
         old.append(range(i, min(i + k, len(rows))))
         i += k
-    assert gen.batches(rows, new, None) == old
+    assert batching.cut_sorted(rows, None, extra=new) == old
     assert gen.BATCH_TOKENS is batching.BATCH_TOKENS
 
 

@@ -47,7 +47,7 @@ from typing import Any
 from ..caches import cache_path
 from ..graph import Node
 from ..progress import Progress
-from .batching import BATCH_TOKENS, cut_sorted
+from .batching import BATCH_TOKENS, sorted_batches
 from .data import Prompt, Responses, Row, prompt_text, to_messages
 
 
@@ -178,12 +178,6 @@ def sample(model: Any, tokenizer: Any, spec: GenerateSpec, prompt: Prompt, devic
     return texts if do_sample else texts * spec.n
 
 
-def batches(lengths: list[int], max_new_tokens: int, batch_size: int | None) -> list[range]:
-    """Consecutive slices of rows sorted longest first: batch_size rows each, or (None) as
-    many as keep rows x (longest + max_new_tokens) within BATCH_TOKENS (at least one)."""
-    return cut_sorted(lengths, batch_size, extra=max_new_tokens)
-
-
 def _hooks(tokenizer: Any, start: int, stop: tuple[str, ...], seeds: list[int] | None, temperature: float):
     """transformers' logits processors and stopping criteria for one batch: sampling from
     per-row generators (greedy decoding then picks the drawn token), and stop strings."""
@@ -240,9 +234,10 @@ def plan_batches(tokenizer: Any, spec: GenerateSpec, prompts: tuple[Prompt, ...]
     do_sample = spec.temperature > 0
     ids = {p: tuple(encode(tokenizer, p)) for p in prompts}
     rows = [(p, j) for p in prompts for j in range(spec.n if do_sample else 1)]
-    rows.sort(key=lambda r: -len(ids[r[0]]))  # stable: ties keep the prompts' order
     out = []
-    for part in batches([len(ids[p]) for p, _ in rows], spec.max_new_tokens, spec.batch_size):
+    # longest first (ties keep the prompts' order), cut by rows x (longest + max_new_tokens)
+    for part in sorted_batches([len(ids[p]) for p, _ in rows], spec.batch_size, extra=spec.max_new_tokens,
+                               longest_first=True):
         chunk = tuple(rows[i] for i in part)
         seeds = tuple(_row_seed(spec, p, j) for p, j in chunk) if do_sample else None
         out.append(RowBatch(chunk, tuple(ids[p] for p, _ in chunk), seeds))
