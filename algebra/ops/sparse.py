@@ -89,19 +89,24 @@ def keep_threshold(p: float) -> int:
 # ---- keep rules ------------------------------------------------------------------------------
 
 
-def top_mask(score: torch.Tensor, t: float, cut: float, e0: int) -> torch.Tensor | None:
-    """Which elements of a chunk starting at e0 are among the top k, from (t, J) (see the
-    module docstring); None means all of them."""
-    if cut < 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    if t < 0:
-        return None
-    keep = score > t
+def top_mask(score: torch.Tensor, t: float, cut: float, e0: int, pool=None) -> torch.Tensor | None:
+    """Which elements of a chunk (a flat tensor) starting at e0 are among the top k, from
+    (t, J) (see the module docstring); None means all of them. The mask is a buffer of
+    `pool` (the executor's chunk pool; the caller gives it back), or a fresh tensor."""
+    pool = pool if pool is not None else _Fresh(score.device)
     n = score.numel()
-    j = int(cut) - e0  # ties at t are kept for chunk positions < j
+    keep = pool.take(n, torch.bool)
+    if cut < 0:
+        return keep.zero_()
+    if t < 0:
+        pool.give(keep)
+        return None
+    torch.gt(score, t, out=keep)
+    j = min(int(cut) - e0, n)  # ties at t are kept for chunk positions < j
     if j > 0:
-        eq = score[: min(j, n)] == t
-        keep[: eq.numel()] |= eq
+        eq = torch.eq(score[:j], t, out=pool.take(j, torch.bool))
+        keep[:j].logical_or_(eq)
+        pool.give(eq)
     return keep
 
 
@@ -181,9 +186,9 @@ def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int, po
         return out.copy_(d)
     if sp.kind in ("top", "window"):
         mag = torch.abs(d, out=out)
-        keep = _top_mask_into(mag, vals[-2], vals[-1], e0, pool)
+        keep = top_mask(mag, vals[-2], vals[-1], e0, pool)
         if sp.kind == "window":
-            drop = _top_mask_into(mag, vals[0], vals[1], e0, pool)
+            drop = top_mask(mag, vals[0], vals[1], e0, pool)
             if drop is not None:
                 if keep is None:
                     keep = drop.logical_not_()
@@ -213,27 +218,9 @@ def _sparsified(d: torch.Tensor, sp: Sparsify, vals: list, row: int, e0: int, po
     raise AssertionError(f"unknown sparsifier {sp.kind!r}")
 
 
-def _top_mask_into(score: torch.Tensor, t: float, cut: float, e0: int, pool) -> torch.Tensor | None:
-    """`top_mask` in a pool buffer (None: every element kept)."""
-    n = score.numel()
-    keep = pool.take(n, torch.bool)
-    if cut < 0:
-        return keep.zero_()
-    if t < 0:
-        pool.give(keep)
-        return None
-    torch.gt(score, t, out=keep)
-    j = min(int(cut) - e0, n)  # ties at t are kept for chunk positions < j
-    if j > 0:
-        eq = torch.eq(score[:j], t, out=pool.take(j, torch.bool))
-        keep[:j].logical_or_(eq)
-        pool.give(eq)
-    return keep
-
-
 def _var_mask(ds: list[torch.Tensor], t: float, cut: float, e0: int, pool) -> torch.Tensor | None:
     var = population_var(ds, pool)
-    keep = _top_mask_into(var, t, cut, e0, pool)
+    keep = top_mask(var, t, cut, e0, pool)
     pool.give(var)
     return keep
 
@@ -289,7 +276,7 @@ def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
     weights (and divide by the kept weights when normalising). Temporaries and the result
     are buffers of the executor's chunk pool (`pool`; without one, fresh tensors)."""
     ds, spec, vals = _split(items)
-    pool = pool if pool is not None else _Fresh()
+    pool = pool if pool is not None else _Fresh(ds[0].device)
     size, dtype = ds[0].numel(), ds[0].dtype
     base = None
     if spec.with_base:
@@ -379,10 +366,14 @@ def _combined(parts: list[torch.Tensor], spec: Combine, weights: list[float], va
 
 
 class _Fresh:
-    """A stand-in for the chunk pool outside the executor: fresh tensors, nothing kept."""
+    """A stand-in for the chunk pool outside the executor: fresh tensors on `device`,
+    nothing kept."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
 
     def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(n, dtype=dtype)
+        return torch.empty(n, dtype=dtype, device=self.device)
 
     def give(self, t: torch.Tensor) -> None:
         pass
