@@ -204,6 +204,16 @@ def merge_bench(work: Path, layers: int, shard_size: str, workers: int) -> dict:
     return res
 
 
+def print_rates(rows: dict, texts: int, work: str, label: str) -> None:
+    """One line per contender: start-up, the work's seconds (`rows[name][work]`), texts per
+    second over the work alone, and end to end (ray.init included where timed)."""
+    print(f"{'':8} {'start-up':>10} {label:>10} {'texts/s':>10} {'end to end':>12}")
+    for name, r in rows.items():
+        extra = r.get("init_s", 0.0)
+        print(f"{name:8} {r['startup_s']:>9.2f}s {r[work]:>9.2f}s {texts / r[work]:>10.1f} "
+              f"{r['startup_s'] + r[work] + extra:>11.2f}s" + (f"  (ray.init {extra:.1f}s of it)" if extra else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("all", "score", "generate", "merge"), default="all")
@@ -243,12 +253,7 @@ def main() -> None:
         print(f"generation: {gen['texts']} texts of <= {args.gen_tokens} new tokens (temperature 0.9) in "
               f"{gen['batches']} batches of <= {args.gen_batch}; policy hidden {args.hidden}, {args.layers} layers; "
               f"{os.cpu_count()} CPUs; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-        print(f"{'':8} {'start-up':>10} {'sampling':>10} {'texts/s':>10} {'end to end':>12}")
-        for name in ("local-1t", "ray"):
-            r = gen[name]
-            extra = r.get("init_s", 0.0)
-            print(f"{name:8} {r['startup_s']:>9.2f}s {r['gen_s']:>9.2f}s {gen['texts'] / r['gen_s']:>10.1f} "
-                  f"{r['startup_s'] + r['gen_s'] + extra:>11.2f}s" + (f"  (ray.init {extra:.1f}s of it)" if extra else ""))
+        print_rates({name: gen[name] for name in ("local-1t", "ray")}, gen["texts"], "gen_s", "sampling")
         print(f"texts identical, Ray against local: {gen['identical']}")
         (work / "results-generate.json").write_text(json.dumps({**gen, "load_average": load}, indent=2))
         if args.part == "generate":
@@ -318,11 +323,7 @@ def main() -> None:
     print(f"{n} texts ({tokens} tokens) in {len(batches)} batches of <= {args.batch}; "
           f"model hidden {args.hidden}, {args.layers} layers; {os.cpu_count()} CPUs; "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print(f"{'':8} {'start-up':>10} {'scoring':>10} {'texts/s':>10} {'end to end':>12}")
-    for name, r in res.items():
-        extra = r.get("init_s", 0.0)
-        print(f"{name:8} {r['startup_s']:>9.2f}s {r['score_s']:>9.2f}s {n / r['score_s']:>10.1f} "
-              f"{r['startup_s'] + r['score_s'] + extra:>11.2f}s" + (f"  (ray.init {extra:.1f}s of it)" if extra else ""))
+    print_rates(res, n, "score_s", "scoring")
     print(f"largest score difference, Ray against local: {worst:.2e}")
     res.update(texts=n, tokens=tokens, batches=len(batches), load_average=load, max_abs_diff=worst)
     (work / "results.json").write_text(json.dumps(res, indent=2))
