@@ -112,7 +112,10 @@ class _NullBar:
 NULL_BAR = _NullBar()
 
 
-_DESC_WIDTH = 40
+# a bar's description at most (then cut with "…"): at 80 columns the rest of the line
+# (": 100%|#| 6/6 [00:00<00:00, 1184.94text/s]", more with a postfix) needs over 40, and
+# tqdm cuts what does not fit, the rate first
+_DESC_WIDTH = 32
 
 
 def _shape(stream: IO[str]) -> dict[str, Any]:
