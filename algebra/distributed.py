@@ -185,12 +185,14 @@ def assigned_threads() -> int:
 
 
 def _scoring(model: Any, device: Any, pad: int):
-    """The "score" job: a reward model's scores of a batch of token ids."""
+    """The "score" job: a reward model's scores of a batch of token ids (and the prefixes
+    its rows share; the actor keeps the last block's, as a local run does)."""
     from .reward.models import score_batch
 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad
-    return lambda input_ids: score_batch(model, input_ids, pad, device)
+    held: dict = {}
+    return lambda batch: score_batch(model, batch[0], pad, device, batch[1], held)
 
 
 def _generation(model: Any, device: Any, tokenizer: Any, spec: Any):
@@ -356,7 +358,7 @@ def score_job(run: Any, job: Any) -> int:
                 n += len(values)
                 bar.update(len(values))
 
-            pool.run([b.input_ids for b in batches], store)
+            pool.run([(b.input_ids, b.shared) for b in batches], store)
             return n
     finally:
         if not run.keep_loaded:

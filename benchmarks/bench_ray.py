@@ -289,9 +289,10 @@ def main() -> None:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad
         t1 = time.perf_counter()
-        local = {}
+        local, held = {}, {}
         for b in batches:
-            local.update(zip(b.keys, engine.score_batch(model, b.input_ids, pad, torch.device("cpu")), strict=True))
+            local.update(zip(b.keys, engine.score_batch(model, b.input_ids, pad, torch.device("cpu"), b.shared, held),
+                             strict=True))
         t2 = time.perf_counter()
         del model
         res[name] = {"startup_s": t1 - t0, "score_s": t2 - t1, "threads": threads}
@@ -311,7 +312,7 @@ def main() -> None:
     ray.get([a.run.remote(batches[0].input_ids[:1]) for a in pool.actors])  # every actor up, model loaded
     t1 = time.perf_counter()
     got: dict = {}
-    pool.run([b.input_ids for b in batches], lambda i, v: got.update(zip(batches[i].keys, v, strict=True)))
+    pool.run([(b.input_ids, b.shared) for b in batches], lambda i, v: got.update(zip(batches[i].keys, v, strict=True)))
     t2 = time.perf_counter()
     pool.close()
     ray.shutdown()

@@ -247,10 +247,11 @@ def test_auto_threads_are_the_cores_the_load_leaves(monkeypatch):
 HEAD = "You are a careful judge of answers; score this one. Question: {prompt} Answer: {response}"
 
 
-def test_a_shared_prefix_is_computed_once_and_scores_as_each_text_alone(ws, rms, monkeypatch):
-    """A template with a long fixed head: its key/value cache is computed once per model
-    and reused by every batch (several, under a small budget); the scores equal the float64
-    per-text forward pass of the whole text."""
+def test_shared_prefixes_are_computed_once_per_block_and_score_as_each_text_alone(ws, rms, monkeypatch):
+    """A template with a long fixed head, and pairs of answers to one prompt: the rows are
+    grouped by what they share, each block's prefixes are computed once (one forward pass)
+    and reused by its batches (several, under a small budget), and every score equals the
+    float64 forward pass of the whole text alone."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from algebra.reward import models
@@ -260,73 +261,177 @@ def test_a_shared_prefix_is_computed_once_and_scores_as_each_text_alone(ws, rms,
     tok = AutoTokenizer.from_pretrained(rms["rm-helpful"])
     model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"], dtype=torch.float64).eval()
     ids = [tok(HEAD.format(prompt=r["prompt"], response=r["response"])).input_ids for r in rows_in]
-    assert models.shared_prefix(ids) >= models.MIN_PREFIX  # the test exercises the cached path
-    assert max(len(x) for x in ids) <= 128  # and the model's limit truncates none
+    assert max(len(x) for x in ids) <= 128  # the model's limit truncates none
     with torch.no_grad():
         ref = [float(model(input_ids=torch.tensor([x])).logits[0, 0]) for x in ids]
-    made: list = []
-    real = models.prefix_cache
-    monkeypatch.setattr(models, "prefix_cache", lambda *a: made.append(a[1]) or real(*a))
+    made, seen = [], []
+    real_cache, real_score = models.block_cache, engine.score_batch
+
+    def cache_spy(model, prefixes, pad, device, held):
+        if prefixes.block not in held:
+            made.append(prefixes)
+        return real_cache(model, prefixes, pad, device, held)
+
+    def score_spy(model, input_ids, pad, device, shared=None, held=None):
+        seen.append((input_ids, shared))
+        return real_score(model, input_ids, pad, device, shared, held)
+
+    monkeypatch.setattr(models, "block_cache", cache_spy)
+    monkeypatch.setattr(engine, "score_batch", score_spy)
     monkeypatch.setattr(batching, "BATCH_TOKENS", 3 * max(len(x) for x in ids))
     run, out = _score(ws, f', template="{HEAD}"', "out/p.jsonl")
-    common = ids[0][: models.shared_prefix(ids)]
-    batches = len(batching.sorted_batches([len(x) for x in ids]))
-    assert run.scored == 12 and batches > 2 and 1 <= len(made) < batches  # reused across batches
-    assert all(m[: len(common)] == common for m in made)
+    assert run.scored == 12
+    cached = [(x, sh) for x, sh in seen if sh is not None]
+    assert len(made) >= 1 and len(cached) > len(made)  # a block's prefixes serve several batches
+    for x, (pre, of) in cached:  # each row starts with its prefix and keeps a token of its own
+        assert all(row[: len(pre.ids[k])] == pre.ids[k] and len(row) > len(pre.ids[k]) for row, k in zip(x, of, strict=True))
+    lens = {len(p) for pre in made for p in pre.ids}
+    assert min(lens) >= batching.MIN_PREFIX and len(lens) > 1  # the head alone, and head + prompt
     assert [r["id"] for r in out] == [r["id"] for r in rows_in]
     for row, w in zip(out, ref, strict=True):
         assert row["reward"] == pytest.approx(w, abs=2e-5)
 
 
-def test_shared_prefix_leaves_each_row_a_token():
-    from algebra.reward.models import shared_prefix
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for p in _partitions(rest):
+        yield [[first]] + p
+        for k in range(len(p)):
+            yield p[:k] + [[first] + p[k]] + p[k + 1:]
 
-    assert shared_prefix([[1, 2, 3], [1, 2, 4]]) == 2
-    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1  # the shorter row keeps its last token
-    assert shared_prefix([[5]]) == 0 and shared_prefix([[1, 2, 3]]) == 2
+
+def _common(rows):
+    p = 0
+    while all(len(r) > p for r in rows) and len({r[p] for r in rows}) == 1:
+        p += 1
+    return p
 
 
-def test_one_text_batches_reuse_a_held_prefix_and_make_none(rms):
-    """batch_size=1: a lone row starting with the held prefix reuses it; one that does not
-    is scored whole, without a cache of its own; both as the row alone without a cache."""
+rows_st = st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=7), min_size=0, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows_st, st.data(), st.integers(1, 3))
+def test_prefix_groups_save_the_most_tokens(rows, data, min_prefix):
+    """Against every partition of the rows (an exhaustive search): the groups save the
+    most tokens there are to save, (rows - 1) x shared prefix per group, each prefix at
+    least min_prefix and within every member's keep."""
+    keep = [data.draw(st.integers(0, len(r))) for r in rows]
+    got = batching.prefix_groups(rows, keep, min_prefix)
+    parts = [rows[i][: keep[i]] for i in range(len(rows))]
+    flat = [i for _, g in got for i in g]
+    assert len(flat) == len(set(flat))
+    for p, g in got:
+        assert len(g) >= 2 and p >= min_prefix and _common([parts[i] for i in g]) >= p
+    saving = sum((len(g) - 1) * p for p, g in got)
+
+    def value(part):
+        return sum((len(g) - 1) * c for g in part if len(g) > 1 and (c := _common([parts[i] for i in g])) >= min_prefix)
+
+    assert saving == max(value(part) for part in _partitions(list(range(len(rows)))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=40), max_size=30), st.integers(20, 400),
+       st.one_of(st.none(), st.integers(1, 5)))
+def test_prefix_batches_cover_every_row_once_within_the_budget(rows, budget, bs):
+    keep = [len(r) - 1 for r in rows]
+    got = batching.prefix_batches(rows, keep, bs, budget, min_prefix=2)
+    flat = [i for part, _, _ in got for i in part]
+    assert sorted(flat) == list(range(len(rows)))
+    blocks = {}
+    for part, pre, of in got:
+        if bs:
+            assert len(part) <= bs
+        if pre is None:
+            assert len(part) == 1 or bs or len(part) * max(len(rows[i]) for i in part) <= budget
+            continue
+        blocks[pre.block] = pre
+        longest = max(map(len, pre.ids))
+        assert len(pre.ids) == 1 or len(pre.ids) * longest <= budget
+        for i, k in zip(part, of, strict=True):
+            assert rows[i][: len(pre.ids[k])] == pre.ids[k] and len(pre.ids[k]) <= keep[i]
+        width = longest + max(len(rows[i]) - len(pre.ids[k]) for i, k in zip(part, of, strict=True))
+        assert len(part) == 1 or bs or len(part) * width <= budget
+    assert sorted(blocks) == list(range(len(blocks)))
+
+
+def test_a_row_keeps_the_token_it_is_scored_at():
+    """The classifier reads the last token that is not padding: a row never shares it,
+    so trailing pad tokens (pad = EOS, a text ending in EOS) stay with it too."""
+    from algebra.reward.plan import _last_scored
+
+    assert _last_scored([1, 2, 3], pad=0) == 2
+    assert _last_scored([1, 2, 0, 0], pad=0) == 1
+    assert _last_scored([0, 0], pad=0) == 0
+    rows = [[5] * 20 + [7, 0], [5] * 20 + [7, 0, 0]]
+    got = batching.prefix_groups(rows, [_last_scored(r, 0) for r in rows], 4)
+    assert got == [(20, [0, 1])]
+
+
+def test_one_text_batches_reuse_the_blocks_prefixes(rms):
+    """batch_size=1: each row of a block is a batch; the block's prefixes are computed for
+    its first and held for the rest; a new block replaces them. Scores as each row alone."""
     from transformers import AutoModelForSequenceClassification
 
     from algebra.reward import models
 
     model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
-    head = list(range(10, 10 + models.MIN_PREFIX))
-    rows = [head + [40, 41], head + [42], [7] * 20 + [8]]
+    head = list(range(10, 10 + batching.MIN_PREFIX))
+    rows = [head + [40, 41], head + [42], head + [43, 44, 45], [7] * 20 + [8], [7] * 20 + [9]]
     cpu = torch.device("cpu")
-    prefixes: dict = {}
-    got = [models.score_batch(model, rows[:2], 0, cpu, prefixes)]
-    assert list(prefixes) == [tuple(head)]
-    got += [models.score_batch(model, [r], 0, cpu, prefixes) for r in rows]
-    assert list(prefixes) == [tuple(head)]  # the lone rows made none
-    want = [models.score_batch(model, [r], 0, cpu) for r in rows]
-    assert got[0] == pytest.approx(want[0] + want[1], abs=1e-5)
-    assert [g[0] for g in got[1:]] == pytest.approx([w[0] for w in want], abs=1e-5)
+    calls = []
+    real = model.base_model.forward
+    model.base_model.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    held: dict = {}
+    got = {}
+    for part, pre, of in batching.prefix_batches(rows, [len(r) - 1 for r in rows], 1):
+        got[part[0]] = models.score_batch(model, [rows[i] for i in part], 0, cpu, (pre, of), held)[0]
+    model.base_model.forward = real
+    assert len(calls) == 1 + 5  # one prefix pass for the one block, and each row's own
+    want = [models.score_batch(model, [r], 0, cpu)[0] for r in rows]
+    assert [got[i] for i in range(len(rows))] == pytest.approx(want, abs=1e-5)
 
 
-def test_an_encoder_gets_no_prefix_cache(rms):
-    """A model whose forward takes no cache (an encoder such as BERT or DeBERTa, whose
-    prefix tokens see the rest of the text) is scored whole."""
-    from transformers import AutoModelForSequenceClassification
-
-    from algebra.reward import models
-
-    inner = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
-
+def _encoder(inner):
     class Encoder(torch.nn.Module):  # the forward signature of BertForSequenceClassification's kind
         def __init__(self):
             super().__init__()
-            self.inner, self.base_model = inner, inner.base_model
+            self.inner, self.base_model, self.config = inner, inner.base_model, inner.config
 
         def forward(self, input_ids=None, attention_mask=None):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
-    head = list(range(10, 10 + models.MIN_PREFIX))
+    return Encoder()
+
+
+def test_a_model_without_a_full_attention_cache_scores_rows_whole(rms, tmp_path):
+    """A model whose forward takes no cache (an encoder such as BERT or DeBERTa, whose
+    prefix tokens see the rest of the text), or whose cache is not full attention (a
+    sliding window would drop prefix tokens), scores each row whole: no prefix pass."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        MistralConfig,
+        MistralForSequenceClassification,
+    )
+
+    from algebra.reward import models
+
+    inner = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
+    cfg = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=4, num_labels=1, pad_token_id=0,
+                        layer_types=["sliding_attention"] * 2)
+    torch.manual_seed(0)
+    window = MistralForSequenceClassification(cfg).eval()
+    head = list(range(10, 10 + batching.MIN_PREFIX))
     rows = [head + [40, 41], head + [42]]
-    prefixes: dict = {}
-    got = models.score_batch(Encoder(), rows, 0, torch.device("cpu"), prefixes)
-    assert prefixes == {}
-    assert got == pytest.approx(models.score_batch(inner, rows, 0, torch.device("cpu")), abs=1e-6)
+    shared = (batching.Prefixes(0, [head]), [0, 0])
+    cpu = torch.device("cpu")
+    for model, plain in ((_encoder(inner), inner), (window, window)):
+        held: dict = {}
+        got = models.score_batch(model, rows, 0, cpu, shared, held)
+        assert held == {0: None}  # found unfit once, for the block
+        assert got == pytest.approx(models.score_batch(plain, rows, 0, cpu), abs=1e-6)

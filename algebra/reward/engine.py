@@ -219,11 +219,11 @@ class RewardRun:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = pad
             n = 0
-            prefixes: dict = {}  # shared prefixes' key/value caches, for this model's batches
+            held: dict = {}  # the current block's prefix key/value cache (models.block_cache)
             with self.options.progress.bar(job.n_todo, f"score {job.label}", unit="text") as bar:
                 for g in job.groups:
                     for b in g.batches:
-                        values = score_batch(model, b.input_ids, pad, self.device, prefixes)
+                        values = score_batch(model, b.input_ids, pad, self.device, b.shared, held)
                         self._store(b.keys, values)
                         n += len(values)
                         bar.update(len(values))

@@ -13,7 +13,8 @@ import torch
 
 from ..errors import AlgRuntimeError
 from ..options import Options
-from .plan import Job, tokenizer_for
+from .batching import Prefixes
+from .plan import Job, pad_of, tokenizer_for
 
 
 def load_model(model: Any, options: Options, device: torch.device, dtype: torch.dtype, causal: bool = False):
@@ -70,78 +71,100 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
 
 def pad_id(job: Job) -> int:
     """The id a job's batches are padded with: its tokenizer's pad token, else EOS."""
-    tok = tokenizer_for(job.groups[0].leaf)
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-# The shortest shared prefix (tokens) worth a key/value cache: a chat template's fixed head
-# (SmolLM2's default system prompt: 24 of about 53 tokens; its reward model scored 24 texts
-# 1.5x faster with the cache, benchmarks/README.md). Below it the saving is within the
-# noise of a measurement (the benchmark's template: 4 of 69 tokens).
-MIN_PREFIX = 16
-
-
-def shared_prefix(input_ids: list[list[int]]) -> int:
-    """How many leading tokens every row shares, leaving each row at least one of its own."""
-    first, n = input_ids[0], min(len(x) for x in input_ids) - 1
-    p = 0
-    while p < n and all(x[p] == first[p] for x in input_ids):
-        p += 1
-    return p
-
-
-def prefix_cache(model: Any, prefix: list[int], device: torch.device) -> Any:
-    """The key/value cache of `prefix` (one row), for `score_batch`; None where the model
-    does not return one."""
-    with torch.no_grad():
-        out = model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-    cache = out.get("cache")  # transformers 5's name for it
-    if cache is None:
-        cache = out.get("past_key_values")
-    return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
+    return pad_of(tokenizer_for(job.groups[0].leaf))
 
 
 def score_batch(model: Any, input_ids: list[list[int]], pad: int, device: torch.device,
-                prefixes: dict | None = None) -> list[float]:
+                shared: tuple[Prefixes, list[int]] | None = None, held: dict | None = None) -> list[float]:
     """A reward model's scores (logit 0) of one batch of token ids, right-padded with `pad`
-    (real tokens first), in float64. Shared by local runs and Ray workers. With
-    `prefixes` (a dict kept across a model's batches), a prefix of MIN_PREFIX tokens or more
-    that every row shares is computed once (its key/value cache, kept in the dict) and
-    each batch runs only the rest of its rows, at positions after it: the same scores
-    within float rounding (tests/test_score_batching.py). One prefix is kept at a time: a
-    batch whose rows all start with it reuses it, another replaces it."""
-    import copy
+    (real tokens first), in float64. Shared by local runs and Ray workers.
+
+    With `shared` (the block's `batching.Prefixes` and each row's index into them), the
+    block's prefixes are computed once (`block_cache`, kept in `held` across the block's
+    batches) and the batch runs only its rows' own tokens, at the positions after their
+    prefix, attending to the prefix's keys and values: the same scores within float
+    rounding (tests/test_score_batching.py). A model that cannot take such a cache (an
+    encoder, whose prefix tokens see the rest; a sliding-window or other special cache)
+    scores the rows whole."""
+    cached = block_cache(model, shared[0], pad, device, held) if shared is not None else None
+    if cached is None:
+        return _forward(model, input_ids, pad, device)
+    cache, lens = cached
+    of = shared[1]
+    return _forward(model, input_ids, pad, device, cache, [lens[k] for k in of], of)
+
+
+def _cache_arg(model: Any) -> str | None:
+    """The name the model's forward takes a key/value cache by (transformers 5: `cache`,
+    earlier `past_key_values`), None where it takes none (an encoder)."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
-    # only a decoder takes a cache (an encoder's prefix tokens would see the rest: no reuse)
-    p = shared_prefix(input_ids) if prefixes is not None and name is not None else 0
-    cache = None
-    if p >= MIN_PREFIX:
-        # the prefix cached last, if every row starts with it; else this batch's (one kept)
-        held = next(iter(prefixes), None)
-        if held is not None and len(held) <= p and tuple(input_ids[0][: len(held)]) == held:
-            p, cache = len(held), prefixes[held]
-        elif len(input_ids) > 1:  # a row alone shares nothing: not worth a cache of its own
-            prefixes.clear()
-            held = tuple(input_ids[0][:p])
-            cache = prefixes[held] = prefix_cache(model, list(held), device)
-    if cache is None:
-        p = 0
-    rows = [x[p:] for x in input_ids]
+    return "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+
+
+def block_cache(model: Any, prefixes: Prefixes, pad: int, device: torch.device,
+                held: dict | None) -> tuple[Any, list[int]] | None:
+    """The key/value cache of a block's prefixes (one right-padded forward pass, one row
+    per prefix) and their lengths; `held` keeps the last block's (None: not kept). None
+    where the model cannot be scored from a cache."""
+    if held is not None and prefixes.block in held:
+        return held[prefixes.block]
+    got = None
+    if _cache_arg(model) is not None:
+        lens = [len(p) for p in prefixes.ids]
+        ids = torch.full((len(lens), max(lens)), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prefixes.ids):
+            ids[i, : len(p)] = torch.tensor(p)
+            mask[i, : len(p)] = 1
+        with torch.no_grad():
+            out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+        cache = out.get("cache")  # transformers 5's name for it
+        if cache is None:
+            cache = out.get("past_key_values")
+        if _full_attention(cache):
+            got = (cache, lens)
+    if held is not None:
+        held.clear()
+        held[prefixes.block] = got
+    return got
+
+
+def _full_attention(cache: Any) -> bool:
+    """Whether a cache is transformers' dynamic cache of full-attention layers only, whose
+    rows can be selected and extended (a sliding window's would drop prefix tokens)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return False
+    return (isinstance(cache, DynamicCache) and bool(getattr(cache, "layers", None))
+            and all(type(layer) is DynamicLayer for layer in cache.layers))
+
+
+def _forward(model: Any, input_ids: list[list[int]], pad: int, device: torch.device, cache: Any = None,
+             skip: list[int] | None = None, of: list[int] | None = None) -> list[float]:
+    """Logit 0 of each row; with a block's `cache`, row i runs from token skip[i] on, after
+    the cache's row of[i]."""
+    import copy
+
+    skip = skip or [0] * len(input_ids)
+    rows = [x[s:] for x, s in zip(input_ids, skip, strict=True)]
     width = max(len(x) for x in rows)
+    held = 0 if cache is None else cache.get_seq_length()
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    for i, x in enumerate(rows):
+    mask = torch.zeros((len(rows), held + width), dtype=torch.long)
+    for i, (x, s) in enumerate(zip(rows, skip, strict=True)):
         ids[i, : len(x)] = torch.tensor(x)
-        mask[i, p : p + len(x)] = 1
+        mask[i, :s] = 1
+        mask[i, held : held + len(x)] = 1
     kwargs: dict[str, Any] = {}
     if cache is not None:
-        batch_cache = copy.deepcopy(cache)  # the forward pass appends to it
-        batch_cache.batch_repeat_interleave(len(rows))
-        kwargs = {name: batch_cache, "use_cache": True}
+        mine = copy.copy(cache)  # the rows this batch needs, new tensors (the block's stay as they are)
+        mine.layers = [copy.copy(layer) for layer in cache.layers]
+        mine.batch_select_indices(torch.tensor(of, device=device))
+        kwargs = {_cache_arg(model): mine, "use_cache": True,
+                  "position_ids": (torch.tensor(skip)[:, None] + torch.arange(width)[None, :]).to(device)}
     with torch.no_grad():
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
     return logits[:, 0].double().cpu().tolist()
@@ -153,4 +176,4 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["load_model", "pad_id", "score_batch"]
+__all__ = ["block_cache", "load_model", "pad_id", "score_batch"]

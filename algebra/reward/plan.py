@@ -11,14 +11,18 @@ per tokenizer and format (models that share both, such as two reward models on o
 share the token ids), sorted by token length (ties by first use) and cut into batches:
 the leaf's `batch_size` texts each, or by default as many as fit the token budget that
 generation uses too (`batching.BATCH_TOKENS`: texts x longest <= 4096), so a batch of
-short texts is wide, one of long texts narrow, and padding is small. The ids go to the
-forward pass as they are; nothing is tokenized again.
+short texts is wide, one of long texts narrow, and padding is small. Texts that share a
+prefix of `batching.MIN_PREFIX` tokens or more (a prompt's answers, a template's head)
+are grouped and batched in blocks whose prefixes are computed once (`batching.
+prefix_batches`; `models.score_batch` runs each row's own tokens after them). The ids go
+to the forward pass as they are; nothing is tokenized again.
 
 Memory. A job's predicted peak is its parameters in the scoring dtype, plus, for a
 computed checkpoint, the weight engine's streaming buffers while it is materialised,
 plus an activation estimate for its largest batch: tokens x (4 hidden + 3 intermediate
 + heads x sequence) values, the widest live set inside one decoder layer (residual,
-q/k/v/output, the MLP's gate, up and product, eager attention scores). Estimates, not
+q/k/v/output, the MLP's gate, up and product, eager attention scores), and for a batch
+after shared prefixes, the keys and values of its block's prefixes and of its own rows. Estimates, not
 the executor's own accounting as on the weight side: transformers allocates here.
 """
 
@@ -36,7 +40,7 @@ from ..graph import Node
 from ..options import Options
 from ..runconfig import RunConfig
 from ..types import human_bytes
-from .batching import sorted_batches
+from .batching import Prefixes, prefix_batches
 from .cache import ScoreCache, model_hash, score_key
 from .data import Prompt, prompt_text, to_messages
 from .pointwise import Points, TreeEval
@@ -50,10 +54,21 @@ class Batch:
     points: list[tuple[Prompt, str]]
     keys: list[str]  # cache keys, one per point
     input_ids: list[list[int]]
+    # rows that share prefixes: their block's Prefixes and each row's index into them
+    shared: tuple[Prefixes, list[int]] | None = None
+
+    @property
+    def width(self) -> int:
+        """Positions each row's attention holds: the block's longest prefix and the longest
+        row past its own."""
+        if self.shared is None:
+            return max(len(x) for x in self.input_ids)
+        pre, of = self.shared
+        return max(len(p) for p in pre.ids) + max(len(x) - len(pre.ids[k]) for x, k in zip(self.input_ids, of, strict=True))
 
     @property
     def tokens(self) -> int:
-        return len(self.input_ids) * max(len(x) for x in self.input_ids)
+        return len(self.input_ids) * self.width
 
 
 @dataclass
@@ -241,11 +256,28 @@ def _batches(g: Group, todo: list[int], encoded: dict[tuple, dict] | None = None
         if g.points[i] not in seen:
             seen[g.points[i]] = encode(g.leaf, tok, *g.points[i])
     ids = [seen[g.points[i]] for i in todo]
+    pad = pad_of(tok)
+    # a row shares no more than its last scored token (the last one not padding): that one is its own
+    keep = [_last_scored(x, pad) for x in ids]
     out = []
-    for part in sorted_batches([len(x) for x in ids], g.leaf.batch_size):
+    for part, pre, of in prefix_batches(ids, keep, g.leaf.batch_size):
         rows = [todo[k] for k in part]
-        out.append(Batch([g.points[i] for i in rows], [g.keys[i] for i in rows], [ids[k] for k in part]))
+        out.append(Batch([g.points[i] for i in rows], [g.keys[i] for i in rows], [ids[k] for k in part],
+                         None if pre is None else (pre, of)))
     return out
+
+
+def _last_scored(ids: list[int], pad: int) -> int:
+    """Where the token a classifier scores sits: the last one that is not padding (0 if all are)."""
+    j = len(ids) - 1
+    while j > 0 and ids[j] == pad:
+        j -= 1
+    return j
+
+
+def pad_of(tok: Any) -> int:
+    """The id a tokenizer's texts are padded with: its pad token, else EOS."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 _CONTENT: dict[int, str] = {}  # id(tokenizer) -> what it tokenizes by (the tokenizers are kept in _TOKENIZERS)
@@ -275,8 +307,13 @@ def _activation(model: Any, b: Batch) -> int:
     h = cfg.get("hidden_size", 0)
     inter = cfg.get("intermediate_size", 4 * h)
     heads = cfg.get("num_attention_heads", 1)
-    seq = max(len(x) for x in b.input_ids)
-    return b.tokens * (4 * h + 3 * inter + heads * seq)
+    seq = b.width
+    act = b.tokens * (4 * h + 3 * inter + heads * seq)
+    if b.shared is not None:  # the block's cache, and this batch's rows of it extended (keys and values)
+        pre = b.shared[0].ids
+        kv = 2 * cfg.get("num_hidden_layers", 1) * cfg.get("num_key_value_heads", heads) * (h // max(heads, 1))
+        act += (len(pre) * max(map(len, pre)) + b.tokens) * kv
+    return act
 
 
 def format_reward_plan(plan: RewardPlan) -> str:
@@ -299,4 +336,4 @@ def format_reward_plan(plan: RewardPlan) -> str:
 
 
 __all__ = ["Batch", "Group", "Job", "Query", "RewardPlan", "collect", "encode", "format_reward_plan",
-           "plan_rewards", "scoring_dtype", "tokenizer_folder", "tokenizer_for"]
+           "pad_of", "plan_rewards", "scoring_dtype", "tokenizer_folder", "tokenizer_for"]
