@@ -44,6 +44,14 @@ sampled row's generator are a local run's, so are the texts, row for row, on the
 kind of device (tests/test_ray.py: greedy and sampled). Faults are handled as for
 scoring; a batch re-run draws the same texts.
 
+`kl` and `front` (`reward.engine.RewardRun._kl`, through `RewardRun._each`, which runs
+the same `JOBS` entries in the driver when not on Ray) use a pool per model and call, each
+closed before the next starts (`run_pool`): "kl_sample" samples one prompt's n rows per
+call with the policy (`policy_eval.sample`, seeded by (seed, prompt)) and returns them
+(`Sampled`: token ids and lengths) with the policy's log-probs (`policy_eval.logprobs`);
+"logprobs" weighs each prompt's `Sampled` under the reference. The driver puts results
+back in prompt order; a re-run prompt draws the same rows.
+
 Merges (`save`) run in Ray tasks with this module's connection, pickling, retries and
 fault hook: algebra/distributed_merge.py.
 """

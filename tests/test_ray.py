@@ -8,7 +8,8 @@ local run's in the same row order and shared with it through the on-disk cache, 
 worker killed mid-run (retried: the output is complete and right), and a worker that
 keeps dying (the run fails and leaves no output); and the same for `generate`: texts
 (greedy and sampled) equal to a local run's in the same order, from the local run's
-batches, and the same generation cache files.
+batches, and the same generation cache files; and for `kl`/`front`: the same samples and
+log-ratios as a local run, with a killed worker too, or no output when it stays dead.
 """
 
 from __future__ import annotations
