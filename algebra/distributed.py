@@ -44,6 +44,14 @@ sampled row's generator are a local run's, so are the texts, row for row, on the
 kind of device (tests/test_ray.py: greedy and sampled). Faults are handled as for
 scoring; a batch re-run draws the same texts.
 
+`kl` and `front` (`reward.engine.RewardRun._kl`, through `RewardRun._each`, which runs
+the same `JOBS` entries in the driver when not on Ray) use a pool per model and call, each
+closed before the next starts (`run_pool`): "kl_sample" samples one prompt's n rows per
+call with the policy (`policy_eval.sample`, seeded by (seed, prompt)) and returns them
+(`Sampled`: token ids and lengths) with the policy's log-probs (`policy_eval.logprobs`);
+"logprobs" weighs each prompt's `Sampled` under the reference. The driver puts results
+back in prompt order; a re-run prompt draws the same rows.
+
 Merges (`save`) run in Ray tasks with this module's connection, pickling, retries and
 fault hook: algebra/distributed_merge.py.
 """
@@ -203,8 +211,31 @@ def _generation(model: Any, device: Any, tokenizer: Any, spec: Any):
     return lambda batch: generate_batch(model, tokenizer, spec, batch[0], batch[1], device)
 
 
-# job name -> (causal LM?, what "runs" it: (model, device, *setup) -> a function of one batch)
-JOBS = {"score": (False, _scoring), "generate": (True, _generation)}
+def _kl_sampling(model: Any, device: Any, tokenizer: Any, spec: Any):
+    """The "kl_sample" job: a policy's `policy_eval.sample` of one prompt (its n rows,
+    seeded by (seed, prompt)) and the policy's own `logprobs` of them."""
+    from .reward import policy_eval as pe
+
+    def run(prompt: Any) -> tuple:
+        s = pe.sample(model, tokenizer, prompt, spec, device)
+        return s, pe.logprobs(model, s, device)
+
+    return run
+
+
+def _weighing(model: Any, device: Any):
+    """The "logprobs" job: a model's `policy_eval.logprobs` of one prompt's sampled rows
+    (a `policy_eval.Sampled`)."""
+    from .reward.policy_eval import logprobs
+
+    return lambda sampled: logprobs(model, sampled, device)
+
+
+# job name -> (causal LM?, what "runs" it: (model, device, *setup) -> a function of one
+# item: a batch, or for kl/front a prompt or its samples). A local kl run uses the same
+# table (`reward.engine.RewardRun._each`), so a job is defined once for both.
+JOBS = {"score": (False, _scoring), "generate": (True, _generation),
+        "kl_sample": (True, _kl_sampling), "logprobs": (True, _weighing)}
 
 
 class _Worker:
@@ -377,22 +408,29 @@ def sampler(run: Any, gen: Any):
     def sample(spec: Any, prompts: tuple, done) -> None:
         from transformers import AutoTokenizer
 
-        ray = connect(run.options.ray)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(gen.model), trust_remote_code=False)
         batches = plan_batches(tokenizer, spec, prompts)
         # the tokenizer travels (not its folder, which may be this process's temporary one);
         # the spec without its prompts, which the batches carry
         work = Work("generate", gen.model, scoring_dtype(gen.model, run.options, run.device),
                     (tokenizer, replace(spec, prompts=())), f"generating with {gen.label}")
-        pool = Pool(ray, work, run.options, len(batches))
-        try:
-            got = Samples(spec, prompts, done)
-            pool.run([(b.input_ids, b.seeds) for b in batches], lambda i, texts: got.add(batches[i], texts))
-        finally:
-            pool.close()
+        got = Samples(spec, prompts, done)
+        run_pool(run.options, work, [(b.input_ids, b.seeds) for b in batches],
+                 lambda i, texts: got.add(batches[i], texts))
 
     return sample
 
 
-__all__ = ["CPUS_PER_WORKER", "FAULT_ENV", "INSTALL", "JOBS", "Pool", "Work", "connect", "dumps_model", "sampler",
-           "score_job", "scoring"]
+def run_pool(options: Options, work: Work, items: list, store) -> None:
+    """Run `work` on each of `items` on a pool of its own (at most one actor per item),
+    closed after it: `store(i, result)` is called in the driver as item i's result
+    arrives, in any order."""
+    pool = Pool(connect(options.ray), work, options, len(items))
+    try:
+        pool.run(items, store)
+    finally:
+        pool.close()
+
+
+__all__ = ["CPUS_PER_WORKER", "FAULT_ENV", "INSTALL", "JOBS", "Pool", "Work", "connect", "dumps_model", "run_pool",
+           "sampler", "score_job", "scoring"]

@@ -8,7 +8,8 @@ local run's in the same row order and shared with it through the on-disk cache, 
 worker killed mid-run (retried: the output is complete and right), and a worker that
 keeps dying (the run fails and leaves no output); and the same for `generate`: texts
 (greedy and sampled) equal to a local run's in the same order, from the local run's
-batches, and the same generation cache files.
+batches, and the same generation cache files; and for `kl`/`front`: the same samples and
+log-ratios as a local run, with a killed worker too, or no output when it stays dead.
 """
 
 from __future__ import annotations
@@ -386,3 +387,105 @@ def test_a_generation_worker_that_is_not_restarted_fails_the_run_with_no_output(
     err = capsys.readouterr().err
     assert "Ray workers generating with" in err and "died" in err and "Traceback" not in err
     assert not (ws / "out").exists() or not any((ws / "out").iterdir())  # neither the save nor the scores
+
+
+# ---- kl and front on Ray ----------------------------------------------------------------------
+
+# 3 prompts on a pool of 2: both actors sample and weigh. front over the kl's policy with the
+# kl's options shares its samples (one KLSpec), so its own work on Ray is the reward's scoring.
+KL_PROMPTS = ["What is 12 plus 30?", "Name a colour.", "Why is the sky blue? Explain it briefly."]
+KL_OPTIONS = "n=3, max_new_tokens=5, seed=2"
+KL_RECIPE = (f'ref = load("models/policy")\n'
+             f'kl(load("models/lm"), ref, {json.dumps(KL_PROMPTS)}, {KL_OPTIONS}, out="out/kl.json", '
+             'overwrite=true)\n')
+FRONT_RECIPE = (KL_RECIPE + f'front([load("models/lm")], ref, reward("models/rm-helpful"), {json.dumps(KL_PROMPTS)}, '
+                f'"out/front.json", x=[1.0], xlabel="t", {KL_OPTIONS}, overwrite=true)\n')
+
+
+def kl_run(ws: Path, text: str, ray: str):
+    """The reward run of `text`'s kl/front sinks: its samples and log-ratios by (policy, ref,
+    spec), its outputs, and its model loads in this process."""
+    from algebra.reward import engine
+
+    session = Session(Options(device="cpu", ray=ray, out=lambda _: None), ws, mode="file")
+    checked = session.check(Source(text, "t.alg"))
+    run = engine.run_sinks(checked.sinks, session.options)
+    samples = {(pm.describe(), ref.describe(), spec): ([(r.prompt, r.response, r.line) for r in v.responses.rows],
+                                                       v.logratios) for (pm, ref, spec), v in run.kl.items()}
+    outs = {name: json.loads((ws / "out" / name).read_text())
+            for name in ("kl.json", "front.json") if (ws / "out" / name).exists()}
+    return samples, outs, run.loads
+
+
+def assert_same_kl(got, want) -> None:
+    """The same samples row for row; log-ratios and outputs' numbers within float tolerance."""
+    assert got[0].keys() == want[0].keys()
+    for k, (rows_got, ratios_got) in got[0].items():
+        rows_want, ratios_want = want[0][k]
+        assert rows_got == rows_want
+        assert ratios_got == pytest.approx(ratios_want, rel=1e-6, abs=1e-6)
+    assert got[1].keys() == want[1].keys()
+    for name, doc in got[1].items():
+        other = want[1][name]
+        for a, b in [(doc, other), *zip(doc.get("results", []), other.get("results", []), strict=True)]:
+            assert a.keys() == b.keys()
+            for key, v in a.items():
+                if key != "results":
+                    assert v == (pytest.approx(b[key], rel=1e-6, abs=1e-6) if isinstance(v, float) else b[key]), key
+
+
+@pytest.mark.slow
+def test_ray_kl_and_front_equal_local(cluster, ws, monkeypatch):
+    from algebra import distributed
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local = kl_run(ws, FRONT_RECIPE, "off")
+    assert local[2] == 3  # here: the policy, the reference and the reward model
+    [(rows_, ratios)] = local[0].values()
+    assert len(rows_) == 9 and len({t for _, t, _ in rows_}) >= 4  # different texts: the comparison bites
+    assert min(abs(r) for r in ratios) > 1e-5  # log-ratios well above the tolerance they are compared with
+    assert local[1]["kl.json"]["kl"] > 1e-4 and local[1]["kl.json"]["samples"] == 9
+    assert local[1]["front.json"]["results"][0]["kl"] == pytest.approx(local[1]["kl.json"]["kl"], abs=1e-12)
+
+    handed: list = []  # (what, actors, items) of each pool the run used
+    real_run = distributed.Pool.run
+
+    def spy(self, items, store):
+        handed.append((self.what, len(self.actors), items))
+        return real_run(self, items, store)
+
+    monkeypatch.setattr(distributed.Pool, "run", spy)
+    monkeypatch.setenv("ALG_CACHE", str(ws / "ray-cache"))  # empty: Ray scores the samples too
+    on_ray = kl_run(ws, FRONT_RECIPE, "local:2")
+    assert on_ray[2] == 0  # no model loaded in this process
+    # the policy's pool, then the reference's, each 2 wide; then the reward's (its one batch: 1 wide)
+    assert [(w.split()[0], a) for w, a, _ in handed] == [("sampling", 2), ("weighing", 2), ("scoring", 1)]
+    assert handed[0][2] == KL_PROMPTS  # a prompt per item, in the prompts' order
+    assert len(handed[1][2]) == 3 and all(s.ids.shape[0] == 3 for s in handed[1][2])  # each prompt's rows
+    assert_same_kl(on_ray, local)
+
+
+@pytest.mark.slow
+def test_a_kl_worker_killed_mid_run_still_gives_the_same_estimate(cluster, ws, monkeypatch, tmp_path):
+    from algebra import distributed
+
+    monkeypatch.setenv("ALG_CACHE", str(ws / "local-cache"))
+    local = kl_run(ws, KL_RECIPE, "off")
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(distributed.FAULT_ENV, str(marker))
+    on_ray = kl_run(ws, KL_RECIPE, "local:2")
+    assert marker.exists()  # a worker did die, on its first prompt
+    assert_same_kl(on_ray, local)
+
+
+@pytest.mark.slow
+def test_a_kl_worker_that_is_not_restarted_fails_the_run_with_no_output(cluster, ws, monkeypatch, tmp_path, capsys):
+    from algebra import distributed
+
+    monkeypatch.setattr(distributed, "RETRIES", 0)
+    monkeypatch.setenv(distributed.FAULT_ENV, str(tmp_path / "killed"))
+    (ws / "t.alg").write_text(KL_RECIPE)
+    assert main(["run", str(ws / "t.alg"), "--ray", "local:2", "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Ray workers sampling" in err and "died" in err and "Traceback" not in err
+    assert not (ws / "out").exists() or not any((ws / "out").iterdir())

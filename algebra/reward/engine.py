@@ -135,44 +135,70 @@ class RewardRun:
         return self.kl[(pm.node, req.ref.node, req.spec)]
 
     def _kl(self, pm: Any, ref: Any, spec: Any) -> KLResult:
+        from dataclasses import replace
+
         from transformers import AutoTokenizer
 
         from . import policy_eval as pe
         from .data import Row, to_messages
-        from .plan import scoring_dtype, tokenizer_folder
+        from .plan import tokenizer_folder
 
         t0 = time.perf_counter()
-        label = pm.node.describe()
+        label, ref_label = pm.node.describe(), ref.node.describe()
         tok = AutoTokenizer.from_pretrained(tokenizer_folder(pm), trust_remote_code=False)
-        model = load_model(pm, self.options, self.device, scoring_dtype(pm, self.options, self.device), causal=True)
-        self.loads += 1
-        sampled, own, texts = {}, {}, {}
-        try:
-            with self.options.progress.bar(len(spec.prompts) * spec.n, f"sample {label}", unit="text") as bar:
-                for p in spec.prompts:
-                    s = pe.sample(model, tok, p, spec, self.device)
-                    sampled[p], own[p], texts[p] = s, pe.logprobs(model, s, self.device), pe.texts(tok, s)
-                    bar.update(spec.n)
-        finally:
-            del model
-            _free()
-        model = load_model(ref, self.options, self.device, scoring_dtype(ref, self.options, self.device), causal=True)
-        self.loads += 1
-        try:
-            refs = {p: pe.logprobs(model, s, self.device) for p, s in sampled.items()}
-        finally:
-            del model
-            _free()
+        prompts = list(spec.prompts)
+        # the tokenizer travels to Ray workers, and the spec less its prompts (each item is one)
+        own = self._each("kl_sample", pm, (tok, replace(spec, prompts=())), prompts, spec.n,
+                         f"sample {label}", f"sampling {label}")
+        sampled = [s for s, _ in own]
+        refs = self._each("logprobs", ref, (), sampled, spec.n, f"weigh under {ref_label}",
+                          f"weighing samples under {ref_label}")
         rows: list = []
         ratios: list[float] = []
-        for p in spec.prompts:
-            for text, a, b in zip(texts[p], own[p], refs[p], strict=True):
+        for p, (s, a_s), b_s in zip(prompts, own, refs, strict=True):
+            for text, a, b in zip(pe.texts(tok, s), a_s, b_s, strict=True):
                 raw = {"prompt": p if isinstance(p, str) else to_messages(p), "response": text}
                 rows.append(Row(p, text, raw, len(rows) + 1))
                 ratios.append(a - b)
-        self.out(f"sampled {len(rows)} text(s) from {label} and weighed them under {ref.node.describe()} "
+        where = " on Ray" if self.options.ray != "off" else ""
+        self.out(f"sampled {len(rows)} text(s) from {label} and weighed them under {ref_label}{where} "
                  f"in {time.perf_counter() - t0:.2f}s")
         return KLResult(Responses(f"samples of {label}", tuple(rows)), ratios)
+
+    def _each(self, job: str, model: Any, setup: tuple, items: list, texts_per_item: int, bar_label: str,
+              what: str) -> list:
+        """`job` (a key of distributed.JOBS, with its fixed arguments `setup`) run on each
+        of `items` by the causal LM `model` (a checked value), loaded once: in this
+        process, or under --ray by a pool of Ray workers (distributed.run_pool; `what`
+        names the work in its errors). The one place kl/front choose; results in items'
+        order."""
+        from ..distributed import JOBS, Work, run_pool
+        from .plan import scoring_dtype
+
+        dtype = scoring_dtype(model, self.options, self.device)
+        out: list = [None] * len(items)
+        on_ray = self.options.ray != "off"
+        with self.options.progress.bar(len(items) * texts_per_item, bar_label + (" (Ray)" if on_ray else ""),
+                                       unit="text") as bar:
+
+            def store(i: int, result: Any) -> None:
+                out[i] = result
+                bar.update(texts_per_item)
+
+            if on_ray:
+                run_pool(self.options, Work(job, model, dtype, setup, what), items, store)
+                return out
+            causal, make = JOBS[job]
+            loaded = load_model(model, self.options, self.device, dtype, causal=causal)
+            self.loads += 1
+            try:
+                fn = make(loaded, self.device, *setup)
+                for i, item in enumerate(items):
+                    store(i, fn(item))
+            finally:
+                fn = loaded = None  # the policy and the reference are never in memory together
+                _free()
+        return out
 
     # ---- scoring --------------------------------------------------------------------------
 
