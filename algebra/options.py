@@ -51,9 +51,9 @@ def check_ray(text: str, what: str = "--ray") -> str:
 
 
 # How many CPU threads torch computes with (--threads, ALG_THREADS, Interpreter(threads=...)):
-# a whole number N >= 1, or "auto" (runconfig.auto_threads: the cores the load average leaves
-# free, at least one; an OMP_NUM_THREADS of the caller's is kept).
-THREADS_CHOICES = "a whole number N >= 1, or auto (the cores the load average leaves free)"
+# a whole number N >= 1, or "auto" (runconfig.auto_threads: the cores other work leaves free
+# now, at least one; an OMP_NUM_THREADS of the caller's is kept).
+THREADS_CHOICES = "a whole number N >= 1, or auto (the cores other work leaves free)"
 THREADS_ENV = "ALG_THREADS"
 
 

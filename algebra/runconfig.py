@@ -12,9 +12,11 @@ Threads. torch's default is one intra-op thread per core. On a machine that othe
 keeps busy, those threads wait on each other at every parallel region: at a load average
 above the core count, scoring took several times longer on torch's two threads than on
 one (benchmarks/README.md: bench_score, bench_ray, bench_generate). So the default,
-"auto", takes the cores that the one-minute load average leaves free (at least one; on a
-quiet machine, one per core as torch would), decided once per process; an
-OMP_NUM_THREADS that the caller set is kept as is.
+"auto", takes the cores that other work leaves free now (at least one; on a quiet
+machine, one per core as torch would), decided once per process; an OMP_NUM_THREADS that
+the caller set is kept as is. "Now" is the machine's CPU time over a tenth of a second
+(`busy_cores`, from /proc/stat): the one-minute load average, used where there is no
+/proc/stat, lags, and right after another job it left an idle machine at one thread.
 """
 
 from __future__ import annotations
@@ -79,15 +81,43 @@ _AUTO: list[int] = []  # the "auto" thread count, decided once per process
 
 
 def free_cores(cores: int, load: float) -> int:
-    """The cores a load average leaves free: cores - load, rounded, at least one."""
+    """The cores a load (busy cores, or a load average) leaves free: cores - load, rounded,
+    at least one."""
     return max(1, min(cores, cores - round(load)))
+
+
+BUSY_SAMPLE_S = 0.1  # how long busy_cores watches the machine's CPU time
+
+
+def busy_cores(interval: float = BUSY_SAMPLE_S) -> float | None:
+    """How many cores the machine keeps busy now: the share of all CPU time that was not
+    idle (nor waiting on I/O) over `interval` seconds, times the CPU count, from
+    /proc/stat; None where it cannot be read."""
+    import os
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(v), v[3] + v[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    if total <= 0:
+        return None
+    return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
 
 
 def auto_threads() -> int:
     """The "auto" thread count: OMP_NUM_THREADS where the caller set it (torch's own
-    choice), else the cores this process may use, lowered to those the one-minute load
-    average leaves free. Decided on first use and kept for the process, so every run in it
-    computes on the same threads."""
+    choice), else the cores this process may use, lowered to those other work leaves free
+    now (`busy_cores`; else by the one-minute load average). Decided on first use and kept
+    for the process, so every run in it computes on the same threads."""
     import os
 
     if not _AUTO:
@@ -99,10 +129,12 @@ def auto_threads() -> int:
                 cores = len(os.sched_getaffinity(0))
             except AttributeError:  # not on Linux
                 cores = os.cpu_count() or 1
-            try:
-                load = os.getloadavg()[0]
-            except OSError:  # no load average on this platform
-                load = 0.0
+            load = busy_cores()
+            if load is None:
+                try:
+                    load = os.getloadavg()[0]
+                except OSError:  # no load average on this platform
+                    load = 0.0
             n = free_cores(cores, load)
         _AUTO.append(n)
     return _AUTO[0]
@@ -128,4 +160,4 @@ def resolve_device(name: str) -> Any:
     return dev
 
 
-__all__ = ["COMPUTE_CODES", "RunConfig", "auto_threads", "free_cores", "resolve_device"]
+__all__ = ["COMPUTE_CODES", "RunConfig", "auto_threads", "busy_cores", "free_cores", "resolve_device"]

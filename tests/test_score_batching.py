@@ -236,12 +236,41 @@ def test_auto_threads_are_the_cores_the_load_leaves(monkeypatch):
     assert auto_threads() == 1
     monkeypatch.setattr(rc, "_AUTO", [])
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0.0, 0.0))
-    assert auto_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    monkeypatch.setattr(rc, "busy_cores", lambda: 50.0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert auto_threads() == 1  # the machine's busy cores now, not the load average
+    monkeypatch.setattr(rc, "busy_cores", lambda: 0.0)
     assert auto_threads() == 1  # decided once per process
     monkeypatch.setattr(rc, "_AUTO", [])
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0.0, 0.0))  # a load average that lags
+    assert auto_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(rc, "_AUTO", [])
+    monkeypatch.setattr(rc, "busy_cores", lambda: None)  # no /proc/stat: the load average
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
     assert auto_threads() == free_cores(len(os.sched_getaffinity(0)), 3.0)
+
+
+def test_busy_cores_reads_the_machines_cpu_time(monkeypatch, tmp_path):
+    """busy_cores from two /proc/stat samples: (total - idle - iowait) / total x CPUs."""
+    import builtins
+
+    import algebra.runconfig as rc
+
+    lines = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  250 0 150 800 100 0 0 0 0 0\n"])
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/stat":
+            f = tmp_path / "stat"
+            f.write_text(next(lines))
+            return real_open(f, *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert rc.busy_cores(0.0) == pytest.approx((300 - 100) / 300 * 4)
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert rc.busy_cores(0.0) is None
 
 
 HEAD = "You are a careful judge of answers; score this one. Question: {prompt} Answer: {response}"
