@@ -56,9 +56,16 @@ def alg_scores(path: Path) -> list[float]:
     return [r["reward"] for r in sorted(got, key=lambda r: int(r["id"][1:]))]
 
 
-def test_reward_scores_equal_transformers_with_the_real_chat_template(real, real_tok, tmp_path):
+def test_reward_scores_equal_transformers_with_the_real_chat_template(real, real_tok, tmp_path, monkeypatch):
+    from algebra.reward import models
+
     rows = write_rows(tmp_path / "data.jsonl", HELD_OUT)
+    blocks = []
+    real_cache = models.block_cache
+    monkeypatch.setattr(models, "block_cache", lambda *a: blocks.append(r := real_cache(*a)) or r)
     interp(tmp_path).eval(f'score(reward("{real["rm"]}"), "data.jsonl", "scores.jsonl")')
+    # each pair's answers share the system turn and the prompt: scored after a cached prefix
+    assert blocks and all(b is not None for b in blocks)
     ours = alg_scores(tmp_path / "scores.jsonl")
     theirs = hf_scores(real["rm"], real_tok, rows)
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-4)
