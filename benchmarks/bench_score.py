@@ -21,6 +21,9 @@ loop's torch.set_num_threads); without it each uses its own default (alg: auto, 
 torch's).
 Texts stay under the models' 128 positions, so neither side truncates.
 Wall time is from process start to exit (imports and model loading included, for both).
+Both run with Python's bytecode cache, as installed packages do (pip compiles them):
+alg's package is compiled first and PYTHONDONTWRITEBYTECODE is dropped from the children's
+environment (a source tree run without it recompiles alg's modules in every process).
 Both must agree on the accuracy. Prints a table (medians over rounds) and writes JSON to
 WORKDIR/results.json.
 """
@@ -98,6 +101,10 @@ def main() -> None:
     build(work, args.pairs, args.hidden, args.layers)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "ALG_CACHE": str(work / "cache")}
     env.pop("ALG_THREADS", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    import algebra
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(algebra.__file__).parent)], check=True)
     alg = [sys.executable, "-m", "algebra", "run", "bench.alg", "--device", "cpu", "--force"]
     loop = [sys.executable, str(HERE / "baseline_score.py"), str(work)]
     if args.threads:

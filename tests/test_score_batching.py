@@ -152,12 +152,44 @@ def test_two_models_on_one_tokenizer_tokenize_each_text_once(ws, monkeypatch):
     calls: list = []
     real = plan_mod.encode
     monkeypatch.setattr(plan_mod, "encode", lambda leaf, tok, p, r: calls.append((p, r)) or real(leaf, tok, p, r))
+    from transformers import AutoTokenizer
+
+    loads: list = []
+    real_load = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(plan_mod, "_TOKENIZERS", {})
+    # the two folders' tokenizer_config.json differ only in how they were saved
+    configs = [json.loads((ws / "models" / m / "tokenizer_config.json").read_text()) for m in ("rm-helpful", "rm-harmless")]
+    assert configs[0] != configs[1]
+    assert {k: v for k, v in configs[0].items() if k not in plan_mod._LOAD_KEYS} == \
+        {k: v for k, v in configs[1].items() if k not in plan_mod._LOAD_KEYS}
     session = Session(Options(device="cpu", out=lambda _: None), ws, mode="file")
     checked = session.check(Source('r = reward("models/rm-helpful") + reward("models/rm-harmless")\n'
                                    'score(r, "data/prompts_responses.jsonl", "out/s.jsonl")', "t.alg"))
     run = engine.run_sinks(checked.sinks, session.options)
     assert run.scored == 24 and run.loads == 2  # both models scored every text
     assert len(calls) == len(set(calls)) == 12  # each text tokenized once, for both
+    assert len(loads) == 1  # and one tokenizer loaded for both
+
+
+def test_tokenizers_differing_in_what_they_are_load_apart(tmp_path):
+    from algebra.reward.plan import _tokenizer_key
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, extra in ((a, {}), (b, {"is_local": True})):
+        d.mkdir()
+        (d / "tokenizer.json").write_text('{"model": 1}')
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", **extra}))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_labels": 1 + len(extra)}))
+    assert _tokenizer_key(a) == _tokenizer_key(b)  # load flags and the model's own config do not count
+    for name, text in (("tokenizer_config.json", '{"eos_token": "<|end|>"}'), ("tokenizer.json", '{"model": 2}'),
+                       ("config.json", '{"model_type": "gpt2"}'), ("chat_template.jinja", "{{ x }}")):
+        c = tmp_path / f"c-{name}"
+        c.mkdir()
+        for f in a.iterdir():
+            (c / f.name).write_bytes(f.read_bytes())
+        (c / name).write_text(text)
+        assert _tokenizer_key(c) != _tokenizer_key(a), name
 
 
 def test_models_run_with_sdpa_attention(ws, rms):

@@ -28,6 +28,7 @@ the executor's own accounting as on the weight side: transformers allocates here
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,14 +155,54 @@ def tokenizer_folder(model: Any) -> Path:
     return Path(got[1].name)
 
 
+# the files AutoTokenizer reads from a folder (config.json: for the tokenizer class when
+# tokenizer_config.json does not name it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "chat_template.jinja", "chat_template.json", "config.json")
+
+
+# keys of a saved tokenizer_config.json that say how it was loaded or saved, not what it is
+_LOAD_KEYS = {"is_local", "local_files_only", "name_or_path", "_name_or_path", "_commit_hash",
+              "transformers_version"}
+
+
+def _tokenizer_key(folder: Path) -> str:
+    """A digest of what a folder's tokenizer is read from: two folders with the same files
+    (reward models of one base, each with a copy) load one tokenizer. JSON files count by
+    their content less `_LOAD_KEYS`; config.json only by what AutoTokenizer reads there."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        if name.endswith(".json"):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                keep = {"model_type", "tokenizer_class"} if name == "config.json" else obj.keys() - _LOAD_KEYS
+                data = json.dumps({k: obj[k] for k in sorted(keep) if k in obj}, sort_keys=True).encode()
+        h.update(name.encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
+
+
 def tokenizer_for(leaf: ModelReward):
     from transformers import AutoTokenizer
 
-    folder = str(tokenizer_folder(leaf.model))
-    tok = _TOKENIZERS.get(folder)
+    folder = tokenizer_folder(leaf.model)
+    tok = _TOKENIZERS.get(str(folder))
     if tok is None:
-        tok = _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        tok.truncation_side = "left"  # the score is read at the end: keep the response's end
+        key = _tokenizer_key(folder)
+        tok = _TOKENIZERS.get(key)
+        if tok is None:
+            tok = _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            tok.truncation_side = "left"  # the score is read at the end: keep the response's end
+        _TOKENIZERS[str(folder)] = tok
     return tok
 
 
