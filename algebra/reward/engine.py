@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,13 +192,14 @@ class RewardRun:
             causal, make = JOBS[job]
             loaded = load_model(model, self.options, self.device, dtype, causal=causal)
             self.loads += 1
+            gone = weakref.ref(loaded)
             try:
                 fn = make(loaded, self.device, *setup)
                 for i, item in enumerate(items):
                     store(i, fn(item))
             finally:
                 fn = loaded = None  # the policy and the reference are never in memory together
-                _free()
+                _free(gone)
         return out
 
     # ---- scoring --------------------------------------------------------------------------
@@ -255,8 +257,11 @@ class RewardRun:
                         bar.update(len(values))
             self.scored += n
         finally:
+            gone = weakref.ref(model)
             del model
-            _free()
+            held = None  # noqa: F841  (the block's cache goes with the model)
+            if not self.keep_loaded:
+                _free(gone)
         self.out(f"scored {n} text(s) with {job.label} in {time.perf_counter() - t0:.2f}s{self._on()} "
                  f"({job.n_texts - n} cached)")
 
