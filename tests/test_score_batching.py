@@ -329,7 +329,7 @@ def test_shared_prefixes_are_computed_once_per_block_and_score_as_each_text_alon
     real_cache, real_score = models.block_cache, engine.score_batch
 
     def cache_spy(model, prefixes, pad, device, held):
-        if prefixes.block not in held:
+        if prefixes not in held:
             made.append(prefixes)
         return real_cache(model, prefixes, pad, device, held)
 
@@ -345,7 +345,7 @@ def test_shared_prefixes_are_computed_once_per_block_and_score_as_each_text_alon
     cached = [(x, sh) for x, sh in seen if sh is not None]
     assert len(made) >= 1 and len(cached) > len(made)  # a block's prefixes serve several batches
     for x, (pre, of) in cached:  # each row starts with its prefix and keeps a token of its own
-        assert all(row[: len(pre.ids[k])] == pre.ids[k] and len(row) > len(pre.ids[k]) for row, k in zip(x, of, strict=True))
+        assert all(tuple(row[: len(pre.ids[k])]) == pre.ids[k] and len(row) > len(pre.ids[k]) for row, k in zip(x, of, strict=True))
     lens = {len(p) for pre in made for p in pre.ids}
     assert min(lens) >= batching.MIN_PREFIX and len(lens) > 1  # the head alone, and head + prompt
     assert [r["id"] for r in out] == [r["id"] for r in rows_in]
@@ -410,14 +410,14 @@ def test_prefix_batches_cover_every_row_once_within_the_budget(rows, budget, bs)
         if pre is None:
             assert len(part) == 1 or bs or len(part) * max(len(rows[i]) for i in part) <= budget
             continue
-        blocks[pre.block] = pre
+        blocks[pre] = pre
         longest = max(map(len, pre.ids))
         assert len(pre.ids) == 1 or len(pre.ids) * longest <= budget
         for i, k in zip(part, of, strict=True):
-            assert rows[i][: len(pre.ids[k])] == pre.ids[k] and len(pre.ids[k]) <= keep[i]
+            assert tuple(rows[i][: len(pre.ids[k])]) == pre.ids[k] and len(pre.ids[k]) <= keep[i]
         width = longest + max(len(rows[i]) - len(pre.ids[k]) for i, k in zip(part, of, strict=True))
         assert len(part) == 1 or bs or len(part) * width <= budget
-    assert sorted(blocks) == list(range(len(blocks)))
+    assert len({p for pre in blocks for p in pre.ids}) == sum(len(pre.ids) for pre in blocks)  # a prefix in one block
 
 
 def test_a_row_keeps_the_token_it_is_scored_at():
@@ -489,12 +489,12 @@ def test_a_model_without_a_full_attention_cache_scores_rows_whole(rms, tmp_path)
     window = MistralForSequenceClassification(cfg).eval()
     head = list(range(10, 10 + batching.MIN_PREFIX))
     rows = [head + [40, 41], head + [42]]
-    shared = (batching.Prefixes(0, [head]), [0, 0])
+    shared = (batching.Prefixes((tuple(head),)), [0, 0])
     cpu = torch.device("cpu")
     for model, plain in ((_encoder(inner), inner), (window, window)):
         held: dict = {}
         got = models.score_batch(model, rows, 0, cpu, shared, held)
-        assert held == {0: None}  # found unfit once, for the block
+        assert held == {shared[0]: None}  # found unfit once, for the block
         assert got == pytest.approx(models.score_batch(plain, rows, 0, cpu), abs=1e-6)
 
 
@@ -535,3 +535,24 @@ def test_a_scored_model_is_released_before_the_next_loads(ws, monkeypatch):
     refs.clear()
     engine.run_sinks(session.check(Source(src.replace('"out/s.jsonl"', '"out/s2.jsonl"'), "t.alg")).sinks, session.options)
     assert len(collections) == 2 and all(r() is None for r in refs)
+
+
+def test_a_held_cache_is_found_by_its_prefixes_not_by_where_it_was_planned(rms):
+    """Two groups of one model (two text formats) each plan their own blocks: a block of
+    the second whose prefixes differ is computed afresh, whatever block the first held."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"]).eval()
+    cpu, held = torch.device("cpu"), {}
+    a, b = list(range(10, 10 + batching.MIN_PREFIX)), list(range(30, 30 + batching.MIN_PREFIX))
+    got = []
+    for head in (a, b):
+        rows = [head + [40, 41], head + [42]]
+        [(part, pre, of)] = batching.prefix_batches(rows, [len(r) - 1 for r in rows])
+        got.append((models.score_batch(model, [rows[i] for i in part], 0, cpu, (pre, of), held),
+                    models.score_batch(model, [rows[i] for i in part], 0, cpu)))
+    for shared, plain in got:
+        assert shared == pytest.approx(plain, abs=1e-5)
+    assert got[0][1] != pytest.approx(got[1][1], abs=1e-3)  # the heads do change the scores

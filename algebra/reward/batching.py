@@ -64,13 +64,13 @@ def sorted_batches(lengths: Sequence[int], batch_size: int | None = None, extra:
     return [[order[k] for k in part] for part in cut_sorted([lengths[i] for i in order], batch_size, extra, budget)]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class Prefixes:
-    """The distinct prefixes of one block of batches (`prefix_batches`), computed once for
-    all of them. `block` names the block within its plan; `ids` are token id lists."""
+    """The distinct prefixes (token id tuples) of one block of batches (`prefix_batches`),
+    computed once for all of them. Equal prefixes are one block's, whichever plan, group or
+    process (a Ray actor) holds them: a held key/value cache is found by this value."""
 
-    block: int
-    ids: list[list[int]]
+    ids: tuple[tuple[int, ...], ...]
 
 
 def prefix_groups(rows: Sequence[Sequence[int]], keep: Sequence[int],
@@ -170,8 +170,8 @@ def prefix_batches(rows: Sequence[Sequence[int]], keep: Sequence[int], batch_siz
         else:
             blocks.append([g])
     out: list[tuple[list[int], Prefixes | None, list[int] | None]] = []
-    for b, block in enumerate(blocks):
-        pre = Prefixes(b, [list(rows[g[1][0]][: g[0]]) for g in block])
+    for block in blocks:
+        pre = Prefixes(tuple(tuple(rows[g[1][0]][: g[0]]) for g in block))
         longest = block[-1][0]
         member = [(i, k, len(rows[i]) - p) for k, (p, ids) in enumerate(block) for i in ids]
         member.sort(key=lambda m: (m[2], m[0]))

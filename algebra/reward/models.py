@@ -106,10 +106,10 @@ def _cache_arg(model: Any) -> str | None:
 def block_cache(model: Any, prefixes: Prefixes, pad: int, device: torch.device,
                 held: dict | None) -> tuple[Any, list[int]] | None:
     """The key/value cache of a block's prefixes (one right-padded forward pass, one row
-    per prefix) and their lengths; `held` keeps the last block's (None: not kept). None
-    where the model cannot be scored from a cache."""
-    if held is not None and prefixes.block in held:
-        return held[prefixes.block]
+    per prefix) and their lengths; `held` keeps the last block's, by its prefixes (None:
+    not kept). None where the model cannot be scored from a cache."""
+    if held is not None and prefixes in held:
+        return held[prefixes]
     got = None
     if _cache_arg(model) is not None:
         lens = [len(p) for p in prefixes.ids]
@@ -127,7 +127,7 @@ def block_cache(model: Any, prefixes: Prefixes, pad: int, device: torch.device,
             got = (cache, lens)
     if held is not None:
         held.clear()
-        held[prefixes.block] = got
+        held[prefixes] = got
     return got
 
 
