@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,9 @@ def test_plan_shows_models_texts_and_memory(ws, monkeypatch):
     text = session.plan_text(checked.sinks)
     assert "models/rm-helpful" in text and "models/rm-harmless" in text
     assert "30 distinct texts: 30 to score" in text and "33 distinct texts: 33 to score" in text
+    # a prompt's answers share the template's head and the prompt: each such prefix runs once
+    shared = re.findall(r"(\d+) shared prefix\(es\) computed once: (\d+) of (\d+) tokens to run", text)
+    assert shared and all(int(n) > 0 and int(a) < int(b) for n, a, b in shared)
     assert "predicted peak memory of scoring" in text
 
 

@@ -71,6 +71,14 @@ class Batch:
     def tokens(self) -> int:
         return len(self.input_ids) * self.width
 
+    @property
+    def own_tokens(self) -> int:
+        """The tokens its rows run past their shared prefixes (unpadded)."""
+        if self.shared is None:
+            return sum(len(x) for x in self.input_ids)
+        pre, of = self.shared
+        return sum(len(x) - len(pre.ids[k]) for x, k in zip(self.input_ids, of, strict=True))
+
 
 @dataclass
 class Group:
@@ -368,6 +376,13 @@ def format_reward_plan(plan: RewardPlan) -> str:
         lines.append(f"  {j.label}")
         lines.append(f"    {j.n_texts} distinct texts: {j.n_todo} to score in {batches} batch(es) "
                      f"(longest {longest} tokens), {cached} cached")
+        blocks = {b.shared[0] for g in j.groups for b in g.batches if b.shared is not None}
+        if blocks:
+            whole = sum(len(x) for g in j.groups for b in g.batches for x in b.input_ids)
+            pre = sum(len(p) for blk in blocks for p in blk.ids)
+            own = sum(b.own_tokens for g in j.groups for b in g.batches)
+            lines.append(f"    {sum(len(blk.ids) for blk in blocks)} shared prefix(es) computed once: "
+                         f"{pre + own} of {whole} tokens to run")
         lines.append(f"    {human_bytes(j.params_bytes)} of parameters in {str(j.dtype).removeprefix('torch.')}"
                      + (f"; materialised from the graph (streaming {human_bytes(j.stream_bytes)})"
                         if j.node.op != "load" else "")
