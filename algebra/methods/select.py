@@ -191,7 +191,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
     budget = [chunk]  # recorded entries in all: at most a chunk's worth
     if len(spans) == 1:  # the whole tensor is one chunk: select in memory, one pass
         return _select_in_chunk(sel, ev, n, ranks, itype, ftype)
-    m = _sample_size(n, chunk)
+    m = _sample_size(n, chunk, len(ranks))
     if m:  # a window around each threshold from a sample, then one pass (or, if it missed, as below)
         _window_select(sel, ev, spans, ranks, itype, ftype, m, chunk)
         if all(r.result is not None for r in ranks):
@@ -208,17 +208,20 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                  for k in (range(len(sel.scores)) if p == 0 else [id(r) for r in live])}
         final = p == len(widths) - 1
         for j, (e0, e1) in enumerate(spans):
+            # chunk-sized temporaries from the pool (a fresh one per chunk fragments the heap)
+            high, hit = ev.pool.take(e1 - e0, itype), ev.pool.take(e1 - e0, torch.bool)
             for s, key in _keys(sel, ev, e0, e1, itype):
                 if p == 0:
-                    _count_into(hists[s], key >> shift)
+                    _count_into(hists[s], torch.bitwise_right_shift(key, shift, out=high))
                     if s in nonzero_ranked:
-                        zeros[s] += int((key == 0).sum())
+                        zeros[s] += int(torch.count_nonzero(torch.eq(key, 0, out=hit)))
                     continue
                 for r in live:
                     if r.score != s:
                         continue
-                    inside = key[(key >> (shift + width)) == r.prefix]
-                    digits = (inside >> shift) & (nbins - 1)
+                    torch.bitwise_right_shift(key, shift + width, out=high)
+                    inside = key[torch.eq(high, r.prefix, out=hit)]
+                    digits = inside.bitwise_right_shift_(shift).bitwise_and_(nbins - 1)
                     del inside
                     if not final or records.get(id(r), ()) is None:
                         _count_into(hists[id(r)], digits)
@@ -234,6 +237,8 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                     budget[0] -= len(nz)
                     if budget[0] < 0:
                         records[id(r)] = None
+            ev.pool.give(high)
+            ev.pool.give(hit)
         for r in live:
             hist = hists[r.score if p == 0 else id(r)].cpu().numpy().astype(np.int64)
             if p == 0:
@@ -289,7 +294,9 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                 for r in cut:
                     if r.score != s or not math.isnan(r.result[1]) or j < start[id(r)]:
                         continue
-                    hits = (key == r.prefix).nonzero().flatten()
+                    eq = torch.eq(key, r.prefix, out=ev.pool.take(e1 - e0, torch.bool))
+                    hits = eq.nonzero().flatten()
+                    ev.pool.give(eq)
                     need = r.rank - seen[id(r)]
                     if len(hits) >= need:
                         r.result = (r.result[0], float(e0 + int(hits[need - 1]) + 1))
@@ -305,14 +312,18 @@ SAMPLE_BLOCKS = 64  # spread over this many contiguous blocks
 WINDOW_SIGMAS = 5.0  # the window's half-width, in standard deviations of the sampled rank
 
 
-def _sample_size(n: int, chunk: int) -> int:
-    """How many keys `_window_select` samples from a tensor of n elements (0: too small
-    for a sample to pay, take the radix passes). Enough that the window holds about half
-    a chunk of elements: its share of the tensor is about WINDOW_SIGMAS / sqrt(m)."""
+def _sample_size(n: int, chunk: int, nranks: int = 1) -> int:
+    """How many keys `_window_select` samples from a tensor of n elements for `nranks`
+    ranks (0: too small for a sample to pay, take the radix passes). Enough that the
+    windows of all the ranks hold about half a chunk of elements together (the budget
+    they share is a chunk): a window's share of the tensor is at most about
+    WINDOW_SIGMAS / sqrt(m), so m grows with the square of the number of ranks. (Sized
+    per rank, two ranks' windows filled the whole budget, and one tensor in five went
+    over it into the radix passes: two more passes, and their temporaries.)"""
     cap = n // SAMPLE_SHARE
     if cap < SAMPLE_MIN:
         return 0
-    return min(cap, max(SAMPLE_MIN, math.ceil((2 * WINDOW_SIGMAS * n / chunk) ** 2)))
+    return min(cap, max(SAMPLE_MIN, math.ceil((2 * WINDOW_SIGMAS * max(1, nranks) * n / chunk) ** 2)))
 
 
 def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype, m: int, chunk: int) -> None:
@@ -428,24 +439,38 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
 def _collect(sel: Select, ev: Any, spans, live: list[_Rank], itype, ftype, low_bits: int) -> None:
     """One pass gathering every key of each rank's bucket with its index, then the exact
     (t, J) from them: at most `chunk` candidates in all, and no pass for the tie cut."""
-    keys: dict[int, list[torch.Tensor]] = {id(r): [] for r in live}
-    where: dict[int, list[torch.Tensor]] = {id(r): [] for r in live}
+    # each bucket's keys and indices go straight into buffers of its known size (r.equal):
+    # no list of pieces interleaved with each chunk's temporaries on the heap
+    pool = ev.pool
+    keys = {id(r): pool.take(r.equal, itype) for r in live}
+    where = {id(r): pool.take(r.equal, torch.int64) for r in live}
+    filled = dict.fromkeys(keys, 0)
     for e0, e1 in spans:
+        high, inside = pool.take(e1 - e0, itype), pool.take(e1 - e0, torch.bool)
         for s, key in _keys(sel, ev, e0, e1, itype):
             for r in live:
                 if r.score == s:
-                    hit = ((key >> low_bits) == r.prefix).nonzero().flatten()
-                    keys[id(r)].append(key[hit])
-                    where[id(r)].append(hit.add_(e0))
+                    torch.bitwise_right_shift(key, low_bits, out=high)
+                    hit = torch.eq(high, r.prefix, out=inside).nonzero().flatten()
+                    f, g = filled[id(r)], filled[id(r)] + hit.numel()
+                    torch.index_select(key, 0, hit, out=keys[id(r)][f:g])
+                    torch.add(hit, e0, out=where[id(r)][f:g])
+                    filled[id(r)] = g
+                    del hit
+        pool.give(high)
+        pool.give(inside)
     n = sel.deltas[0].numel
     for r in live:
-        key, idx = torch.cat(keys.pop(id(r))), torch.cat(where.pop(id(r)))
+        key, idx = keys.pop(id(r)), where.pop(id(r))
+        assert filled[id(r)] == key.numel(), "the bucket's size changed between passes"
         order = torch.sort(key, descending=True, stable=True).indices  # ties: index order
         t = key[order[r.rank - 1]]
         equal = idx[key == t]  # ascending: gathered in index order
         keep_equal = r.rank - int((key > t).sum())
         cut = n if keep_equal == len(equal) else int(equal[keep_equal - 1]) + 1
         r.result = (float(t.view(ftype).item()), float(cut))
+        pool.give(key)
+        pool.give(idx)
 
 
 def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ftype) -> tuple[float, ...]:
