@@ -30,7 +30,8 @@ from ..ir import Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops import sums as fsums
-from ..ops.sparse import population_var, top_mask
+from ..ops.sparse import SPLIT_MIN, population_var, top_mask
+from ..ops.sparse import _workers as workers
 
 KEEP_ALL = (-1.0, 0.0)  # (t, J) that keeps every element
 KEEP_NONE = (0.0, -1.0)  # (t, J) that keeps none
@@ -377,8 +378,8 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
                 w[3] += zeros
                 if key.device.type == "cpu":  # numpy: 5-10x faster than torch here (measured)
                     kn, a, b = key.numpy(), above.numpy(), inside.numpy()
-                    w[2] += size - int(np.count_nonzero(np.less_equal(kn, hi, out=a)))
-                    cand = kn[np.logical_and(a, np.greater_equal(kn, lo, out=b), out=b)]
+                    n_above, cand = _window_count(kn, a, b, lo, hi)
+                    w[2] += n_above
                 else:
                     torch.gt(key, hi, out=above)
                     w[2] += int(torch.count_nonzero(above))
@@ -434,6 +435,24 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
                     at = hits.nonzero().flatten()
                     pool.give(hits)
                     r.result = (r.result[0], float(e0 + int(at[need - 1]) + 1))
+
+
+def _window_count(kn, a, b, lo: int, hi: int):
+    """(how many keys are above hi, the keys in [lo, hi]) of one chunk of keys, with
+    `a` and `b` its scratch masks; the chunk is split between the run's threads (numpy
+    lets go of the GIL), the pieces put back in order: the same result on any number."""
+    def part(r0: int, r1: int):
+        k, x, y = kn[r0:r1], a[r0:r1], b[r0:r1]
+        above = (r1 - r0) - int(np.count_nonzero(np.less_equal(k, hi, out=x)))
+        return above, k[np.logical_and(x, np.greater_equal(k, lo, out=y), out=y)]
+
+    size = kn.size
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or size < 2 * SPLIT_MIN:
+        return part(0, size)
+    bounds = [size * t // threads for t in range(threads + 1)]
+    pieces = list(workers(threads).map(lambda t: part(bounds[t], bounds[t + 1]), range(threads)))
+    return sum(x for x, _ in pieces), np.concatenate([c for _, c in pieces])
 
 
 def _collect(sel: Select, ev: Any, spans, live: list[_Rank], itype, ftype, low_bits: int) -> None:
