@@ -192,7 +192,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
     budget = [chunk]  # recorded entries in all: at most a chunk's worth
     if len(spans) == 1:  # the whole tensor is one chunk: select in memory, one pass
         return _select_in_chunk(sel, ev, n, ranks, itype, ftype)
-    m = _sample_size(n, chunk, len(ranks))
+    m = _sample_size(n, chunk, len(ranks), len(sel.scores))
     if m:  # a window around each threshold from a sample, then one pass (or, if it missed, as below)
         _window_select(sel, ev, spans, ranks, itype, ftype, m, chunk)
         if all(r.result is not None for r in ranks):
@@ -313,15 +313,16 @@ SAMPLE_BLOCKS = 64  # spread over this many contiguous blocks
 WINDOW_SIGMAS = 5.0  # the window's half-width, in standard deviations of the sampled rank
 
 
-def _sample_size(n: int, chunk: int, nranks: int = 1) -> int:
+def _sample_size(n: int, chunk: int, nranks: int = 1, nscores: int = 1) -> int:
     """How many keys `_window_select` samples from a tensor of n elements for `nranks`
     ranks (0: too small for a sample to pay, take the radix passes). Enough that the
     windows of all the ranks hold about half a chunk of elements together (the budget
     they share is a chunk): a window's share of the tensor is at most about
     WINDOW_SIGMAS / sqrt(m), so m grows with the square of the number of ranks. (Sized
     per rank, two ranks' windows filled the whole budget, and one tensor in five went
-    over it into the radix passes: two more passes, and their temporaries.)"""
-    cap = n // SAMPLE_SHARE
+    over it into the radix passes: two more passes, and their temporaries.) The samples
+    of the `nscores` scores are held together: at most a chunk's worth in all."""
+    cap = min(n // SAMPLE_SHARE, chunk // max(1, nscores))  # the samples: at most a chunk in all
     if cap < SAMPLE_MIN:
         return 0
     return min(cap, max(SAMPLE_MIN, math.ceil((2 * WINDOW_SIGMAS * max(1, nranks) * n / chunk) ** 2)))
@@ -341,27 +342,39 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
     top = torch.iinfo(itype).max  # above every key
     bs = -(-m // SAMPLE_BLOCKS)
     starts = sorted({min(n - bs, (n - bs) * b // max(1, SAMPLE_BLOCKS - 1)) for b in range(SAMPLE_BLOCKS)})
-    sample: dict[int, list[torch.Tensor]] = {}
-    for a in starts:
+    # each score's sample goes into one pool buffer (at most a chunk's worth for all the
+    # scores: _sample_size), sorted in place on the CPU
+    sample: dict[int, torch.Tensor] = {}
+    for j, a in enumerate(starts):
         for s, key in _keys(sel, ev, a, a + bs, itype):
-            sample.setdefault(s, []).append(key.clone())
-    sampled = {s: torch.sort(torch.cat(v), descending=True).values for s, v in sample.items()}
-    del sample
+            if s not in sample:
+                sample[s] = pool.take(len(starts) * bs, itype)
+            sample[s][j * bs:(j + 1) * bs].copy_(key)
+    ascending = {}
+    for s, buf in sample.items():
+        if buf.device.type == "cpu":
+            buf.numpy().sort()
+            ascending[s] = buf
+        else:
+            ascending[s] = torch.sort(buf).values
     windows: dict[int, list] = {}  # rank -> [lo, hi, above, zeros, [(chunk, keys, counts)]]
     for r in ranks:
-        desc = sampled[r.score]
-        size = desc.numel()
+        asc = ascending[r.score]
+        size = asc.numel()
         if isinstance(r.k, OfNonzero):
-            est = int(int(torch.count_nonzero(desc)) * r.k.frac)
+            est = int(int(torch.count_nonzero(asc)) * r.k.frac)
         else:
             est = round(r.k * size / n)
         est = min(max(est, 1), size)
         q = min(max(est / size, 1 / size), 1 - 1 / size)
         half = math.ceil(WINDOW_SIGMAS * math.sqrt(size * q * (1 - q))) + 1
-        hi = int(desc[est - 1 - half]) if est - 1 - half >= 0 else top
-        lo = int(desc[est - 1 + half]) if est - 1 + half < size else 0
+        # the (est - 1 -+ half)-th largest sampled keys
+        hi = int(asc[size - est + half]) if est - 1 - half >= 0 else top
+        lo = int(asc[size - est - half]) if est - 1 + half < size else 0
         windows[id(r)] = [lo, hi, 0, 0, []]
-    del sampled
+    for buf in sample.values():
+        pool.give(buf)
+    del sample, ascending
     budget = chunk
     zero_counted = {r.score for r in ranks if isinstance(r.k, OfNonzero)}
     for j, (e0, e1) in enumerate(spans):
