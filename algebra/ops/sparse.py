@@ -325,16 +325,22 @@ def _ties_fast(spec: Combine, base: torch.Tensor) -> bool:
             and base.dtype == torch.float32 and all(sp.kind == "top" for sp in spec.sparsify))
 
 
-_POOL: list = []  # (threads, ThreadPoolExecutor)
+_POOL: list = []  # ((threads, pid), ThreadPoolExecutor)
 
 
 def _workers(n: int):
-    if not _POOL or _POOL[0][0] != n:
+    """A pool of n threads for the numpy passes (made again after a fork: a forked child
+    inherits the pool but not its threads)."""
+    import os
+
+    if not _POOL or _POOL[0][0] != (n, os.getpid()):
         from concurrent.futures import ThreadPoolExecutor
 
         if _POOL:
-            _POOL.pop()[1].shutdown(wait=False)
-        _POOL.append((n, ThreadPoolExecutor(n, thread_name_prefix="alg-ties")))
+            (_, pid), old = _POOL.pop()
+            if pid == os.getpid():
+                old.shutdown(wait=False)
+        _POOL.append(((n, os.getpid()), ThreadPoolExecutor(n, thread_name_prefix="alg-ties")))
     return _POOL[0][1]
 
 
