@@ -63,6 +63,29 @@ def test_window_keeps_exactly_k_lowest_index_first(family_bf16, windowed, chunk)
     assert tied > 0  # the data really had ties at the thresholds
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_window_split_between_threads_keeps_exactly_k(family_bf16, windowed, monkeypatch, threads):
+    """The window pass's count over a chunk split between threads (ops.sparse.SPLIT_MIN
+    lowered so that test chunks split): the same exact (t, J)."""
+    from algebra import runconfig
+    from algebra.ops import sparse
+
+    monkeypatch.setattr(sparse, "SPLIT_MIN", 8)
+    monkeypatch.setattr(select, "SPLIT_MIN", 8)
+    n = torch.get_num_threads()
+    resolved = []
+    try:
+        for t in (1, threads):  # and the window finds as many there as on one thread
+            monkeypatch.setattr(runconfig, "auto_threads", lambda t=t: t)  # what the evaluator sets
+            windowed["resolved"] = 0
+            streamed, tied = _check_ranks(family_bf16, 2000, lambda n: (1, n // 3, n // 2, n - 1))
+            resolved.append(windowed["resolved"])
+    finally:
+        torch.set_num_threads(n)
+    assert streamed and resolved[0] > 0 and tied > 0
+    assert resolved[1] == resolved[0]
+
+
 def test_window_misses_fall_back_to_the_radix_passes(family_bf16, windowed, monkeypatch):
     monkeypatch.setattr(select, "WINDOW_SIGMAS", -1.0)  # an empty-ish window: most ranks miss
     streamed, _ = _check_ranks(family_bf16, 333, lambda n: (n // 3, n // 2))

@@ -30,7 +30,8 @@ from ..ir import Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops import sums as fsums
-from ..ops.sparse import population_var, top_mask
+from ..ops.sparse import SPLIT_MIN, population_var, top_mask
+from ..ops.sparse import _workers as workers
 
 KEEP_ALL = (-1.0, 0.0)  # (t, J) that keeps every element
 KEEP_NONE = (0.0, -1.0)  # (t, J) that keeps none
@@ -191,7 +192,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
     budget = [chunk]  # recorded entries in all: at most a chunk's worth
     if len(spans) == 1:  # the whole tensor is one chunk: select in memory, one pass
         return _select_in_chunk(sel, ev, n, ranks, itype, ftype)
-    m = _sample_size(n, chunk)
+    m = _sample_size(n, chunk, len(ranks), len(sel.scores))
     if m:  # a window around each threshold from a sample, then one pass (or, if it missed, as below)
         _window_select(sel, ev, spans, ranks, itype, ftype, m, chunk)
         if all(r.result is not None for r in ranks):
@@ -208,17 +209,20 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                  for k in (range(len(sel.scores)) if p == 0 else [id(r) for r in live])}
         final = p == len(widths) - 1
         for j, (e0, e1) in enumerate(spans):
+            # chunk-sized temporaries from the pool (a fresh one per chunk fragments the heap)
+            high, hit = ev.pool.take(e1 - e0, itype), ev.pool.take(e1 - e0, torch.bool)
             for s, key in _keys(sel, ev, e0, e1, itype):
                 if p == 0:
-                    _count_into(hists[s], key >> shift)
+                    _count_into(hists[s], torch.bitwise_right_shift(key, shift, out=high))
                     if s in nonzero_ranked:
-                        zeros[s] += int((key == 0).sum())
+                        zeros[s] += int(torch.count_nonzero(torch.eq(key, 0, out=hit)))
                     continue
                 for r in live:
                     if r.score != s:
                         continue
-                    inside = key[(key >> (shift + width)) == r.prefix]
-                    digits = (inside >> shift) & (nbins - 1)
+                    torch.bitwise_right_shift(key, shift + width, out=high)
+                    inside = key[torch.eq(high, r.prefix, out=hit)]
+                    digits = inside.bitwise_right_shift_(shift).bitwise_and_(nbins - 1)
                     del inside
                     if not final or records.get(id(r), ()) is None:
                         _count_into(hists[id(r)], digits)
@@ -234,6 +238,8 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                     budget[0] -= len(nz)
                     if budget[0] < 0:
                         records[id(r)] = None
+            ev.pool.give(high)
+            ev.pool.give(hit)
         for r in live:
             hist = hists[r.score if p == 0 else id(r)].cpu().numpy().astype(np.int64)
             if p == 0:
@@ -289,7 +295,9 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                 for r in cut:
                     if r.score != s or not math.isnan(r.result[1]) or j < start[id(r)]:
                         continue
-                    hits = (key == r.prefix).nonzero().flatten()
+                    eq = torch.eq(key, r.prefix, out=ev.pool.take(e1 - e0, torch.bool))
+                    hits = eq.nonzero().flatten()
+                    ev.pool.give(eq)
                     need = r.rank - seen[id(r)]
                     if len(hits) >= need:
                         r.result = (r.result[0], float(e0 + int(hits[need - 1]) + 1))
@@ -305,14 +313,19 @@ SAMPLE_BLOCKS = 64  # spread over this many contiguous blocks
 WINDOW_SIGMAS = 5.0  # the window's half-width, in standard deviations of the sampled rank
 
 
-def _sample_size(n: int, chunk: int) -> int:
-    """How many keys `_window_select` samples from a tensor of n elements (0: too small
-    for a sample to pay, take the radix passes). Enough that the window holds about half
-    a chunk of elements: its share of the tensor is about WINDOW_SIGMAS / sqrt(m)."""
-    cap = n // SAMPLE_SHARE
+def _sample_size(n: int, chunk: int, nranks: int = 1, nscores: int = 1) -> int:
+    """How many keys `_window_select` samples from a tensor of n elements for `nranks`
+    ranks (0: too small for a sample to pay, take the radix passes). Enough that the
+    windows of all the ranks hold about half a chunk of elements together (the budget
+    they share is a chunk): a window's share of the tensor is at most about
+    WINDOW_SIGMAS / sqrt(m), so m grows with the square of the number of ranks. (Sized
+    per rank, two ranks' windows filled the whole budget, and one tensor in five went
+    over it into the radix passes: two more passes, and their temporaries.) The samples
+    of the `nscores` scores are held together: at most a chunk's worth in all."""
+    cap = min(n // SAMPLE_SHARE, chunk // max(1, nscores))  # the samples: at most a chunk in all
     if cap < SAMPLE_MIN:
         return 0
-    return min(cap, max(SAMPLE_MIN, math.ceil((2 * WINDOW_SIGMAS * n / chunk) ** 2)))
+    return min(cap, max(SAMPLE_MIN, math.ceil((2 * WINDOW_SIGMAS * max(1, nranks) * n / chunk) ** 2)))
 
 
 def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype, m: int, chunk: int) -> None:
@@ -329,27 +342,39 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
     top = torch.iinfo(itype).max  # above every key
     bs = -(-m // SAMPLE_BLOCKS)
     starts = sorted({min(n - bs, (n - bs) * b // max(1, SAMPLE_BLOCKS - 1)) for b in range(SAMPLE_BLOCKS)})
-    sample: dict[int, list[torch.Tensor]] = {}
-    for a in starts:
+    # each score's sample goes into one pool buffer (at most a chunk's worth for all the
+    # scores: _sample_size), sorted in place on the CPU
+    sample: dict[int, torch.Tensor] = {}
+    for j, a in enumerate(starts):
         for s, key in _keys(sel, ev, a, a + bs, itype):
-            sample.setdefault(s, []).append(key.clone())
-    sampled = {s: torch.sort(torch.cat(v), descending=True).values for s, v in sample.items()}
-    del sample
+            if s not in sample:
+                sample[s] = pool.take(len(starts) * bs, itype)
+            sample[s][j * bs:(j + 1) * bs].copy_(key)
+    ascending = {}
+    for s, buf in sample.items():
+        if buf.device.type == "cpu":
+            buf.numpy().sort()
+            ascending[s] = buf
+        else:
+            ascending[s] = torch.sort(buf).values
     windows: dict[int, list] = {}  # rank -> [lo, hi, above, zeros, [(chunk, keys, counts)]]
     for r in ranks:
-        desc = sampled[r.score]
-        size = desc.numel()
+        asc = ascending[r.score]
+        size = asc.numel()
         if isinstance(r.k, OfNonzero):
-            est = int(int(torch.count_nonzero(desc)) * r.k.frac)
+            est = int(int(torch.count_nonzero(asc)) * r.k.frac)
         else:
             est = round(r.k * size / n)
         est = min(max(est, 1), size)
         q = min(max(est / size, 1 / size), 1 - 1 / size)
         half = math.ceil(WINDOW_SIGMAS * math.sqrt(size * q * (1 - q))) + 1
-        hi = int(desc[est - 1 - half]) if est - 1 - half >= 0 else top
-        lo = int(desc[est - 1 + half]) if est - 1 + half < size else 0
+        # the (est - 1 -+ half)-th largest sampled keys
+        hi = int(asc[size - est + half]) if est - 1 - half >= 0 else top
+        lo = int(asc[size - est - half]) if est - 1 + half < size else 0
         windows[id(r)] = [lo, hi, 0, 0, []]
-    del sampled
+    for buf in sample.values():
+        pool.give(buf)
+    del sample, ascending
     budget = chunk
     zero_counted = {r.score for r in ranks if isinstance(r.k, OfNonzero)}
     for j, (e0, e1) in enumerate(spans):
@@ -366,8 +391,8 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
                 w[3] += zeros
                 if key.device.type == "cpu":  # numpy: 5-10x faster than torch here (measured)
                     kn, a, b = key.numpy(), above.numpy(), inside.numpy()
-                    w[2] += size - int(np.count_nonzero(np.less_equal(kn, hi, out=a)))
-                    cand = kn[np.logical_and(a, np.greater_equal(kn, lo, out=b), out=b)]
+                    n_above, cand = _window_count(kn, a, b, lo, hi)
+                    w[2] += n_above
                 else:
                     torch.gt(key, hi, out=above)
                     w[2] += int(torch.count_nonzero(above))
@@ -425,27 +450,59 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
                     r.result = (r.result[0], float(e0 + int(at[need - 1]) + 1))
 
 
+def _window_count(kn, a, b, lo: int, hi: int):
+    """(how many keys are above hi, the keys in [lo, hi]) of one chunk of keys, with
+    `a` and `b` its scratch masks; the chunk is split between the run's threads (numpy
+    lets go of the GIL), the pieces put back in order: the same result on any number."""
+    def part(r0: int, r1: int):
+        k, x, y = kn[r0:r1], a[r0:r1], b[r0:r1]
+        above = (r1 - r0) - int(np.count_nonzero(np.less_equal(k, hi, out=x)))
+        return above, k[np.logical_and(x, np.greater_equal(k, lo, out=y), out=y)]
+
+    size = kn.size
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or size < 2 * SPLIT_MIN:
+        return part(0, size)
+    bounds = [size * t // threads for t in range(threads + 1)]
+    pieces = list(workers(threads).map(lambda t: part(bounds[t], bounds[t + 1]), range(threads)))
+    return sum(x for x, _ in pieces), np.concatenate([c for _, c in pieces])
+
+
 def _collect(sel: Select, ev: Any, spans, live: list[_Rank], itype, ftype, low_bits: int) -> None:
     """One pass gathering every key of each rank's bucket with its index, then the exact
     (t, J) from them: at most `chunk` candidates in all, and no pass for the tie cut."""
-    keys: dict[int, list[torch.Tensor]] = {id(r): [] for r in live}
-    where: dict[int, list[torch.Tensor]] = {id(r): [] for r in live}
+    # each bucket's keys and indices go straight into buffers of its known size (r.equal):
+    # no list of pieces interleaved with each chunk's temporaries on the heap
+    pool = ev.pool
+    keys = {id(r): pool.take(r.equal, itype) for r in live}
+    where = {id(r): pool.take(r.equal, torch.int64) for r in live}
+    filled = dict.fromkeys(keys, 0)
     for e0, e1 in spans:
+        high, inside = pool.take(e1 - e0, itype), pool.take(e1 - e0, torch.bool)
         for s, key in _keys(sel, ev, e0, e1, itype):
             for r in live:
                 if r.score == s:
-                    hit = ((key >> low_bits) == r.prefix).nonzero().flatten()
-                    keys[id(r)].append(key[hit])
-                    where[id(r)].append(hit.add_(e0))
+                    torch.bitwise_right_shift(key, low_bits, out=high)
+                    hit = torch.eq(high, r.prefix, out=inside).nonzero().flatten()
+                    f, g = filled[id(r)], filled[id(r)] + hit.numel()
+                    torch.index_select(key, 0, hit, out=keys[id(r)][f:g])
+                    torch.add(hit, e0, out=where[id(r)][f:g])
+                    filled[id(r)] = g
+                    del hit
+        pool.give(high)
+        pool.give(inside)
     n = sel.deltas[0].numel
     for r in live:
-        key, idx = torch.cat(keys.pop(id(r))), torch.cat(where.pop(id(r)))
+        key, idx = keys.pop(id(r)), where.pop(id(r))
+        assert filled[id(r)] == key.numel(), "the bucket's size changed between passes"
         order = torch.sort(key, descending=True, stable=True).indices  # ties: index order
         t = key[order[r.rank - 1]]
         equal = idx[key == t]  # ascending: gathered in index order
         keep_equal = r.rank - int((key > t).sum())
         cut = n if keep_equal == len(equal) else int(equal[keep_equal - 1]) + 1
         r.result = (float(t.view(ftype).item()), float(cut))
+        pool.give(key)
+        pool.give(idx)
 
 
 def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ftype) -> tuple[float, ...]:

@@ -1,0 +1,127 @@
+"""TIES's numpy write pass (ops.sparse._ties_numpy): bit for bit the general tv_combine
+path, on any number of threads, and the TIES formula against a float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from algebra.ops import sparse as S
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _general(*args, **kw):
+    """tv_combine by its general (torch) path."""
+    fast = S._ties_fast
+    S._ties_fast = lambda *a: False
+    try:
+        return S.tv_combine(*args, **kw)
+    finally:
+        S._ties_fast = fast
+
+
+def _case(g: torch.Generator, n: int, size: int, e0: int, kinds: tuple[str, ...]):
+    """Chunk inputs rounded through bf16 (ties at thresholds are common), with bases of
+    -0.0, zero task-vector entries, and (t, J) of each model: cut inside the chunk, keep
+    all, or keep none."""
+    base = (torch.randn(size, generator=g) * 0.1).to(torch.bfloat16).float()
+    base[::7] = -0.0
+    ms, vals = [], []
+    for kind in kinds[:n]:
+        m = (base + torch.randn(size, generator=g) * 0.01).to(torch.bfloat16).float()
+        m[::5] = base[::5]
+        ms.append(m)
+        mag = (m - base).abs()
+        if kind == "all":
+            vals += [-1.0, 0.0]
+        elif kind == "none":
+            vals += [0.0, -1.0]
+        else:
+            t = float(mag[int(torch.randint(0, size, (1,), generator=g))])
+            vals += [t, float(e0 + int(torch.randint(0, size + 1, (1,), generator=g)))]
+    return base, ms, vals
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("kinds", [("cut", "cut", "cut"), ("all", "cut", "none"), ("none", "none", "cut")])
+def test_numpy_pass_equals_general_path_bit_for_bit(threads, normalize, kinds, monkeypatch, restore_threads):
+    monkeypatch.setattr(S, "SPLIT_MIN", 64)  # small chunks split between threads too
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(threads * 7 + normalize)
+    taken = []
+    numpy_pass = S._ties_numpy
+    monkeypatch.setattr(S, "_ties_numpy", lambda *a, **k: taken.append(1) or numpy_pass(*a, **k))
+    for n in (1, 2, 3):
+        for weights in ([1.0, 0.6, 0.3], [0.7, -0.4, 1.3]):
+            size, e0 = int(torch.randint(200, 5000, (1,), generator=g)), int(torch.randint(0, 10**6, (1,), generator=g))
+            base, ms, vals = _case(g, n, size, e0, kinds)
+            spec = S.Combine(n, (S.Sparsify("top"),) * n, "sum", normalize, 1, with_base=True)
+            args = (base, *ms, spec, 0.8, *weights[:n], *vals)
+            fast, general = S.tv_combine(*args, e0=e0), _general(*args, e0=e0)
+            assert torch.equal(fast.view(torch.int32), general.view(torch.int32)), (n, weights)
+    assert len(taken) == 6
+
+
+def _reference(base, ms, vals, weights, scale, normalize, e0):
+    """TIES in float64 from the float32 task vectors: top-k by |d| with ties at t kept
+    lowest index first, sign election on the weighted kept entries, the sum of the
+    agreeing ones over the sum of their weights."""
+    b = base.double().numpy()
+    ps = []
+    for i, m in enumerate(ms):
+        d = (m - base).numpy()  # the task vector as the merge forms it (float32)
+        t, cut = vals[2 * i], vals[2 * i + 1]
+        idx = np.arange(e0, e0 + d.size)
+        keep = (np.abs(d) > t) | ((np.abs(d) == t) & (idx < cut)) if cut >= 0 else np.zeros(d.size, bool)
+        ps.append(np.where(keep, d.astype(np.float64) * weights[i], 0.0))
+    p = np.stack(ps)
+    sign = np.where(p.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(p) == sign) & (p != 0)
+    merged = np.where(agree, p, 0.0).sum(0)
+    if normalize:
+        den = (agree * np.array(weights)[:, None]).sum(0)
+        merged = merged / np.where(den == 0, 1.0, den)
+    # elements whose sign election is a near tie (the float32 sum may round the other way)
+    close = (np.abs(p.sum(0)) <= 1e-6 * np.abs(p).sum(0)) & (np.abs(p).sum(0) > 0)
+    return b + scale * merged, close
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_numpy_pass_matches_float64_reference(normalize):
+    g = torch.Generator().manual_seed(5)
+    e0 = 1000
+    base, ms, vals = _case(g, 3, 50_000, e0, ("cut", "cut", "all"))
+    weights = [1.0, 0.6, 0.3]
+    spec = S.Combine(3, (S.Sparsify("top"),) * 3, "sum", normalize, 1, with_base=True)
+    out = S.tv_combine(base, *ms, spec, 0.8, *weights, *vals, e0=e0).double().numpy()
+    ref, close = _reference(base, ms, vals, weights, 0.8, normalize, e0)
+    assert close.sum() < 100
+    assert np.abs(out - ref)[~close].max() <= 1e-6 * np.abs(ref).max()
+    assert (out != base.double().numpy()).sum() > 1000  # the merge changed something
+
+
+def test_non_finite_masked_entry_goes_to_general_path(monkeypatch):
+    """A task vector entry that overflows outside the kept top-k: multiplying it by a
+    zero mask would give nan where selecting gives 0; the general path computes that
+    chunk, so the results are equal."""
+    base = torch.zeros(1000)
+    m1 = torch.linspace(-1, 1, 1000)
+    m2 = -m1 * 2
+    base[3], m2[3] = -3e38, 3e38  # m2 - base = inf, and m2 keeps none
+    vals = [0.5, 1000.0, float("inf"), 0.0]
+    spec = S.Combine(2, (S.Sparsify("top"),) * 2, "sum", True, 1, with_base=True)
+    taken = []
+    numpy_pass = S._ties_numpy
+    monkeypatch.setattr(S, "_ties_numpy", lambda *a, **k: taken.append(numpy_pass(*a, **k)) or taken[-1])
+    fast = S.tv_combine(base, m1, m2, spec, 1.0, 1.0, 1.0, *vals)
+    general = _general(base, m1, m2, spec, 1.0, 1.0, 1.0, *vals)
+    assert taken == [None]  # the numpy pass declined
+    assert torch.equal(fast, general)
