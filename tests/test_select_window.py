@@ -71,7 +71,6 @@ def test_window_split_between_threads_keeps_exactly_k(family_bf16, windowed, mon
     from algebra.ops import sparse
 
     monkeypatch.setattr(sparse, "SPLIT_MIN", 8)
-    monkeypatch.setattr(select, "SPLIT_MIN", 8)
     n = torch.get_num_threads()
     resolved = []
     try:

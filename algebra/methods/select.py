@@ -30,8 +30,7 @@ from ..ir import Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops import sums as fsums
-from ..ops.sparse import SPLIT_MIN, population_var, top_mask
-from ..ops.sparse import _workers as workers
+from ..ops.sparse import population_var, split_map, top_mask
 
 KEEP_ALL = (-1.0, 0.0)  # (t, J) that keeps every element
 KEEP_NONE = (0.0, -1.0)  # (t, J) that keeps none
@@ -459,12 +458,9 @@ def _window_count(kn, a, b, lo: int, hi: int):
         above = (r1 - r0) - int(np.count_nonzero(np.less_equal(k, hi, out=x)))
         return above, k[np.logical_and(x, np.greater_equal(k, lo, out=y), out=y)]
 
-    size = kn.size
-    threads = max(1, torch.get_num_threads())
-    if threads == 1 or size < 2 * SPLIT_MIN:
-        return part(0, size)
-    bounds = [size * t // threads for t in range(threads + 1)]
-    pieces = list(workers(threads).map(lambda t: part(bounds[t], bounds[t + 1]), range(threads)))
+    pieces = split_map(kn.size, part)
+    if len(pieces) == 1:
+        return pieces[0]
     return sum(x for x, _ in pieces), np.concatenate([c for _, c in pieces])
 
 

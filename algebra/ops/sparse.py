@@ -347,6 +347,17 @@ def _workers(n: int):
 SPLIT_MIN = 1 << 16  # a chunk under twice this many elements is not split between threads
 
 
+def split_map(size: int, part) -> list:
+    """part(a, b) over consecutive pieces [a, b) of range(size), one per torch thread (numpy
+    lets go of the GIL), run on `_workers`; the results in the pieces' order. One piece
+    (this thread) on one thread or under 2 x SPLIT_MIN elements."""
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or size < 2 * SPLIT_MIN:
+        return [part(0, size)]
+    bounds = [size * k // threads for k in range(threads + 1)]
+    return list(_workers(threads).map(lambda k: part(bounds[k], bounds[k + 1]), range(threads)))
+
+
 def _ties_numpy(base, ms, spec: Combine, scale: float, weights: list[float], tj: list, e0: int, pool):
     """base + scale * TIES-merged task vectors of (base, ms) for one chunk, bit for bit as
     the general path computes it, or None where that path must compute it (see above)."""
@@ -414,12 +425,7 @@ def _ties_numpy(base, ms, spec: Combine, scale: float, weights: list[float], tj:
             np.divide(out, dd, out=out)
         return True
 
-    threads = max(1, torch.get_num_threads())
-    if threads > 1 and size >= 2 * SPLIT_MIN:
-        bounds = [size * k // threads for k in range(threads + 1)]
-        ok = all(_workers(threads).map(lambda k: part(bounds[k], bounds[k + 1]), range(threads)))
-    else:
-        ok = part(0, size)
+    ok = all(split_map(size, part))
     for buf in (*ds[1:], *scratch, total) + ((den,) if den is not None else ()):
         pool.give(buf)
     if not ok:
