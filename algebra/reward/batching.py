@@ -158,7 +158,7 @@ def prefix_batches(rows: Sequence[Sequence[int]], keep: Sequence[int], batch_siz
     """Batches of `rows` (token id lists) as (row indices, the block's Prefixes, each row's
     index into them), every row once: rows that share a prefix (`prefix_groups`) in blocks
     of groups with prefixes x longest prefix <= budget, sorted by prefix length; a block's
-    rows sorted by their length past the prefix and cut as `cut_sorted` does, with the
+    rows sorted by their length past the prefix and cut by `sorted_batches`, with the
     block's longest prefix as extra. The rows in no group follow, as `sorted_batches`
     cuts them, with no Prefixes."""
     budget = BATCH_TOKENS if budget is None else budget
@@ -173,9 +173,9 @@ def prefix_batches(rows: Sequence[Sequence[int]], keep: Sequence[int], batch_siz
     for block in blocks:
         pre = Prefixes(tuple(tuple(rows[g[1][0]][: g[0]]) for g in block))
         longest = block[-1][0]
-        member = [(i, k, len(rows[i]) - p) for k, (p, ids) in enumerate(block) for i in ids]
-        member.sort(key=lambda m: (m[2], m[0]))
-        for part in cut_sorted([m[2] for m in member], batch_size, extra=longest, budget=budget):
+        member = [(i, k) for k, (_, ids) in enumerate(block) for i in ids]
+        own = [len(rows[i]) - block[k][0] for i, k in member]
+        for part in sorted_batches(own, batch_size, extra=longest, budget=budget):
             out.append(([member[j][0] for j in part], pre, [member[j][1] for j in part]))
     grouped = {i for _, ids in groups for i in ids}
     alone = [i for i in range(len(rows)) if i not in grouped]
