@@ -90,6 +90,9 @@ class Evaluator:
         self.pool = ChunkPool(device)
         self.host = self.pool if device.type == "cpu" else ChunkPool(torch.device("cpu"))
         self.results: dict[Any, Any] = {}  # reduction (or Solve) -> its value
+        # input chunks found finite since the last write step: a reduction's pass (TIES's
+        # thresholds) reads the chunks its write step reads again (`check_input`)
+        self.checked: set[tuple[int, str, int, int]] = set()
 
     def coef(self, c) -> float:
         return coef_value(c, self.results)
@@ -109,9 +112,30 @@ class Evaluator:
     def check_input(self, leaf: Leaf, x: torch.Tensor, e0: int) -> None:
         """Refuse an input chunk `x` (elements e0.. of `leaf`, in the compute dtype) that
         holds inf or nan: a sum first, exact only if that is not finite (or overflows,
-        which the exact check clears), as for outputs: one cheap pass in the common case."""
+        which the exact check clears), as for outputs: one cheap pass in the common case.
+        A chunk already found finite since the last write step is not summed again."""
+        if (id(leaf.source), leaf.name, e0, e0 + x.numel()) in self.checked:
+            return
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise _nonfinite_input(leaf, x, e0)
+        self.mark_checked(leaf, e0, e0 + x.numel())
+
+    def stored(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
+        """Elements [e0, e1) of `e` for a primitive that takes inputs as stored
+        (`Primitive.stored`): a checkpoint tensor's bfloat16 chunk, read without
+        converting, where this run computes in float32 on the CPU and the chunk was found
+        finite in this step (a reduction's pass read it: TIES's thresholds); else `eval`."""
+        if (isinstance(e, Leaf) and self.dtype == torch.float32 and self.device.type == "cpu"
+                and (id(e.source), e.name, e0, e1) in self.checked):
+            x = e.source.read(e.name, e0, e1)
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
+                return x
+        return self.eval(e, e0, e1)
+
+    def mark_checked(self, leaf: Leaf, e0: int, e1: int) -> None:
+        """Elements [e0, e1) of `leaf` are finite (checked here, or by a compiled pass that
+        read them as stored): `check_input` passes that chunk until the next write step."""
+        self.checked.add((id(leaf.source), leaf.name, e0, e1))
 
     def wide(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
         """Elements of `e` in float64, for reductions (a pool buffer)."""
@@ -190,6 +214,7 @@ def run_tensor_plan(
 def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Evaluator | None, on_host: bool,
                bar: Any) -> None:
     ev = evaluator or new_evaluator(tp.config, options.check_finite)
+    ev.checked.clear()  # a session's evaluator: nothing carried over from another plan
     pre = _Prefetcher(tp.steps)
     show_steps = bar.live and any(step.kind == "reduce" for step in tp.steps)
     for i, step in enumerate(tp.steps):
@@ -202,6 +227,7 @@ def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Ev
                     ev.reduce(step.gram, step.chunk)
             else:
                 _write_step(ev, step, options, write, on_host, bar)
+                ev.checked.clear()
                 bar.item_done()
         except AlgRuntimeError as err:
             err.at(span)

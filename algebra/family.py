@@ -65,6 +65,9 @@ class Primitive:
     # expression saying whether this call needs them)
     rowwise: bool | Callable[[object], bool] = False
     pooled: bool = False  # fn receives pool= (the evaluator's ChunkPool) for its temporaries
+    # fn receives dtype= (the compute dtype) and may be handed an argument as stored
+    # (`Evaluator.stored`: a checked bfloat16 input chunk in a float32 run), which it converts
+    stored: bool = False
 
     def scratch_for(self, expr: object) -> float:
         return float(self.scratch(expr) if callable(self.scratch) else self.scratch)
@@ -116,7 +119,7 @@ class Family:
 
     def primitive(self, name: str, arity: int, scratch: float | Callable[[object], float] = 0,
                   positional: bool = False, rowwise: bool | Callable[[object], bool] = False,
-                  pooled: bool = False):
+                  pooled: bool = False, stored: bool = False):
         """Declare an elementwise primitive (ops/__init__.py): a node whose op is its name
         lowers to a `Map` over its tensor arguments and scalar parameters."""
 
@@ -124,7 +127,7 @@ class Family:
             if name in self.primitives:
                 raise ValueError(f"primitive '{name}' is defined twice")
             self.primitives[name] = Primitive(name, fn, arity, (fn.__doc__ or "").strip(), scratch,
-                                              positional, rowwise, pooled)
+                                              positional, rowwise, pooled, stored)
             return fn
 
         return declare

@@ -370,11 +370,13 @@ class Map(TExpr):
                 ev.pool.give(whole)
                 return out
         # a primitive's arguments are always checked: it may absorb a nan silently
-        args = [a.eval(ev, e0, e1) for a in self.args]
+        args = [ev.stored(a, e0, e1) if prim.stored else a.eval(ev, e0, e1) for a in self.args]
         params = [ev.coef(p) if isinstance(p, Sym) else p for p in self.params]
         kw = {"e0": e0} if prim.positional else {}
         if prim.pooled:
             kw["pool"] = ev.pool
+        if prim.stored:
+            kw["dtype"] = ev.dtype
         out = prim.fn(*args, *params, **kw)
         for a in args:
             ev.pool.give(a)

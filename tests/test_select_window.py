@@ -30,6 +30,7 @@ from algebra.methods import select
 from algebra.methods.select import OfNonzero, Select
 from algebra.ops.sparse import top_mask
 from algebra.options import Options
+from algebra.plan import plan_tensors
 
 
 @pytest.fixture
@@ -65,12 +66,15 @@ def test_window_keeps_exactly_k_lowest_index_first(family_bf16, windowed, chunk)
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_window_split_between_threads_keeps_exactly_k(family_bf16, windowed, monkeypatch, threads):
-    """The window pass's count over a chunk split between threads (ops.sparse.SPLIT_MIN
-    lowered so that test chunks split): the same exact (t, J)."""
+    """The window pass's compiled count over a chunk split between threads
+    (ops.sparse.SPLIT_MIN lowered so that test chunks split): the same exact (t, J)."""
     from algebra import runconfig
-    from algebra.ops import sparse
+    from algebra.ops import kernels, sparse
 
     monkeypatch.setattr(sparse, "SPLIT_MIN", 8)
+    compiled = []  # the float32 CPU run counts |m - base| in ops.kernels.window_count
+    count = kernels.window_count
+    monkeypatch.setattr(kernels, "window_count", lambda *a: compiled.append(1) or count(*a))
     n = torch.get_num_threads()
     resolved = []
     try:
@@ -81,7 +85,7 @@ def test_window_split_between_threads_keeps_exactly_k(family_bf16, windowed, mon
             resolved.append(windowed["resolved"])
     finally:
         torch.set_num_threads(n)
-    assert streamed and resolved[0] > 0 and tied > 0
+    assert streamed and resolved[0] > 0 and tied > 0 and compiled
     assert resolved[1] == resolved[0]
 
 
@@ -259,3 +263,65 @@ def test_pooled_tv_combine_equals_the_previous_one_bit_for_bit(kind, consensus, 
     want = _tv_combine_before([d.clone() for d in ds], spec, weights, vals, e0)
     itype = torch.int64 if dtype == torch.float64 else torch.int32
     assert torch.equal(got.view(itype), want.view(itype))
+
+
+def test_write_pass_does_not_sum_chunks_the_threshold_pass_checked(family, windowed, monkeypatch):  # noqa: F811
+    """Every input chunk is checked finite once: the write pass reads again the chunks
+    TIES's threshold pass read and checked, and does not sum them again; the merge is the
+    same as with every chunk checked twice."""
+    from algebra.execute import Evaluator
+
+    summed, reads = [], []
+    real = Evaluator.check_input
+
+    def spy(self, leaf, x, e0):
+        reads.append(1)
+        before = len(self.checked)
+        real(self, leaf, x, e0)
+        if len(self.checked) > before:  # summed, found finite
+            summed.append((id(leaf.source), leaf.name, e0, x.numel()))
+
+    monkeypatch.setattr(Evaluator, "check_input", spy)
+    once = _run(family, "ties(b, [m1, m2], [1, 0.6], 0.4)", chunk_elems=1000)
+    assert summed and len(summed) == len(set(summed))
+    assert len(reads) > len(summed)  # chunks read twice, summed once
+    monkeypatch.setattr(Evaluator, "check_input", lambda self, leaf, x, e0: self.checked.clear() or real(self, leaf, x, e0))
+    twice = _run(family, "ties(b, [m1, m2], [1, 0.6], 0.4)", chunk_elems=1000)
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+
+
+@pytest.mark.parametrize("kind", ["nan", "-inf"])
+def test_compiled_window_refuses_a_nonfinite_bf16_input_positioned(family_bf16, windowed, tmp_path, monkeypatch,
+                                                                  kind):
+    """The window pass reads bfloat16 inputs as stored and checks them itself: an inf or
+    nan there is refused with the evaluator's own message (tensor, element, input)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from algebra.errors import AlgError
+    from algebra.ops import kernels
+
+    name, element = "model.layers.1.mlp.down_proj.weight", 3001
+    folder = tmp_path / "bad"
+    shutil.copytree(family_bf16["math"], folder)
+    state = read_folder(family_bf16["math"])
+    state[name].view(-1)[element] = float(kind)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    stored, seen_bad = [], []
+    count = kernels.window_count
+
+    def spy(*a):
+        got = count(*a)
+        stored.append(a[0].dtype == np.uint16)
+        seen_bad.append(got[2])
+        return got
+
+    monkeypatch.setattr(kernels, "window_count", spy)
+    binds = f'b = load("{family_bf16["base"]}")\nm1 = load("{folder}")\nm2 = load("{family_bf16["math"]}")\n'
+    model = api.check(api.parse(binds + "ties(b, [m1, m2], 1, 0.5)")).result
+    options = Options(device="cpu", chunk_elems=1000)
+    with pytest.raises(AlgError, match=f"tensor '{name}' of input '{folder}' is not finite at element {element}: "
+                                       f"it holds {kind}"):
+        api.execute(plan_tensors(model, options), options)
+    assert stored and all(stored) and seen_bad[-1] == 1  # the kernel found it

@@ -1,5 +1,6 @@
-"""TIES's numpy write pass (ops.sparse._ties_numpy): bit for bit the general tv_combine
-path, on any number of threads, and the TIES formula against a float64 reference."""
+"""TIES's compiled write pass (ops.sparse._ties_compiled, ops.kernels.ties_merge): bit
+for bit the general tv_combine path, on any number of threads, and the TIES formula
+against a float64 reference."""
 
 from __future__ import annotations
 
@@ -52,13 +53,13 @@ def _case(g: torch.Generator, n: int, size: int, e0: int, kinds: tuple[str, ...]
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("kinds", [("cut", "cut", "cut"), ("all", "cut", "none"), ("none", "none", "cut")])
-def test_numpy_pass_equals_general_path_bit_for_bit(threads, normalize, kinds, monkeypatch, restore_threads):
+def test_compiled_pass_equals_general_path_bit_for_bit(threads, normalize, kinds, monkeypatch, restore_threads):
     monkeypatch.setattr(S, "SPLIT_MIN", 64)  # small chunks split between threads too
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(threads * 7 + normalize)
     taken = []
-    numpy_pass = S._ties_numpy
-    monkeypatch.setattr(S, "_ties_numpy", lambda *a, **k: taken.append(1) or numpy_pass(*a, **k))
+    compiled = S._ties_compiled
+    monkeypatch.setattr(S, "_ties_compiled", lambda *a, **k: taken.append(1) or compiled(*a, **k))
     for n in (1, 2, 3):
         for weights in ([1.0, 0.6, 0.3], [0.7, -0.4, 1.3]):
             size, e0 = int(torch.randint(200, 5000, (1,), generator=g)), int(torch.randint(0, 10**6, (1,), generator=g))
@@ -95,7 +96,7 @@ def _reference(base, ms, vals, weights, scale, normalize, e0):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_numpy_pass_matches_float64_reference(normalize):
+def test_compiled_pass_matches_float64_reference(normalize):
     g = torch.Generator().manual_seed(5)
     e0 = 1000
     base, ms, vals = _case(g, 3, 50_000, e0, ("cut", "cut", "all"))
@@ -108,20 +109,45 @@ def test_numpy_pass_matches_float64_reference(normalize):
     assert (out != base.double().numpy()).sum() > 1000  # the merge changed something
 
 
-def test_non_finite_masked_entry_goes_to_general_path(monkeypatch):
-    """A task vector entry that overflows outside the kept top-k: multiplying it by a
-    zero mask would give nan where selecting gives 0; the general path computes that
-    chunk, so the results are equal."""
+def test_non_finite_masked_entry_equals_general_path(monkeypatch):
+    """A task vector entry that overflows outside the kept top-k (multiplying it by a
+    zero mask would give nan where selecting gives 0), and one that overflows inside it:
+    the compiled pass selects as the general path does."""
     base = torch.zeros(1000)
     m1 = torch.linspace(-1, 1, 1000)
     m2 = -m1 * 2
     base[3], m2[3] = -3e38, 3e38  # m2 - base = inf, and m2 keeps none
+    base[5], m1[5] = -3e38, 3e38  # m1 - base = inf, kept by m1's top-k
     vals = [0.5, 1000.0, float("inf"), 0.0]
     spec = S.Combine(2, (S.Sparsify("top"),) * 2, "sum", True, 1, with_base=True)
     taken = []
-    numpy_pass = S._ties_numpy
-    monkeypatch.setattr(S, "_ties_numpy", lambda *a, **k: taken.append(numpy_pass(*a, **k)) or taken[-1])
+    compiled = S._ties_compiled
+    monkeypatch.setattr(S, "_ties_compiled", lambda *a, **k: taken.append(1) or compiled(*a, **k))
     fast = S.tv_combine(base, m1, m2, spec, 1.0, 1.0, 1.0, *vals)
     general = _general(base, m1, m2, spec, 1.0, 1.0, 1.0, *vals)
-    assert taken == [None]  # the numpy pass declined
-    assert torch.equal(fast, general)
+    assert taken == [1]
+    assert torch.equal(fast.view(torch.int32), general.view(torch.int32))
+    assert fast[5] == float("inf") and fast[3] == 0  # m1's overflow kept, m2's masked
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stored", ["all", "base", "models", "one model"])
+def test_inputs_handed_as_stored_bfloat16_give_the_same_bits(threads, stored, monkeypatch, restore_threads):
+    """Inputs handed as stored (bfloat16, `Primitive.stored`) are converted as the kernel
+    reads them: the same bits as float32 inputs, on the compiled and the general path
+    (DARE takes the general path)."""
+    monkeypatch.setattr(S, "SPLIT_MIN", 64)
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(11)
+    size, e0 = 3000, 123
+    base, ms, vals = _case(g, 3, size, e0, ("cut", "all", "cut"))  # values exact in bf16
+    as_bf16 = {"all": (0, 1, 2, 3), "base": (0,), "models": (1, 2, 3), "one model": (2,)}[stored]
+    tensors = [x.to(torch.bfloat16) if i in as_bf16 else x for i, x in enumerate([base, *ms])]
+    for spec, scalars in ((S.Combine(3, (S.Sparsify("top"),) * 3, "sum", True, 1, with_base=True), vals),
+                          (S.Combine(3, (S.Sparsify("dare", 0.5, key=(1, 2)),) * 3, "sum", True, 1,
+                                     with_base=True), [])):
+        args = (spec, 0.8, 1.0, 0.6, -0.3, *scalars)
+        want = _general(base, *ms, *args, e0=e0)
+        got = S.tv_combine(*tensors, *args, e0=e0, dtype=torch.float32)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), spec

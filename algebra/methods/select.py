@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir import Lin
+from ..ir import Leaf, Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops import sums as fsums
@@ -376,34 +376,17 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
     del sample, ascending
     budget = chunk
     zero_counted = {r.score for r in ranks if isinstance(r.k, OfNonzero)}
+    compiled = _compiled_window(sel, ev, itype, zero_counted)
     for j, (e0, e1) in enumerate(spans):
-        size = e1 - e0
-        above = pool.take(size, torch.bool)
-        inside = pool.take(size, torch.bool)
-        for s, key in _keys(sel, ev, e0, e1, itype):
-            zeros = int(torch.count_nonzero(torch.eq(key, 0, out=inside))) if s in zero_counted else 0
-            for r in ranks:
-                if r.score != s:
-                    continue
-                w = windows[id(r)]
-                lo, hi = w[0], w[1]
-                w[3] += zeros
-                if key.device.type == "cpu":  # numpy: 5-10x faster than torch here (measured)
-                    kn, a, b = key.numpy(), above.numpy(), inside.numpy()
-                    n_above, cand = _window_count(kn, a, b, lo, hi)
-                    w[2] += n_above
-                else:
-                    torch.gt(key, hi, out=above)
-                    w[2] += int(torch.count_nonzero(above))
-                    torch.ge(key, lo, out=inside).logical_and_(above.logical_not_())
-                    cand = key[inside].cpu().numpy()
-                # np.unique: torch's CPU unique took 100x longer on these few keys
-                vals, counts = np.unique(cand, return_counts=True)
-                if vals.size:
-                    w[4].append((j, vals, counts))
-                budget -= vals.size
-        pool.give(above)
-        pool.give(inside)
+        counts = (_window_counts_compiled(sel, ev, e0, e1, ranks, windows, compiled) if compiled is not None
+                  else _window_counts(sel, ev, e0, e1, itype, ranks, windows, zero_counted))
+        for r, n_above, cand in counts:
+            windows[id(r)][2] += n_above
+            # np.unique: torch's CPU unique took 100x longer on these few keys
+            vals, counts_ = np.unique(cand, return_counts=True)
+            if vals.size:
+                windows[id(r)][4].append((j, vals, counts_))
+            budget -= vals.size
         if budget < 0:
             return  # the windows hold too many distinct keys: the radix passes instead
     cuts: list[tuple[_Rank, int, int, int]] = []  # (rank, chunk, key t, ties still to keep there)
@@ -447,6 +430,98 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
                     at = hits.nonzero().flatten()
                     pool.give(hits)
                     r.result = (r.result[0], float(e0 + int(at[need - 1]) + 1))
+
+
+def _window_counts(sel: Select, ev: Any, e0: int, e1: int, itype, ranks: list[_Rank], windows: dict,
+                   zero_counted: set):
+    """(rank, how many of its keys are above its window, its keys inside the window as a
+    numpy array) for every rank over one chunk, from `_keys` (any scores, any device);
+    each item valid until the next. Adds the chunk's zero keys to the windows of
+    OfNonzero ranks."""
+    pool = ev.pool
+    above, inside = pool.take(e1 - e0, torch.bool), pool.take(e1 - e0, torch.bool)
+    for s, key in _keys(sel, ev, e0, e1, itype):
+        zeros = int(torch.count_nonzero(torch.eq(key, 0, out=inside))) if s in zero_counted else 0
+        for r in ranks:
+            if r.score != s:
+                continue
+            lo, hi = windows[id(r)][:2]
+            windows[id(r)][3] += zeros
+            if key.device.type == "cpu":  # numpy: 5-10x faster than torch here (measured)
+                yield (r, *_window_count(key.numpy(), above.numpy(), inside.numpy(), lo, hi))
+            else:
+                torch.gt(key, hi, out=above)
+                n_above = int(torch.count_nonzero(above))
+                torch.ge(key, lo, out=inside).logical_and_(above.logical_not_())
+                yield r, n_above, key[inside].cpu().numpy()
+    pool.give(above)
+    pool.give(inside)
+
+
+def _compiled_window(sel: Select, ev: Any, itype, zero_counted: set) -> tuple[TExpr, list[TExpr]] | None:
+    """(base, [m_i]) where the window pass can run the compiled count
+    (`ops.kernels.window_count`: keys of |m_i - base| in float32 on the CPU, no zero
+    counts), else None."""
+    if zero_counted or itype != torch.int32 or ev.dtype != torch.float32 or ev.device.type != "cpu":
+        return None
+    if any(kind != "abs" for kind, _ in sel.scores):
+        return None
+    return _shared_base(sel.deltas)
+
+
+def _window_counts_compiled(sel: Select, ev: Any, e0: int, e1: int, ranks: list[_Rank], windows: dict,
+                            shared: tuple[TExpr, list[TExpr]]):
+    """`_window_counts` of task vectors m_i - base, each chunk of the base read once, the
+    difference, its magnitude and the count in one compiled pass (split between the run's
+    threads): the same keys and counts. A bfloat16 input is read as stored and converted
+    and checked finite in that pass (`_stored`), and the evaluator told so: the write
+    pass reading the chunk again does not check it again."""
+    from ..ops import kernels
+
+    pool = ev.pool
+    base, base_buf, base_leaf = _stored(ev, shared[0], e0, e1)
+    found = pool.take(e1 - e0, torch.int32)
+    fn = found.numpy()
+    for i, m_expr in enumerate(shared[1]):
+        mine = [r for r in ranks if sel.scores[r.score] == ("abs", i)]
+        if not mine:
+            continue
+        xn, x_buf, x_leaf = _stored(ev, m_expr, e0, e1)
+        for r in mine:
+            lo, hi = windows[id(r)][:2]
+
+            def part(a: int, b: int, xn=xn, lo=lo, hi=hi):
+                n_above, c, bad = kernels.window_count(xn[a:b], base[a:b], lo, hi, fn[a:b])
+                return n_above, fn[a:a + c], bad
+
+            pieces = split_map(e1 - e0, part)
+            if ev.check_inputs and any(bad for _, _, bad in pieces):
+                for e in (shared[0], m_expr):
+                    pool.give(ev.eval(e, e0, e1))  # the evaluator's own check: a positioned error
+                raise AssertionError("the compiled window pass saw a non-finite input the evaluator did not")
+            yield (r, sum(n for n, _, _ in pieces),
+                   pieces[0][1] if len(pieces) == 1 else np.concatenate([c for _, c, _ in pieces]))
+        for leaf in (base_leaf, x_leaf):
+            if leaf is not None:
+                ev.mark_checked(leaf, e0, e1)
+        if x_buf is not None:
+            pool.give(x_buf)
+    pool.give(found)
+    if base_buf is not None:
+        pool.give(base_buf)
+
+
+def _stored(ev: Any, e: TExpr, e0: int, e1: int):
+    """Elements [e0, e1) of `e` for a compiled kernel: (numpy array, the evaluator's buffer
+    to give back, the Leaf read as stored). A bfloat16 input on the CPU is its stored bits
+    (uint16; the kernel converts and checks them); anything else is evaluated (float32,
+    checked)."""
+    if isinstance(e, Leaf):
+        x = e.source.read(e.name, e0, e1)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
+            return x.view(torch.int16).numpy().view(np.uint16), None, e
+    y = ev.eval(e, e0, e1)
+    return y.numpy(), y, None
 
 
 def _window_count(kn, a, b, lo: int, hi: int):
@@ -501,6 +576,21 @@ def _collect(sel: Select, ev: Any, spans, live: list[_Rank], itype, ftype, low_b
         pool.give(idx)
 
 
+def _kth_largest(key: torch.Tensor, k: int, pool) -> torch.Tensor:
+    """The k-th largest of a flat tensor of keys, as a 0-d tensor; on the CPU by numpy's
+    introselect on a pool copy (torch's kthvalue took 13-18 ns an element against about
+    1, measured on 2^18-2^22 keys)."""
+    n = key.numel()
+    if key.device.type != "cpu":
+        return key.kthvalue(n - k + 1).values
+    buf = pool.take(n, key.dtype)
+    a = buf.copy_(key).numpy()
+    a.partition(n - k)
+    t = key.new_full((), int(a[n - k]))
+    pool.give(buf)
+    return t
+
+
 def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ftype) -> tuple[float, ...]:
     """The same (t, J) as the radix select, for a tensor that fits in one chunk."""
     for s, key in _keys(sel, ev, 0, n, itype):
@@ -513,7 +603,7 @@ def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ft
             if k <= 0 or k >= n:
                 r.result = KEEP_NONE if k <= 0 else KEEP_ALL
                 continue
-            t = key.kthvalue(n - k + 1).values  # the k-th largest
+            t = _kth_largest(key, k, ev.pool)
             equal = (key == t).nonzero().flatten()
             keep_equal = k - int((key > t).sum())
             cut = n if keep_equal == len(equal) else int(equal[keep_equal - 1]) + 1

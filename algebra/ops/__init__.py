@@ -15,7 +15,11 @@ element's position: counter-based random draws, ties broken by index) and `rowwi
 (it sees whole rows, rows being the last dimension of its result: the evaluator widens
 a range to whole rows, and the planner aligns write chunks to rows). A third,
 `pooled`, hands it the evaluator's chunk pool (`pool=`): it takes its chunk-sized
-temporaries and its result from there, and gives back all but the result.
+temporaries and its result from there, and gives back all but the result. A fourth,
+`stored`, hands it the compute dtype (`dtype=`) and lets the evaluator pass an input
+chunk as the checkpoint stores it (bfloat16, already checked finite in this step:
+`Evaluator.stored`) for a compiled loop to convert as it reads; whatever it does not
+read so, it converts to `dtype` itself.
 """
 
 from __future__ import annotations

@@ -269,23 +269,38 @@ def _needs_rows(e) -> bool:
     return any(s.kind == "della" for s in spec.sparsify)
 
 
-@primitive("tv_combine", arity=-1, scratch=_combine_scratch, positional=True, rowwise=_needs_rows, pooled=True)
-def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
+@primitive("tv_combine", arity=-1, scratch=_combine_scratch, positional=True, rowwise=_needs_rows, pooled=True,
+           stored=True)
+def tv_combine(*items, e0: int = 0, pool=None, dtype=None) -> torch.Tensor:
     """The merged task vector of n task vectors d_i: sparsify each (see `Sparsify`),
     optionally elect a sign per element and keep only agreeing entries, then sum with
-    weights (and divide by the kept weights when normalising). Temporaries and the result
-    are buffers of the executor's chunk pool (`pool`; without one, fresh tensors)."""
+    weights (and divide by the kept weights when normalising), in `dtype` (default: the
+    first tensor's; a tensor handed as stored is converted to it). Temporaries and the
+    result are buffers of the executor's chunk pool (`pool`; without one, fresh tensors)."""
     ds, spec, vals = _split(items)
     pool = pool if pool is not None else _Fresh(ds[0].device)
-    size, dtype = ds[0].numel(), ds[0].dtype
+    size, dtype = ds[0].numel(), dtype or ds[0].dtype
+    if _ties_fast(spec, ds, dtype):
+        base, ms = ds[0], ds[1:]
+        return _ties_compiled(base, ms, spec, float(vals[0]), [float(w) for w in vals[1:spec.n + 1]],
+                              vals[spec.n + 1:], e0, pool)
+    stored = [i for i, d in enumerate(ds) if d.dtype != dtype]
+    for i in stored:
+        ds[i] = pool.take(size, dtype).copy_(ds[i])
+    try:
+        return _tv_combine(ds, spec, vals, e0, pool, size, dtype)
+    finally:
+        for i in stored:
+            pool.give(ds[i])
+
+
+def _tv_combine(ds: list[torch.Tensor], spec: Combine, vals: list, e0: int, pool, size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """tv_combine's general path (torch, any device and dtype): ds in `dtype`."""
     base = None
     if spec.with_base:
         base, ds, scale, vals = ds[0], ds[1:], float(vals[0]), vals[1:]
     weights = [float(w) for w in vals[: spec.n]]
-    if base is not None and _ties_fast(spec, base):
-        out = _ties_numpy(base, ds, spec, scale, weights, vals[spec.n:], e0, pool)
-        if out is not None:
-            return out
     pos = spec.n
     parts: list[torch.Tensor] = []
     for i, (d, sp) in enumerate(zip(ds, spec.sparsify, strict=True)):
@@ -307,30 +322,29 @@ def tv_combine(*items, e0: int = 0, pool=None) -> torch.Tensor:
     return out
 
 
-# ---- TIES on the CPU in float32, in numpy ----------------------------------------------------
+# ---- TIES on the CPU in float32, compiled ---------------------------------------------------
 #
-# The same operations as tv_combine's general path on the same float32 values, in fewer
-# and faster passes: torch's where and masked_fill take 10-30x a subtraction's time on a
-# random mask, and its comparisons into bool 5-10x numpy's (measured on 2**20 elements).
-# Masking multiplies by the 0/1 mask instead of selecting: x * 1 == x exactly, and x * 0
-# is a zero whose sign may differ from where()'s +0, which no result can tell (a masked
-# entry only enters the sign election, compared with 0, and the agreement tests, > 0 and
-# < 0; the merged sum's zeros are made +0 before anything else reads them). Where a
-# masked entry is not finite (x * 0 is nan), the chunk is computed again by the general
-# path. The chunk is split between the run's threads (every rule is elementwise or by
-# index): the bytes do not depend on the split.
+# The same operations as tv_combine's general path on the same float32 values, as one
+# compiled kernel (`ops.kernels.ties_merge`) instead of some 25 torch calls each reading
+# and writing the chunk: torch's where and masked_fill take 10-30x a subtraction's time on
+# a random mask. The chunk is split between the run's threads (every rule is elementwise
+# or by index): the bytes do not depend on the split.
 
-def _ties_fast(spec: Combine, base: torch.Tensor) -> bool:
-    return (spec.with_base and spec.consensus == "sum" and not spec.select_var and base.device.type == "cpu"
-            and base.dtype == torch.float32 and all(sp.kind == "top" for sp in spec.sparsify))
+def _ties_fast(spec: Combine, ds: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether the compiled kernel computes this call: TIES's top-k and sign election on
+    (base, m_1 .. m_n), in float32 on the CPU, each input in float32 or as stored in
+    bfloat16."""
+    return (spec.with_base and spec.consensus == "sum" and not spec.select_var and dtype == torch.float32
+            and all(sp.kind == "top" for sp in spec.sparsify)
+            and all(d.device.type == "cpu" and d.dtype in (torch.float32, torch.bfloat16) for d in ds))
 
 
 _POOL: list = []  # ((threads, pid), ThreadPoolExecutor)
 
 
 def _workers(n: int):
-    """A pool of n threads for the numpy passes (made again after a fork: a forked child
-    inherits the pool but not its threads)."""
+    """A pool of n threads for the compiled and numpy passes (made again after a fork: a
+    forked child inherits the pool but not its threads)."""
     import os
 
     if not _POOL or _POOL[0][0] != (n, os.getpid()):
@@ -348,9 +362,10 @@ SPLIT_MIN = 1 << 16  # a chunk under twice this many elements is not split betwe
 
 
 def split_map(size: int, part) -> list:
-    """part(a, b) over consecutive pieces [a, b) of range(size), one per torch thread (numpy
-    lets go of the GIL), run on `_workers`; the results in the pieces' order. One piece
-    (this thread) on one thread or under 2 x SPLIT_MIN elements."""
+    """part(a, b) over consecutive pieces [a, b) of range(size), one per torch thread
+    (numpy and the compiled kernels let go of the GIL), run on `_workers`; the results in
+    the pieces' order. One piece (this thread) on one thread or under 2 x SPLIT_MIN
+    elements."""
     threads = max(1, torch.get_num_threads())
     if threads == 1 or size < 2 * SPLIT_MIN:
         return [part(0, size)]
@@ -358,83 +373,49 @@ def split_map(size: int, part) -> list:
     return list(_workers(threads).map(lambda k: part(bounds[k], bounds[k + 1]), range(threads)))
 
 
-def _ties_numpy(base, ms, spec: Combine, scale: float, weights: list[float], tj: list, e0: int, pool):
+def _ties_compiled(base, ms, spec: Combine, scale: float, weights: list[float], tj: list, e0: int, pool):
     """base + scale * TIES-merged task vectors of (base, ms) for one chunk, bit for bit as
-    the general path computes it, or None where that path must compute it (see above)."""
+    the general path computes it."""
     import numpy as np
 
+    from . import kernels
+
     size, n = base.numel(), spec.n
-    ds = [pool.take(size, torch.float32) for _ in range(n)]
-    scratch = [pool.take(size, torch.float32), pool.take(size, torch.bool), pool.take(size, torch.bool),
-               pool.take(size, torch.bool)]
-    total = pool.take(size, torch.float32)
-    den = pool.take(size, torch.float32) if spec.normalize else None
-    arrays = [x.numpy() for x in (base, *ms, *ds, *scratch, total)] + ([den.numpy()] if den is not None else [])
-    w32 = [np.float32(w) for w in weights]
+    held = []
+    if len({m.dtype for m in ms}) > 1:  # one tuple type for the kernel: float32 throughout
+        ms = [m if m.dtype == torch.float32 else held.append(pool.take(size, torch.float32).copy_(m)) or held[-1]
+              for m in ms]
+    merged = pool.take(size, torch.float32)
+    # a stored base is converted as the kernel reads it, into the buffer the final add reads
+    base32 = base if base.dtype == torch.float32 else pool.take(size, torch.float32)
+    bn, mn, out, b32 = _bits(base), tuple(_bits(m) for m in ms), merged.numpy(), base32.numpy()
+    w = np.array(weights, dtype=np.float32)
     cuts = [(float(tj[2 * i]), float(tj[2 * i + 1])) for i in range(n)]
+    mode = np.array([kernels.keep_mode(t, cut) for t, cut in cuts], dtype=np.int64)
+    t = np.array([max(t, 0.0) for t, _ in cuts], dtype=np.float32)
+    cut = np.array([int(c) if c >= 0 else 0 for _, c in cuts], dtype=np.int64)
 
-    def part(a: int, b: int) -> bool:
-        with np.errstate(all="ignore"):  # an overflow here sends the chunk to the general path
-            return _part(a, b)
+    def part(a: int, b: int) -> None:
+        kernels.ties_merge(bn[a:b], tuple(x[a:b] for x in mn), w, mode, t, cut - (e0 + a), spec.normalize,
+                           out[a:b], b32[a:b], base32 is not base)
 
-    def _part(a: int, b: int) -> bool:
-        bn, xs, dn = arrays[0][a:b], [x[a:b] for x in arrays[1:1 + n]], [x[a:b] for x in arrays[1 + n:1 + 2 * n]]
-        mag, keep, gt, ne = (x[a:b] for x in arrays[1 + 2 * n:5 + 2 * n])
-        tot = arrays[5 + 2 * n][a:b]
-        dd = arrays[6 + 2 * n][a:b] if den is not None else None
-        for i in range(n):
-            d = np.subtract(xs[i], bn, out=dn[i])  # the Lin m_i - base's own subtraction
-            t, cut = cuts[i]
-            if cut < 0:  # keeps none
-                d.fill(0.0)
-                continue
-            if t >= 0:  # (t < 0 keeps all)
-                np.greater(np.abs(d, out=mag), np.float32(t), out=keep)
-                j = min(int(cut) - (e0 + a), b - a)  # ties at t are kept for positions < j
-                if j > 0:
-                    np.logical_or(keep[:j], np.equal(mag[:j], np.float32(t), out=gt[:j]), out=keep[:j])
-            np.multiply(d, w32[i], out=d)
-            if t >= 0:
-                np.multiply(d, keep, out=d)
-        if n > 1:
-            np.add(dn[0], dn[1], out=tot)
-        else:
-            np.copyto(tot, dn[0])
-        for d in dn[2:]:
-            np.add(tot, d, out=tot)
-        if not np.isfinite(np.add.reduce(tot)):
-            return False  # a masked entry is inf or nan (or the sum overflows): the general path
-        positive = np.greater_equal(tot, 0, out=keep)  # the elected sign; zero counts as +
-        for i, d in enumerate(dn):
-            # agree = where(positive, d > 0, d < 0) = (d > 0) == positive, for d != 0 (a zero
-            # entry never agrees)
-            np.equal(np.greater(d, 0, out=gt), positive, out=gt)
-            agree = np.logical_and(gt, np.not_equal(d, 0, out=ne), out=gt)
-            if dd is not None:  # the denominator: w_i where agreeing
-                if i == 0:
-                    np.multiply(agree, w32[0], out=dd)
-                else:
-                    np.add(dd, np.multiply(agree, w32[i], out=mag), out=dd)
-            np.multiply(d, agree, out=d)
-            if i:
-                np.add(dn[0], d, out=dn[0])
-        out = dn[0]
-        np.add(out, np.float32(0.0), out=out)  # -0 (a masked entry's zero) -> +0, as the general path's
-        if dd is not None:
-            np.add(dd, np.equal(dd, 0, out=keep), out=dd)  # no agreeing weight: divide by 1
-            np.divide(out, dd, out=out)
-        return True
-
-    ok = all(split_map(size, part))
-    for buf in (*ds[1:], *scratch, total) + ((den,) if den is not None else ()):
+    split_map(size, part)
+    for buf in held:
         pool.give(buf)
-    if not ok:
-        pool.give(ds[0])
-        return None
     # base + scale * merged: the general path's own add (the same kernel, the same bits)
-    out = torch.add(base, ds[0], alpha=scale, out=pool.take(size, torch.float32))
-    pool.give(ds[0])
-    return out
+    result = torch.add(base32, merged, alpha=scale, out=pool.take(size, torch.float32))
+    pool.give(merged)
+    if base32 is not base:
+        pool.give(base32)
+    return result
+
+
+def _bits(x: torch.Tensor):
+    """A CPU tensor as a numpy array for the kernels: float32 as it is, bfloat16 as its
+    bits (uint16)."""
+    import numpy as np
+
+    return x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
 
 
 def _combined(parts: list[torch.Tensor], spec: Combine, weights: list[float], vals: list, e0: int, size: int,
