@@ -60,11 +60,15 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def with_run_imports(args: list[str]) -> list[str]:
+def with_run_imports(args: list[str], compiled: bool = False) -> list[str]:
     """The command `alg ARGS` in a process that first imports what `alg run` imports (torch
-    and the executor): with `plan`, the baseline of a run with nothing computed (alg plan
-    alone imports no torch)."""
-    code = "import sys, algebra.execute; from algebra.cli import main; sys.exit(main(sys.argv[1:]))"
+    and the executor; with `compiled`, also the compiled kernels a TIES run on the CPU
+    loads, `ops.kernels`: numba, and LLVM's code generator, which its first call starts,
+    about 35 MB in all, once per process): with `plan`, the baseline of a run with nothing
+    computed (alg plan alone imports no torch)."""
+    load = ("; import numpy as np; from algebra.ops import kernels; z = np.zeros(1, np.float32)"
+            "; kernels.window_count(z, z, 0, 0, np.zeros(1, np.int32))") if compiled else ""
+    code = f"import sys, algebra.execute{load}; from algebra.cli import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, *args]
 
 
