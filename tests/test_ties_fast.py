@@ -151,3 +151,25 @@ def test_inputs_handed_as_stored_bfloat16_give_the_same_bits(threads, stored, mo
         got = S.tv_combine(*tensors, *args, e0=e0, dtype=torch.float32)
         assert got.dtype == torch.float32
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), spec
+
+
+def test_compiled_pass_only_where_its_last_add_rounds_as_torchs(monkeypatch):
+    """The kernel ends with one fused multiply-add, base + scale * merged rounded once, as
+    torch's add(alpha=) does here (probed: `kernels.fma_like_torch`); rounding twice would
+    differ in some elements. Where the probe fails the general path computes it."""
+    from algebra.ops import kernels
+
+    g = np.random.default_rng(3)
+    z, x = g.standard_normal(4096).astype(np.float32), (g.standard_normal(4096) * 1e-3).astype(np.float32)
+    fused = np.empty_like(z)
+    kernels._fma_into(x, np.float32(0.37), z, fused)
+    assert (fused != z + np.float32(0.37) * x).any()  # the fusion is real: single rounding differs somewhere
+    assert kernels.fma_like_torch()  # and torch's CPU add rounds that way on this machine
+    base, ms, vals = _case(torch.Generator().manual_seed(4), 2, 3000, 0, ("cut", "cut"))
+    spec = S.Combine(2, (S.Sparsify("top"),) * 2, "sum", True, 1, with_base=True)
+    args = (base, *ms, spec, 0.8, 1.0, 0.6, *vals)
+    taken = []
+    compiled = S._ties_compiled
+    monkeypatch.setattr(S, "_ties_compiled", lambda *a, **k: taken.append(1) or compiled(*a, **k))
+    monkeypatch.setattr(kernels, "fma_like_torch", lambda: False)
+    assert torch.equal(S.tv_combine(*args), _general(*args)) and not taken

@@ -19,9 +19,11 @@ This module imports numba; import it only where a kernel runs.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 BLOCK = 4096  # elements per block: the temporaries of 4 models fit a 128 KiB L2 share
 
@@ -84,26 +86,25 @@ def _kept_into(m, base, a, b, mode, t, j, w, p):  # m, base: float32, or bfloat1
 
 
 @njit(nogil=True, cache=True)
-def ties_merge(base, ms, w, mode, t, j, normalize, out, base32, widen):
-    """The TIES-merged task vector of models `ms` (a tuple of arrays of one type) over
-    `base`, into `out`: per model i, p_i = w_i * (d_i if kept else 0), d_i = m_i - base;
-    the sign elected by p_0 + p_1 + ... >= 0; the sum of the agreeing p_i (p_i != 0 of
-    the elected sign), divided, if `normalize`, by the sum of their weights (1 where none
-    agrees). Per model: w (float32), mode (`keep_mode`), t (float32) and j (the tie cut J
-    minus the chunk's first index). Inputs are float32 or bfloat16 bits (`_f32`); with
-    `widen`, the base in float32 is also written to `base32`."""
+def ties_merge(base, ms, w, mode, t, j, normalize, scale, out):
+    """base + scale * the TIES-merged task vector of models `ms` (a tuple of arrays of one
+    type) over `base`, into `out` (float32): per model i, p_i = w_i * (d_i if kept else 0),
+    d_i = m_i - base; the sign elected by p_0 + p_1 + ... >= 0; merged = the sum of the
+    agreeing p_i (p_i != 0 of the elected sign), divided, if `normalize`, by the sum of
+    their weights (1 where none agrees); then one fused multiply-add, as torch's
+    add(base, merged, alpha=scale) computes it (`fma_like_torch`). Per model: w
+    (float32), mode (`keep_mode`), t (float32) and j (the tie cut J minus the chunk's first
+    index). Inputs are float32 or bfloat16 bits (`_f32`)."""
     n = len(ms)
     size = base.size
     zero, one = np.float32(0.0), np.float32(1.0)
     p = np.empty((n, BLOCK), np.float32)
     tot = np.empty(BLOCK, np.float32)
     den = np.empty(BLOCK, np.float32)
+    o = np.empty(BLOCK, np.float32)
     for a in range(0, size, BLOCK):
         b = min(size, a + BLOCK)
         nb = b - a
-        if widen:
-            for e in range(a, b):
-                base32[e] = _f32(base[e])
         for i in range(n):
             _kept_into(ms[i], base, a, b, mode[i], t[i], j[i], w[i], p[i])
         p0 = p[0]
@@ -113,7 +114,6 @@ def ties_merge(base, ms, w, mode, t, j, normalize, out, base32, widen):
             pi = p[i]
             for e in range(nb):
                 tot[e] = tot[e] + pi[e]
-        o = out[a:b]
         for i in range(n):
             pi, wi = p[i], w[i]
             if i == 0:
@@ -132,6 +132,42 @@ def ties_merge(base, ms, w, mode, t, j, normalize, out, base32, widen):
             for e in range(nb):
                 d = den[e]
                 o[e] = o[e] / (one if d == zero else d)
+        for e in range(nb):
+            out[a + e] = _fma(o[e], scale, _f32(base[a + e]))
+
+
+@intrinsic
+def _fma(typingctx, x, y, z):
+    """x * y + z rounded once (LLVM's fma: the processor's instruction where it has one)."""
+    if not all(isinstance(v, types.Float) and v.bitwidth == 32 for v in (x, y, z)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@njit(nogil=True, cache=True)
+def _fma_into(x, y, z, out):
+    for i in range(x.size):
+        out[i] = _fma(x[i], y, z[i])
+
+
+@functools.cache
+def fma_like_torch() -> bool:
+    """Whether torch's add(z, x, alpha=y) on the CPU rounds x * y + z once, as a fused
+    multiply-add (its vectorised kernels do, and its scalar ones where the compiler
+    contracts them): probed once on 2^16 + 3 elements, misaligned, so that `ties_merge`
+    gives torch's bits or is not used (ops.sparse._ties_fast)."""
+    import torch
+
+    g = np.random.default_rng(0)
+    z, x = g.standard_normal(65540).astype(np.float32), (g.standard_normal(65540) * 1e-3).astype(np.float32)
+    want = torch.add(torch.from_numpy(z[1:]), torch.from_numpy(x[1:]), alpha=0.37).numpy()
+    got = np.empty_like(want)
+    _fma_into(x[1:], np.float32(0.37), z[1:], got)
+    return bool(np.array_equal(got.view(np.int32), want.view(np.int32)))
 
 
 @njit(nogil=True, cache=True)
@@ -154,4 +190,4 @@ def window_count(m, base, lo, hi, found):
     return above, c, bad
 
 
-__all__ = ["BLOCK", "keep_mode", "ties_merge", "window_count"]
+__all__ = ["BLOCK", "fma_like_torch", "keep_mode", "ties_merge", "window_count"]

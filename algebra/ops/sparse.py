@@ -334,9 +334,13 @@ def _ties_fast(spec: Combine, ds: list[torch.Tensor], dtype: torch.dtype) -> boo
     """Whether the compiled kernel computes this call: TIES's top-k and sign election on
     (base, m_1 .. m_n), in float32 on the CPU, each input in float32 or as stored in
     bfloat16."""
-    return (spec.with_base and spec.consensus == "sum" and not spec.select_var and dtype == torch.float32
+    if not (spec.with_base and spec.consensus == "sum" and not spec.select_var and dtype == torch.float32
             and all(sp.kind == "top" for sp in spec.sparsify)
-            and all(d.device.type == "cpu" and d.dtype in (torch.float32, torch.bfloat16) for d in ds))
+            and all(d.device.type == "cpu" and d.dtype in (torch.float32, torch.bfloat16) for d in ds)):
+        return False
+    from . import kernels
+
+    return kernels.fma_like_torch()  # its last step is torch's add, bit for bit
 
 
 _POOL: list = []  # ((threads, pid), ThreadPoolExecutor)
@@ -385,10 +389,8 @@ def _ties_compiled(base, ms, spec: Combine, scale: float, weights: list[float], 
     if len({m.dtype for m in ms}) > 1:  # one tuple type for the kernel: float32 throughout
         ms = [m if m.dtype == torch.float32 else held.append(pool.take(size, torch.float32).copy_(m)) or held[-1]
               for m in ms]
-    merged = pool.take(size, torch.float32)
-    # a stored base is converted as the kernel reads it, into the buffer the final add reads
-    base32 = base if base.dtype == torch.float32 else pool.take(size, torch.float32)
-    bn, mn, out, b32 = _bits(base), tuple(_bits(m) for m in ms), merged.numpy(), base32.numpy()
+    result = pool.take(size, torch.float32)
+    bn, mn, out = _bits(base), tuple(_bits(m) for m in ms), result.numpy()
     w = np.array(weights, dtype=np.float32)
     cuts = [(float(tj[2 * i]), float(tj[2 * i + 1])) for i in range(n)]
     mode = np.array([kernels.keep_mode(t, cut) for t, cut in cuts], dtype=np.int64)
@@ -397,16 +399,11 @@ def _ties_compiled(base, ms, spec: Combine, scale: float, weights: list[float], 
 
     def part(a: int, b: int) -> None:
         kernels.ties_merge(bn[a:b], tuple(x[a:b] for x in mn), w, mode, t, cut - (e0 + a), spec.normalize,
-                           out[a:b], b32[a:b], base32 is not base)
+                           np.float32(scale), out[a:b])
 
     split_map(size, part)
     for buf in held:
         pool.give(buf)
-    # base + scale * merged: the general path's own add (the same kernel, the same bits)
-    result = torch.add(base32, merged, alpha=scale, out=pool.take(size, torch.float32))
-    pool.give(merged)
-    if base32 is not base:
-        pool.give(base32)
     return result
 
 
