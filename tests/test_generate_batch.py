@@ -153,7 +153,7 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(policy):
     model, tok = policy
     nopad = copy.deepcopy(tok)
     nopad.pad_token = None
-    assert nopad.pad_token_id is None and gen.pad_id(nopad) == tok.eos_token_id
+    assert nopad.pad_token_id is None and gen.pad_of(nopad) == tok.eos_token_id
     alone = {p: sample(model, nopad, spec(), p, "cpu") for p in PROMPTS}
     assert sample_batch(model, nopad, spec(), PROMPTS, "cpu") == alone
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # tokens per batch (rows x padded length), when the caller gives no batch_size
 BATCH_TOKENS = 4096
@@ -34,6 +35,12 @@ BATCH_TOKENS = 4096
 # prefix pass and a cache per block cost a forward call and copies, which a few shared
 # tokens do not repay (the score benchmark's template head: 4 of 69 tokens).
 MIN_PREFIX = 16
+
+
+def pad_of(tokenizer: Any) -> int:
+    """The id a tokenizer's texts are padded with, in scoring and generation batches: its
+    pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def cut_sorted(lengths: Sequence[int], batch_size: int | None = None, extra: int = 0,
@@ -184,5 +191,5 @@ def prefix_batches(rows: Sequence[Sequence[int]], keep: Sequence[int], batch_siz
     return out
 
 
-__all__ = ["BATCH_TOKENS", "MIN_PREFIX", "Prefixes", "cut_sorted", "prefix_batches", "prefix_groups",
+__all__ = ["BATCH_TOKENS", "MIN_PREFIX", "Prefixes", "cut_sorted", "pad_of", "prefix_batches", "prefix_groups",
            "sorted_batches"]

@@ -47,7 +47,7 @@ from typing import Any
 from ..caches import cache_path
 from ..graph import Node
 from ..progress import Progress
-from .batching import BATCH_TOKENS, sorted_batches
+from .batching import BATCH_TOKENS, pad_of, sorted_batches
 from .data import Prompt, Responses, Row, prompt_text, to_messages
 
 
@@ -145,11 +145,6 @@ def encode(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(tokenizer(prompt_text(prompt)).input_ids)
 
 
-def pad_id(tokenizer: Any) -> int:
-    """The pad token generation pads with: the tokenizer's, else its EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def cut(text: str, stop: tuple[str, ...]) -> str:
     """text up to the first occurrence of any stop string (which is left out)."""
     at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
@@ -169,7 +164,7 @@ def sample(model: Any, tokenizer: Any, spec: GenerateSpec, prompt: Prompt, devic
     do_sample = spec.temperature > 0
     kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": spec.max_new_tokens,
                               "num_return_sequences": spec.n if do_sample else 1,
-                              "pad_token_id": pad_id(tokenizer)}
+                              "pad_token_id": pad_of(tokenizer)}
     if do_sample:
         kwargs.update(temperature=spec.temperature, top_k=0, top_p=1.0)
     with torch.no_grad():
@@ -251,7 +246,7 @@ def generate_batch(model: Any, tokenizer: Any, spec: GenerateSpec, input_ids: tu
     spec's options, not its prompts."""
     import torch
 
-    pad = pad_id(tokenizer)
+    pad = pad_of(tokenizer)
     width = max(len(x) for x in input_ids)
     ids = torch.full((len(input_ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(input_ids), width), dtype=torch.long)

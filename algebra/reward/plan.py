@@ -41,7 +41,7 @@ from ..graph import Node
 from ..options import Options
 from ..runconfig import RunConfig
 from ..types import human_bytes
-from .batching import Prefixes, prefix_batches
+from .batching import Prefixes, pad_of, prefix_batches
 from .cache import ScoreCache, model_hash, score_key
 from .data import Prompt, prompt_text, to_messages
 from .pointwise import Points, TreeEval
@@ -322,11 +322,6 @@ def _last_scored(ids: list[int], pad: int) -> int:
     while j > 0 and ids[j] == pad:
         j -= 1
     return j
-
-
-def pad_of(tok: Any) -> int:
-    """The id a tokenizer's texts are padded with: its pad token, else EOS."""
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 _CONTENT: dict[int, str] = {}  # id(tokenizer) -> what it tokenizes by (the tokenizers are kept in _TOKENIZERS)
