@@ -20,7 +20,9 @@ average before each. --threads N gives both the same thread count (alg's --threa
 loop's torch.set_num_threads); without it each uses its own default (alg: auto, the loop:
 torch's).
 Texts stay under the models' 128 positions, so neither side truncates.
-Wall time is from process start to exit (imports and model loading included, for both).
+Wall time is from process start to exit (imports and model loading included, for both);
+CPU time is the child's user + system time (getrusage), steadier than wall on a shared
+machine.
 Both run with Python's bytecode cache, as installed packages do (pip compiles them):
 alg's package is compiled first and PYTHONDONTWRITEBYTECODE is dropped from the children's
 environment (a source tree run without it recompiles alg's modules in every process).
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -79,13 +82,14 @@ def build(work: Path, n_pairs: int, hidden: int, layers: int) -> None:
     marker.write_text(json.dumps(spec))
 
 
-def timed(cmd: list[str], work: Path, env: dict) -> tuple[float, str]:
-    t0 = time.perf_counter()
+def timed(cmd: list[str], work: Path, env: dict) -> tuple[float, float, str]:
+    """Run cmd: its wall time, its CPU time (user + system) and its stdout."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise SystemExit(f"{cmd} failed:\n{p.stderr}")
-    return dt, p.stdout
+    return dt, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p.stdout
 
 
 def main() -> None:
@@ -118,13 +122,13 @@ def main() -> None:
         def run_alg(got=got) -> None:
             shutil.rmtree(work / "cache", ignore_errors=True)
             got["load_alg"] = os.getloadavg()[0]
-            got["alg_cold_s"], got["alg_log"] = timed(alg, work, env)
-            got["alg_warm_s"], _ = timed(alg, work, env)
+            got["alg_cold_s"], got["alg_cold_cpu_s"], got["alg_log"] = timed(alg, work, env)
+            got["alg_warm_s"], got["alg_warm_cpu_s"], _ = timed(alg, work, env)
             got["accuracy_alg"] = json.loads((work / "out" / "eval.json").read_text())["accuracy"]
 
         def run_loop(got=got) -> None:
             got["load_loop"] = os.getloadavg()[0]
-            got["baseline_s"], out = timed(loop, work, env)
+            got["baseline_s"], got["baseline_cpu_s"], out = timed(loop, work, env)
             base = json.loads(out)
             got["accuracy_baseline"], got["loop_threads"] = base["accuracy"], base["threads"]
 
@@ -134,22 +138,25 @@ def main() -> None:
         got["first"] = "alg" if k % 2 == 0 else "loop"
         got["speedup"] = got["baseline_s"] / got["alg_cold_s"]
         rounds.append(got)
-        print(f"round {k + 1} ({got['first']} first): alg {got['alg_cold_s']:.2f} s (load {got['load_alg']:.1f}), "
-              f"loop {got['baseline_s']:.2f} s (load {got['load_loop']:.1f}): {got['speedup']:.2f}x", flush=True)
-    med = {key: statistics.median(r[key] for r in rounds) for key in ("alg_cold_s", "alg_warm_s", "baseline_s")}
+        print(f"round {k + 1} ({got['first']} first): alg {got['alg_cold_s']:.2f} s, CPU {got['alg_cold_cpu_s']:.2f} s "
+              f"(load {got['load_alg']:.1f}), loop {got['baseline_s']:.2f} s, CPU {got['baseline_cpu_s']:.2f} s "
+              f"(load {got['load_loop']:.1f}): {got['speedup']:.2f}x", flush=True)
+    med = {key: statistics.median(r[key] for r in rounds)
+           for key in ("alg_cold_s", "alg_warm_s", "baseline_s", "alg_cold_cpu_s", "alg_warm_cpu_s", "baseline_cpu_s")}
     res = {"pairs": n, "hidden": args.hidden, "layers": args.layers, "threads": args.threads, "rounds": rounds,
            "median": med, "speedup_of_medians": med["baseline_s"] / med["alg_cold_s"]}
     (work / "results.json").write_text(json.dumps(res, indent=2))
     alg_threads = args.threads or "auto"
     print(f"{n} pairs, two reward models (hidden {args.hidden}, {args.layers} layers), three terms; "
           f"medians of {args.rounds} round(s); alg threads {alg_threads}, loop threads {rounds[0]['loop_threads']}")
-    print(f"{'':28}{'wall s':>8}{'pairs/s':>10}")
-    print(f"{'alg run (empty cache)':28}{med['alg_cold_s']:8.2f}{n / med['alg_cold_s']:10.1f}")
-    print(f"{'alg run (cache filled)':28}{med['alg_warm_s']:8.2f}{n / med['alg_warm_s']:10.1f}")
-    print(f"{'transformers loop':28}{med['baseline_s']:8.2f}{n / med['baseline_s']:10.1f}")
+    print(f"{'':28}{'wall s':>8}{'pairs/s':>10}{'CPU s':>8}")
+    for label, key in (("alg run (empty cache)", "alg_cold"), ("alg run (cache filled)", "alg_warm"),
+                       ("transformers loop", "baseline")):
+        print(f"{label:28}{med[key + '_s']:8.2f}{n / med[key + '_s']:10.1f}{med[key + '_cpu_s']:8.2f}")
     per = ", ".join(f"{r['speedup']:.2f}x" for r in rounds)
     loads = ", ".join(f"{r['load_alg']:.1f}/{r['load_loop']:.1f}" for r in rounds)
-    print(f"alg / loop pairs per second: {res['speedup_of_medians']:.2f}x (per round: {per})")
+    print(f"alg / loop pairs per second: {res['speedup_of_medians']:.2f}x (per round: {per}); "
+          f"by CPU time {med['baseline_cpu_s'] / med['alg_cold_cpu_s']:.2f}x")
     print(f"load average (1 min) before each, alg/loop: {loads}")
     print(f"accuracy: alg {rounds[0]['accuracy_alg']:.4f}, loop {rounds[0]['accuracy_baseline']:.4f}")
     for r in rounds:

@@ -556,3 +556,108 @@ def test_a_held_cache_is_found_by_its_prefixes_not_by_where_it_was_planned(rms):
     for shared, plain in got:
         assert shared == pytest.approx(plain, abs=1e-5)
     assert got[0][1] != pytest.approx(got[1][1], abs=1e-3)  # the heads do change the scores
+
+
+# ---- the last layer's position-wise tail at the scored positions only (models._tail) ----------
+
+
+def _tiny(kind: str):
+    """A random float64 sequence-classification model of a transformers architecture."""
+    import transformers
+
+    torch.manual_seed(0)
+    size = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, num_labels=1,
+                pad_token_id=0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_head=4, n_layer=2, num_labels=1, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2)
+        return transformers.GPT2ForSequenceClassification(cfg).double().eval()
+    cfg = getattr(transformers, f"{kind}Config")(intermediate_size=48, num_key_value_heads=2, **size)
+    return getattr(transformers, f"{kind}ForSequenceClassification")(cfg).double().eval()
+
+
+def _alone(model, rows):
+    """Each row alone, unpadded: transformers' plain forward pass."""
+    with torch.no_grad():
+        return [float(model(input_ids=torch.tensor([r])).logits[0, 0]) for r in rows]
+
+
+def _mlp_inputs(model):
+    """Record the shapes the last decoder layer's MLP is called with."""
+    seen: list[tuple[int, ...]] = []
+    mlp = model.base_model.layers[-1].mlp
+    return seen, mlp.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+
+
+@pytest.mark.parametrize("kind", ["Llama", "Qwen2", "Qwen3", "Mistral"])
+def test_the_last_layers_tail_runs_at_the_scored_positions_only_and_scores_as_each_row_alone(kind):
+    """A decoder whose last layer is attention then position-wise modules, under transformers'
+    last-non-padding pooling: the last layer's output projection and MLP run only at each
+    row's scored position (its last non-padding token; a padding id inside a row is not
+    its end), every other layer everywhere, and each score equals the row alone in float64."""
+    from algebra.reward import models
+
+    model = _tiny(kind)
+    mlp, o_proj = model.base_model.layers[-1].mlp, model.base_model.layers[-1].self_attn.o_proj
+    rows = [[5, 6, 7, 8, 9, 10, 11], [5, 0, 7], [12, 13, 14, 15, 16], [9]]
+    seen, hook = _mlp_inputs(model)
+    got = models.score_batch(model, rows, 0, torch.device("cpu"))
+    hook.remove()
+    assert seen == [(1, len(rows), 32)]  # one position per row, not the padded 4 x 7
+    assert model.base_model.layers[-1].mlp is mlp and model.base_model.layers[-1].self_attn.o_proj is o_proj
+    assert got == pytest.approx(_alone(model, rows), abs=1e-12)
+
+
+def test_the_tail_is_skipped_in_a_blocks_prefix_pass_and_its_cache_is_unchanged(rms):
+    """A block's prefix pass reads no position's last-layer output: the last MLP is not run,
+    and every layer's keys and values are those of the plain forward pass."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    model = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"], dtype=torch.float64).eval()
+    head = list(range(10, 10 + batching.MIN_PREFIX))
+    pre = batching.Prefixes((tuple(head), tuple(head[:-3] + [3, 4, 5, 6])))
+    seen, hook = _mlp_inputs(model)
+    cache, lens = models.block_cache(model, pre, 0, torch.device("cpu"), None)
+    hook.remove()
+    assert seen == [] and lens == [16, 17]
+    ids = torch.tensor([head + [0], head[:-3] + [3, 4, 5, 6]])
+    with torch.no_grad():
+        plain = model.base_model(input_ids=ids, attention_mask=(torch.arange(17) < torch.tensor([[16], [17]])).long(),
+                                 use_cache=True).past_key_values
+    for mine, theirs in zip(cache.layers, plain.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    rows = [head + [40, 41], list(pre.ids[1]) + [42]]
+    seen, hook = _mlp_inputs(model)
+    got = models.score_batch(model, rows, 0, torch.device("cpu"), (pre, [0, 1]), {})
+    hook.remove()
+    assert seen == [(1, 2, 64)]  # the rows' own tokens after the cache: the tail at one each
+    assert got == pytest.approx(_alone(model, rows), abs=1e-12)
+
+
+def test_the_tail_is_left_whole_where_the_head_or_the_layers_differ(rms):
+    """GPT-2 (its own head and layers), a Llama under another head (the encoder-style
+    wrapper), and a Llama without a pad_token_id: the last MLP runs at every position and
+    scores are the plain forward pass's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from algebra.reward import models
+
+    gpt2 = _tiny("gpt2")
+    assert models._tail(gpt2) is None
+    rows = [[5, 6, 7, 8], [9, 10]]
+    assert models.score_batch(gpt2, rows, 0, torch.device("cpu")) == pytest.approx(_alone(gpt2, rows), abs=1e-12)
+    llama = AutoModelForSequenceClassification.from_pretrained(rms["rm-helpful"], dtype=torch.float64).eval()
+    wrapped = _encoder(llama)
+    assert models._tail(wrapped) is not None and models._pooled_at(wrapped, torch.tensor(rows[:1])) is None
+    seen, hook = _mlp_inputs(llama)
+    got = models.score_batch(wrapped, rows, 0, torch.device("cpu"))
+    assert seen == [(2, 4, 64)]
+    assert got == pytest.approx(_alone(llama, rows), abs=1e-12)
+    llama.config.pad_token_id = None
+    seen.clear()
+    got = models.score_batch(llama, rows[:1], 0, torch.device("cpu"))
+    hook.remove()
+    assert seen == [(1, 4, 64)]
+    assert got == pytest.approx(_alone(llama, rows[:1]), abs=1e-12)

@@ -85,3 +85,33 @@ def test_a_run_that_computes_imports_torch(recipes):
     """The control: the probe sees torch once a value needs it."""
     heavy, _ = heavy_after(["run", "lerp.alg", "--force"], recipes)
     assert "torch" in heavy
+
+
+def test_the_process_entry_freezes_the_collector_after_main_and_returns_its_status(monkeypatch):
+    """`alg` (the console script, `python -m algebra`) is `cli.entry`: main's exit status,
+    and only after main has returned, the objects frozen out of the final collections
+    (`gc.freeze`); main called in process never freezes."""
+    import gc
+
+    from algebra import cli
+
+    order: list[str] = []
+    monkeypatch.setattr(cli, "main", lambda argv=None: order.append("main") or 3)
+    monkeypatch.setattr(gc, "freeze", lambda: order.append("freeze"))
+    assert cli.entry() == 3 and order == ["main", "freeze"]
+    assert "algebra.cli:entry" in (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    main_py = Path(cli.__file__).with_name("__main__.py").read_text()
+    assert "sys.exit(entry())" in main_py
+
+
+def test_python_m_algebra_exits_with_mains_status_and_its_outputs_whole(tmp_path):
+    """Through the real entry: an error's status is 1, a run's output is complete."""
+    env = {**os.environ, "ALG_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "bad.alg").write_text("x = 1 +\n")
+    p = subprocess.run([sys.executable, "-m", "algebra", "run", "bad.alg"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "error" in p.stderr
+    (tmp_path / "ok.alg").write_text('print("done")\n')
+    p = subprocess.run([sys.executable, "-m", "algebra", "run", "ok.alg"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip().endswith("done")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,8 @@ def block_cache(model: Any, prefixes: Prefixes, pad: int, device: torch.device,
         for i, p in enumerate(prefixes.ids):
             ids[i, : len(p)] = torch.tensor(p)
             mask[i, : len(p)] = 1
-        with torch.no_grad():
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        with torch.inference_mode(), _tail_only_at(model, (none, none)):  # no position's output is read
             out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
         cache = out.get("cache")  # transformers 5's name for it
         if cache is None:
@@ -159,15 +162,95 @@ def _forward(model: Any, input_ids: list[list[int]], pad: int, device: torch.dev
         mask[i, :s] = 1
         mask[i, held : held + len(x)] = 1
     kwargs: dict[str, Any] = {}
-    if cache is not None:
-        mine = copy.copy(cache)  # the rows this batch needs, new tensors (the block's stay as they are)
-        mine.layers = [copy.copy(layer) for layer in cache.layers]
-        mine.batch_select_indices(torch.tensor(of, device=device))
-        kwargs = {_cache_arg(model): mine, "use_cache": True,
-                  "position_ids": (torch.tensor(skip)[:, None] + torch.arange(width)[None, :]).to(device)}
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+    at = _pooled_at(model, ids)
+    ids = ids.to(device)
+    with torch.inference_mode():
+        if cache is not None:
+            mine = copy.copy(cache)  # the rows this batch needs, new tensors (the block's stay as they are)
+            mine.layers = [copy.copy(layer) for layer in cache.layers]
+            mine.batch_select_indices(torch.tensor(of, device=device))
+            kwargs = {_cache_arg(model): mine, "use_cache": True,
+                      "position_ids": (torch.tensor(skip)[:, None] + torch.arange(width)[None, :]).to(device)}
+        scored = None if at is None else (torch.arange(len(at), device=device), at.to(device))
+        with _tail_only_at(model, scored):
+            logits = model(input_ids=ids, attention_mask=mask.to(device), **kwargs).logits
     return logits[:, 0].double().cpu().tolist()
+
+
+# Decoders whose layers are attention, then position-wise modules only (the attention's
+# output projection, residual additions, norms, a dense MLP: transformers' llama, mistral,
+# qwen2, qwen3, gemma, gemma2 decoder layers). After the last layer's attention, a
+# position's output depends on that position alone.
+_POSITION_WISE_TAIL = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
+
+
+def _tail(model: Any) -> list[tuple[torch.nn.Module, str]] | None:
+    """The last decoder layer's position-wise modules after its attention, as (owner,
+    attribute): its attention's output projection and its MLP. None where the model is not
+    one of `_POSITION_WISE_TAIL` or lacks them."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _POSITION_WISE_TAIL:
+        return None
+    layers = getattr(getattr(model, "base_model", None), "layers", None)
+    last = layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+    attn = getattr(last, "self_attn", None)
+    if not isinstance(getattr(attn, "o_proj", None), torch.nn.Linear) or not isinstance(
+            getattr(last, "mlp", None), torch.nn.Module):
+        return None
+    return [(attn, "o_proj"), (last, "mlp")]
+
+
+def _pooled_at(model: Any, ids: torch.Tensor) -> torch.Tensor | None:
+    """The position each row's score is read at, where the model's head is transformers'
+    `GenericForSequenceClassification`, computed by its rule (the last position whose id is
+    not the config's pad_token_id); None for any other head (or no pad_token_id)."""
+    try:
+        from transformers.modeling_layers import GenericForSequenceClassification
+    except ImportError:
+        return None
+    if getattr(type(model), "forward", None) is not GenericForSequenceClassification.forward:
+        return None
+    pad = model.config.get_text_config().pad_token_id
+    if pad is None:
+        return None
+    return (torch.arange(ids.shape[-1], dtype=torch.int32) * (ids != pad).to(torch.int32)).argmax(-1)
+
+
+class _AtPositions(torch.nn.Module):
+    """A position-wise module run at the given (row, position) pairs only; every other
+    position's output is zeros. Only for modules after the last attention, whose other
+    positions' outputs nothing reads."""
+
+    def __init__(self, inner: torch.nn.Module, at: tuple[torch.Tensor, torch.Tensor], width: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.width = inner, at, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.at
+        out = x.new_zeros(*x.shape[:-1], self.width)
+        if len(rows):
+            out[rows, cols] = self.inner(x[rows, cols][None])[0]
+        return out
+
+
+@contextmanager
+def _tail_only_at(model: Any, at: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    """While open, the model's last layer runs its position-wise modules after attention
+    (`_tail`) only at `at` (row indices, positions; empty: nowhere), the rest of every
+    layer as before: a position outside `at` has wrong last-layer outputs, its keys and
+    values stay right. Nothing changes where `at` is None or the model has no such tail."""
+    tail = _tail(model) if at is not None else None
+    if tail is None:
+        yield
+        return
+    width = tail[0][0].o_proj.out_features
+    kept = [(owner, name, getattr(owner, name)) for owner, name in tail]
+    try:
+        for owner, name, inner in kept:
+            setattr(owner, name, _AtPositions(inner, at, width))
+        yield
+    finally:
+        for owner, name, inner in kept:
+            setattr(owner, name, inner)
 
 
 def _free(*gone: Any) -> None:
