@@ -195,12 +195,10 @@ def assigned_threads() -> int:
 def _scoring(model: Any, device: Any, pad: int):
     """The "score" job: a reward model's scores of a batch of token ids (and the prefixes
     its rows share; the actor keeps the last block's, as a local run does)."""
-    from .reward.models import score_batch
+    from .reward.models import scorer
 
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad
-    held: dict = {}
-    return lambda batch: score_batch(model, batch[0], pad, device, batch[1], held)
+    score = scorer(model, pad, device)
+    return lambda batch: score(batch[0], batch[1])
 
 
 def _generation(model: Any, device: Any, tokenizer: Any, spec: Any):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from algebra import Options
 from algebra.errors import AlgUsageError
 from algebra.interpreter import Session
-from algebra.reward import batching, engine
+from algebra.reward import batching, engine, models
 from algebra.reward import generate as gen
 from algebra.runconfig import RunConfig, auto_threads, free_cores
 from algebra.source import Source
@@ -104,13 +104,13 @@ def test_budget_batches_score_as_each_text_alone_in_float64(ws, rms, monkeypatch
     rows_in = [json.loads(line) for line in (ws / "data" / "prompts_responses.jsonl").read_text().splitlines()]
     ref = _reference(rms["rm-helpful"], [(r["prompt"], r["response"]) for r in rows_in])
     batches: list[list[list[int]]] = []
-    real = engine.score_batch
+    real = models.score_batch
 
     def spy(model, input_ids, pad, device, *rest):
         batches[-1].append([len(x) for x in input_ids])
         return real(model, input_ids, pad, device, *rest)
 
-    monkeypatch.setattr(engine, "score_batch", spy)
+    monkeypatch.setattr(models, "score_batch", spy)
     got, default = {}, batching.BATCH_TOKENS
     # the default budget (all 12 texts in one padded batch), a budget that cuts them into
     # several, and one text per batch; each with an empty cache so that all are scored
@@ -315,8 +315,6 @@ def test_shared_prefixes_are_computed_once_per_block_and_score_as_each_text_alon
     float64 forward pass of the whole text alone."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from algebra.reward import models
-
     monkeypatch.setenv("ALG_CACHE", str(ws / "cache"))
     rows_in = [json.loads(line) for line in (ws / "data" / "prompts_responses.jsonl").read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(rms["rm-helpful"])
@@ -326,7 +324,7 @@ def test_shared_prefixes_are_computed_once_per_block_and_score_as_each_text_alon
     with torch.no_grad():
         ref = [float(model(input_ids=torch.tensor([x])).logits[0, 0]) for x in ids]
     made, seen = [], []
-    real_cache, real_score = models.block_cache, engine.score_batch
+    real_cache, real_score = models.block_cache, models.score_batch
 
     def cache_spy(model, prefixes, pad, device, held):
         if prefixes not in held:
@@ -338,7 +336,7 @@ def test_shared_prefixes_are_computed_once_per_block_and_score_as_each_text_alon
         return real_score(model, input_ids, pad, device, shared, held)
 
     monkeypatch.setattr(models, "block_cache", cache_spy)
-    monkeypatch.setattr(engine, "score_batch", score_spy)
+    monkeypatch.setattr(models, "score_batch", score_spy)
     monkeypatch.setattr(batching, "BATCH_TOKENS", 3 * max(len(x) for x in ids))
     run, out = _score(ws, f', template="{HEAD}"', "out/p.jsonl")
     assert run.scored == 12

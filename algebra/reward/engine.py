@@ -33,7 +33,7 @@ from .cache import ScoreCache, model_hash
 from .data import Pairs, Responses, show_prompt
 from .evaluate import accuracy, format_sweep, format_table, plot_sweep
 from .generate import Generated, policy_key, resolve
-from .models import _free, load_model, pad_id, score_batch
+from .models import _free, load_model, pad_id, scorer
 from .plan import Job, Query, RewardPlan, format_reward_plan, plan_rewards
 from .pointwise import Points, TreeEval
 from .values import ModelReward, Reward
@@ -243,15 +243,12 @@ class RewardRun:
             if self.keep_loaded:
                 self._loaded[(job.node, job.dtype)] = model
         try:
-            pad = pad_id(job)
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = pad
+            score = scorer(model, pad_id(job), self.device)
             n = 0
-            held: dict = {}  # the current block's prefix key/value cache (models.block_cache)
             with self.options.progress.bar(job.n_todo, f"score {job.label}", unit="text") as bar:
                 for g in job.groups:
                     for b in g.batches:
-                        values = score_batch(model, b.input_ids, pad, self.device, b.shared, held)
+                        values = score(b.input_ids, b.shared)
                         self._store(b.keys, values)
                         n += len(values)
                         bar.update(len(values))
@@ -259,7 +256,7 @@ class RewardRun:
         finally:
             gone = weakref.ref(model)
             del model
-            held = None  # noqa: F841  (the block's cache goes with the model)
+            score = None  # noqa: F841  (its block cache goes with the model)
             if not self.keep_loaded:
                 _free(gone)
         self.out(f"scored {n} text(s) with {job.label} in {time.perf_counter() - t0:.2f}s{self._on()} "

@@ -15,8 +15,8 @@ import torch
 
 from ..errors import AlgRuntimeError
 from ..options import Options
-from .batching import Prefixes
-from .plan import Job, pad_of, tokenizer_for
+from .batching import Prefixes, pad_of
+from .plan import Job, tokenizer_for
 
 
 def load_model(model: Any, options: Options, device: torch.device, dtype: torch.dtype, causal: bool = False):
@@ -74,6 +74,17 @@ def load_model(model: Any, options: Options, device: torch.device, dtype: torch.
 def pad_id(job: Job) -> int:
     """The id a job's batches are padded with: its tokenizer's pad token, else EOS."""
     return pad_of(tokenizer_for(job.groups[0].leaf))
+
+
+def scorer(model: Any, pad: int, device: torch.device):
+    """score(input_ids, shared) -> scores of one batch with `model` (`score_batch`), batch
+    after batch, keeping the current block's prefix cache between calls. Sets the model's
+    pad_token_id where it has none: its head finds the scored token by it. Shared by local
+    runs and Ray's actors."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad
+    held: dict = {}
+    return lambda input_ids, shared: score_batch(model, input_ids, pad, device, shared, held)
 
 
 def score_batch(model: Any, input_ids: list[list[int]], pad: int, device: torch.device,
@@ -264,4 +275,4 @@ def _free(*gone: Any) -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["block_cache", "load_model", "pad_id", "score_batch"]
+__all__ = ["block_cache", "load_model", "pad_id", "score_batch", "scorer"]
