@@ -114,28 +114,34 @@ class Evaluator:
         holds inf or nan: a sum first, exact only if that is not finite (or overflows,
         which the exact check clears), as for outputs: one cheap pass in the common case.
         A chunk already found finite since the last write step is not summed again."""
-        if (id(leaf.source), leaf.name, e0, e0 + x.numel()) in self.checked:
+        if _chunk(leaf, e0, e0 + x.numel()) in self.checked:
             return
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise _nonfinite_input(leaf, x, e0)
         self.mark_checked(leaf, e0, e0 + x.numel())
 
-    def stored(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
-        """Elements [e0, e1) of `e` for a primitive that takes inputs as stored
-        (`Primitive.stored`): a checkpoint tensor's bfloat16 chunk, read without
-        converting, where this run computes in float32 on the CPU and the chunk was found
-        finite in this step (a reduction's pass read it: TIES's thresholds); else `eval`."""
-        if (isinstance(e, Leaf) and self.dtype == torch.float32 and self.device.type == "cpu"
-                and (id(e.source), e.name, e0, e1) in self.checked):
+    def as_stored(self, e: TExpr, e0: int, e1: int) -> torch.Tensor | None:
+        """Elements [e0, e1) of `e` as the checkpoint stores them, unconverted and
+        unchecked, for a compiled loop that converts bfloat16 as it reads: where `e` is a
+        Leaf stored in bfloat16 on the CPU and this run computes in float32 on the CPU;
+        else None."""
+        if isinstance(e, Leaf) and self.dtype == torch.float32 and self.device.type == "cpu":
             x = e.source.read(e.name, e0, e1)
             if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
                 return x
-        return self.eval(e, e0, e1)
+        return None
+
+    def stored(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
+        """Elements [e0, e1) of `e` for a primitive that takes inputs as stored
+        (`Primitive.stored`): `as_stored`, where the chunk was found finite in this step (a
+        reduction's pass read it: TIES's thresholds); else `eval`."""
+        x = self.as_stored(e, e0, e1) if isinstance(e, Leaf) and _chunk(e, e0, e1) in self.checked else None
+        return x if x is not None else self.eval(e, e0, e1)
 
     def mark_checked(self, leaf: Leaf, e0: int, e1: int) -> None:
         """Elements [e0, e1) of `leaf` are finite (checked here, or by a compiled pass that
         read them as stored): `check_input` passes that chunk until the next write step."""
-        self.checked.add((id(leaf.source), leaf.name, e0, e1))
+        self.checked.add(_chunk(leaf, e0, e1))
 
     def wide(self, e: TExpr, e0: int, e1: int) -> torch.Tensor:
         """Elements of `e` in float64, for reductions (a pool buffer)."""
@@ -153,6 +159,11 @@ class Evaluator:
         if not _all_finite(value):
             raise AlgRuntimeError(f"the {r.label} reduction is not finite: it overflows or divides by zero")
         self.results[r] = value
+
+
+def _chunk(leaf: Leaf, e0: int, e1: int) -> tuple[int, str, int, int]:
+    """A chunk of an input, as `Evaluator.checked` records it."""
+    return (id(leaf.source), leaf.name, e0, e1)
 
 
 def _all_finite(value: Any) -> bool:

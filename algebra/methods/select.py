@@ -26,11 +26,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir import Leaf, Lin
+from ..ir import Lin
 from ..lazy import np, torch
 from ..lower import Reduction, Sym, TExpr
 from ..ops import sums as fsums
-from ..ops.sparse import population_var, split_map, top_mask
+from ..ops.sparse import kernel_array, population_var, split_map, top_mask
 
 KEEP_ALL = (-1.0, 0.0)  # (t, J) that keeps every element
 KEEP_NONE = (0.0, -1.0)  # (t, J) that keeps none
@@ -376,7 +376,7 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
     del sample, ascending
     budget = chunk
     zero_counted = {r.score for r in ranks if isinstance(r.k, OfNonzero)}
-    compiled = _compiled_window(sel, ev, itype, zero_counted)
+    compiled = _compiled_window(sel, ev, zero_counted)
     for j, (e0, e1) in enumerate(spans):
         counts = (_window_counts_compiled(sel, ev, e0, e1, ranks, windows, compiled) if compiled is not None
                   else _window_counts(sel, ev, e0, e1, itype, ranks, windows, zero_counted))
@@ -458,11 +458,11 @@ def _window_counts(sel: Select, ev: Any, e0: int, e1: int, itype, ranks: list[_R
     pool.give(inside)
 
 
-def _compiled_window(sel: Select, ev: Any, itype, zero_counted: set) -> tuple[TExpr, list[TExpr]] | None:
+def _compiled_window(sel: Select, ev: Any, zero_counted: set) -> tuple[TExpr, list[TExpr]] | None:
     """(base, [m_i]) where the window pass can run the compiled count
     (`ops.kernels.window_count`: keys of |m_i - base| in float32 on the CPU, no zero
     counts), else None."""
-    if zero_counted or itype != torch.int32 or ev.dtype != torch.float32 or ev.device.type != "cpu":
+    if zero_counted or ev.dtype != torch.float32 or ev.device.type != "cpu":
         return None
     if any(kind != "abs" for kind, _ in sel.scores):
         return None
@@ -513,15 +513,14 @@ def _window_counts_compiled(sel: Select, ev: Any, e0: int, e1: int, ranks: list[
 
 def _stored(ev: Any, e: TExpr, e0: int, e1: int):
     """Elements [e0, e1) of `e` for a compiled kernel: (numpy array, the evaluator's buffer
-    to give back, the Leaf read as stored). A bfloat16 input on the CPU is its stored bits
-    (uint16; the kernel converts and checks them); anything else is evaluated (float32,
-    checked)."""
-    if isinstance(e, Leaf):
-        x = e.source.read(e.name, e0, e1)
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
-            return x.view(torch.int16).numpy().view(np.uint16), None, e
+    to give back, the Leaf read as stored). A bfloat16 input (`Evaluator.as_stored`) is
+    its stored bits (the kernel converts and checks them); anything else is evaluated
+    (float32, checked)."""
+    x = ev.as_stored(e, e0, e1)
+    if x is not None:
+        return kernel_array(x), None, e
     y = ev.eval(e, e0, e1)
-    return y.numpy(), y, None
+    return kernel_array(y), y, None
 
 
 def _window_count(kn, a, b, lo: int, hi: int):

@@ -4,8 +4,10 @@ torch calls would read and write the chunk once per operation.
 Each kernel is the same float32 arithmetic, operation for operation and in the same
 order, as the torch code it stands for (`ops.sparse.tv_combine`'s general path,
 `methods.select`'s keys and window count), so that its results are bit for bit theirs
-(tests/test_ties_fast.py). numba compiles without fast-math: no reassociation and no fused
-multiply-add, every float32 operation rounded as IEEE says.
+(tests/test_ties_fast.py). numba compiles without fast-math: no reassociation and no
+contraction into fused multiply-adds, every float32 operation rounded as IEEE says; the
+one fused multiply-add is explicit (`_fma`), where torch's own add fuses
+(`fma_like_torch`).
 
 The work is done in blocks of BLOCK elements: within a block, one simple loop per model
 and per step, each with its parameters fixed (loops LLVM vectorises), over temporaries

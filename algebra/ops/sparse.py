@@ -390,7 +390,7 @@ def _ties_compiled(base, ms, spec: Combine, scale: float, weights: list[float], 
         ms = [m if m.dtype == torch.float32 else held.append(pool.take(size, torch.float32).copy_(m)) or held[-1]
               for m in ms]
     result = pool.take(size, torch.float32)
-    bn, mn, out = _bits(base), tuple(_bits(m) for m in ms), result.numpy()
+    bn, mn, out = kernel_array(base), tuple(kernel_array(m) for m in ms), result.numpy()
     w = np.array(weights, dtype=np.float32)
     cuts = [(float(tj[2 * i]), float(tj[2 * i + 1])) for i in range(n)]
     mode = np.array([kernels.keep_mode(t, cut) for t, cut in cuts], dtype=np.int64)
@@ -407,7 +407,7 @@ def _ties_compiled(base, ms, spec: Combine, scale: float, weights: list[float], 
     return result
 
 
-def _bits(x: torch.Tensor):
+def kernel_array(x: torch.Tensor):
     """A CPU tensor as a numpy array for the kernels: float32 as it is, bfloat16 as its
     bits (uint16)."""
     import numpy as np
@@ -491,5 +491,5 @@ class _Fresh:
         pass
 
 
-__all__ = ["Combine", "Sparsify", "della_probability", "draws", "keep_threshold", "population_var",
+__all__ = ["Combine", "Sparsify", "della_probability", "draws", "keep_threshold", "kernel_array", "population_var",
            "rng_key", "top_mask", "tv_combine"]
