@@ -89,6 +89,34 @@ def test_window_split_between_threads_keeps_exactly_k(family_bf16, windowed, mon
     assert resolved[1] == resolved[0]
 
 
+def test_window_samples_and_cuts_bf16_inputs_as_stored(family_bf16, windowed, monkeypatch):
+    """With bfloat16 inputs the sample is read from the stored tensors and the tie cuts
+    are found by a scan that stops at the cut (ops.kernels.sample_keys, nth_key): the
+    same exact (t, J), and no input chunk evaluated for either."""
+    from algebra.ops import kernels
+
+    used = {"sample_keys": 0, "nth_key": 0}
+    for name in used:
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, name=name, real=real: used.__setitem__(name, used[name] + 1)
+                            or real(*a))
+    inside, evaluated = [False], []  # _keys (which evaluates the inputs) called inside the window pass
+
+    def window(*a, real=select._window_select):
+        inside[0] = True
+        try:
+            real(*a)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(select, "_window_select", window)
+    monkeypatch.setattr(select, "_keys", lambda *a, real=select._keys: evaluated.append(inside[0]) or real(*a))
+    streamed, tied = _check_ranks(family_bf16, 333, lambda n: (1, n // 3, n // 2, n - 1))
+    assert streamed and windowed["resolved"] > 0 and tied > 0
+    assert used["sample_keys"] > 0 and used["nth_key"] > 0
+    assert not any(evaluated)
+
+
 def test_window_misses_fall_back_to_the_radix_passes(family_bf16, windowed, monkeypatch):
     monkeypatch.setattr(select, "WINDOW_SIGMAS", -1.0)  # an empty-ish window: most ranks miss
     streamed, _ = _check_ranks(family_bf16, 333, lambda n: (n // 3, n // 2))

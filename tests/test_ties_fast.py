@@ -1,6 +1,6 @@
 """TIES's compiled write pass (ops.sparse._ties_compiled, ops.kernels.ties_merge): bit
 for bit the general tv_combine path, on any number of threads, and the TIES formula
-against a float64 reference."""
+against a float64 reference; the window pass's kernels against numpy."""
 
 from __future__ import annotations
 
@@ -173,3 +173,52 @@ def test_compiled_pass_only_where_its_last_add_rounds_as_torchs(monkeypatch):
     monkeypatch.setattr(S, "_ties_compiled", lambda *a, **k: taken.append(1) or compiled(*a, **k))
     monkeypatch.setattr(kernels, "fma_like_torch", lambda: False)
     assert torch.equal(S.tv_combine(*args), _general(*args)) and not taken
+
+
+def _stored_pair(g: torch.Generator, size: int, bf16: bool):
+    """A base and a model, bf16-rounded (many equal keys), as the kernels take them:
+    bfloat16 as its uint16 bits, or float32; their keys |m - base| computed by torch."""
+    base = (torch.randn(size, generator=g) * 0.1).to(torch.bfloat16)
+    m = (base.float() + torch.randn(size, generator=g) * 0.01).to(torch.bfloat16)
+    keys = (m.float() - base.float()).abs().view(torch.int32).numpy()
+    if bf16:
+        return m.view(torch.uint16).numpy(), base.view(torch.uint16).numpy(), keys
+    return m.float().numpy(), base.float().numpy(), keys
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("size", [1, 7, 9, 4095, 4096, 4097, 10003])
+def test_window_kernels_equal_numpy(size, bf16):
+    """ops.kernels' window pass (count above, keys inside in index order, non-finite
+    count), sample and tie scan against numpy on the keys torch computes, at block and
+    eight-element edges, with windows holding none, some and all of the keys."""
+    from algebra.ops import kernels
+
+    g = torch.Generator().manual_seed(size + bf16)
+    m, base, keys = _stored_pair(g, size, bf16)
+    s = np.sort(keys)
+    for lo, hi in ((0, np.iinfo(np.int32).max), (int(s[size // 3]), int(s[(2 * size) // 3])), (-2, -1),
+                   (int(s[-1]), int(s[-1]))):
+        found = np.full(size, -7, np.int32)
+        above, c, bad = kernels.window_count(m, base, lo, hi, found)
+        inside = keys[(keys >= lo) & (keys <= hi)]
+        assert (above, c, bad) == (int((keys > hi).sum()), inside.size, 0)
+        assert np.array_equal(found[:c], inside)
+    starts = np.array(sorted({0, size // 2, max(0, size - 3)}), np.int64)
+    out = np.empty(starts.size * min(3, size), np.int32)
+    kernels.sample_keys(m, base, starts, min(3, size), out)
+    assert np.array_equal(out, np.concatenate([keys[a:a + min(3, size)] for a in starts]))
+    t = int(s[size // 2])
+    at = np.flatnonzero(keys == t)
+    for n in (1, at.size):
+        assert kernels.nth_key(m, base, t, n) == at[n - 1]
+    assert kernels.nth_key(m, base, t, at.size + 1) == -1
+
+
+def test_window_kernel_counts_nonfinite_bf16():
+    from algebra.ops import kernels
+
+    m, base, _ = _stored_pair(torch.Generator().manual_seed(1), 100, True)
+    m[[3, 50]] = torch.tensor([float("inf"), float("nan")], dtype=torch.bfloat16).view(torch.uint16).numpy()
+    base[99] = torch.tensor([float("-inf")], dtype=torch.bfloat16).view(torch.uint16).numpy()[0]
+    assert kernels.window_count(m, base, 0, 1, np.empty(100, np.int32))[2] == 3

@@ -343,12 +343,16 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
     starts = sorted({min(n - bs, (n - bs) * b // max(1, SAMPLE_BLOCKS - 1)) for b in range(SAMPLE_BLOCKS)})
     # each score's sample goes into one pool buffer (at most a chunk's worth for all the
     # scores: _sample_size), sorted in place on the CPU
-    sample: dict[int, torch.Tensor] = {}
-    for j, a in enumerate(starts):
-        for s, key in _keys(sel, ev, a, a + bs, itype):
-            if s not in sample:
-                sample[s] = pool.take(len(starts) * bs, itype)
-            sample[s][j * bs:(j + 1) * bs].copy_(key)
+    zero_counted = {r.score for r in ranks if isinstance(r.k, OfNonzero)}
+    compiled = _compiled_window(sel, ev, zero_counted)
+    sample = _sample_compiled(sel, ev, n, starts, bs, compiled) if compiled is not None else None
+    if sample is None:
+        sample = {}
+        for j, a in enumerate(starts):
+            for s, key in _keys(sel, ev, a, a + bs, itype):
+                if s not in sample:
+                    sample[s] = pool.take(len(starts) * bs, itype)
+                sample[s][j * bs:(j + 1) * bs].copy_(key)
     ascending = {}
     for s, buf in sample.items():
         if buf.device.type == "cpu":
@@ -375,8 +379,6 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
         pool.give(buf)
     del sample, ascending
     budget = chunk
-    zero_counted = {r.score for r in ranks if isinstance(r.k, OfNonzero)}
-    compiled = _compiled_window(sel, ev, zero_counted)
     for j, (e0, e1) in enumerate(spans):
         counts = (_window_counts_compiled(sel, ev, e0, e1, ranks, windows, compiled) if compiled is not None
                   else _window_counts(sel, ev, e0, e1, itype, ranks, windows, zero_counted))
@@ -423,6 +425,9 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
             keep_equal -= here
     for j in sorted({j for _, j, _, _ in cuts}):
         e0, e1 = spans[j]
+        if compiled is not None:
+            _cut_compiled(ev, e0, e1, [c for c in cuts if c[1] == j], sel, compiled)
+            continue
         for s, key in _keys(sel, ev, e0, e1, itype):
             for r, jj, t, need in cuts:
                 if jj == j and r.score == s:
@@ -509,6 +514,43 @@ def _window_counts_compiled(sel: Select, ev: Any, e0: int, e1: int, ranks: list[
     pool.give(found)
     if base_buf is not None:
         pool.give(base_buf)
+
+
+def _sample_compiled(sel: Select, ev: Any, n: int, starts: list[int], size: int,
+                     shared: tuple[TExpr, list[TExpr]]) -> dict[int, torch.Tensor] | None:
+    """`_window_select`'s sample (each score's keys over the blocks [a, a + size), a in
+    `starts`, in one pool buffer) read from the whole tensors as stored, where every
+    input is a stored bfloat16 (`Evaluator.as_stored`: a view, nothing read until
+    touched), in one compiled call per score; else None. Unchecked: the window pass
+    that follows checks every element."""
+    from ..ops import kernels
+
+    whole = [ev.as_stored(e, 0, n) for e in (shared[0], *shared[1])]
+    if any(x is None for x in whole):
+        return None
+    at = np.asarray(starts, dtype=np.int64)
+    sample = {}
+    for s, (_, i) in enumerate(sel.scores):
+        sample[s] = ev.pool.take(len(starts) * size, torch.int32)
+        kernels.sample_keys(kernel_array(whole[1 + i]), kernel_array(whole[0]), at, size, sample[s].numpy())
+    return sample
+
+
+def _cut_compiled(ev: Any, e0: int, e1: int, cuts: list, sel: Select, shared: tuple[TExpr, list[TExpr]]) -> None:
+    """`_window_select`'s tie cuts inside chunk [e0, e1): each rank's J, where its
+    need-th key equal to t lies, by a compiled scan of |m_i - base| that stops there."""
+    from ..ops import kernels
+
+    base, base_buf, _ = _stored(ev, shared[0], e0, e1)
+    for r, _, t, need in cuts:
+        xn, x_buf, _ = _stored(ev, shared[1][sel.scores[r.score][1]], e0, e1)
+        at = kernels.nth_key(xn, base, t, need)
+        assert at >= 0, "the tie cut's chunk changed between passes"
+        r.result = (r.result[0], float(e0 + at + 1))
+        if x_buf is not None:
+            ev.pool.give(x_buf)
+    if base_buf is not None:
+        ev.pool.give(base_buf)
 
 
 def _stored(ev: Any, e: TExpr, e0: int, e1: int):

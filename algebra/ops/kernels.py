@@ -65,26 +65,33 @@ def _bad_impl(x):
     return None
 
 
-@njit(nogil=True, cache=True)
-def _kept_into(m, base, a, b, mode, t, j, w, p):  # m, base: float32, or bfloat16 bits (see _f32)
-    """p[:b - a] = w * (d kept ? d : 0) for d = m - base over [a, b); `j`: chunk position
-    below which |d| == t is kept."""
+@njit(inline="always")
+def _key(x, b):
+    """The key of |x - b|: its float32 bits as int32 (they order as the magnitudes do)."""
+    return np.float32(abs(_f32(x) - _f32(b))).view(np.int32)
+
+
+@njit(inline="always")
+def _kept_into(m, base, mode, t, j, w, p):  # m, base: float32, or bfloat16 bits (see _f32)
+    """p[:m.size] = w * (d kept ? d : 0) for d = m - base (one block); `j`: the position
+    in the block below which |d| == t is kept."""
     zero = np.float32(0.0)
+    nb = m.size
     if mode == 0:
-        for i in range(a, b):
-            p[i - a] = zero * w
+        for i in range(nb):
+            p[i] = zero * w
         return
     if mode == 1:
-        for i in range(a, b):
-            p[i - a] = (_f32(m[i]) - _f32(base[i])) * w
+        for i in range(nb):
+            p[i] = (_f32(m[i]) - _f32(base[i])) * w
         return
-    j = min(max(j, a), b)
-    for i in range(a, j):
+    j = min(max(j, 0), nb)
+    for i in range(j):
         d = _f32(m[i]) - _f32(base[i])
-        p[i - a] = (d if abs(d) >= t else zero) * w
-    for i in range(j, b):
+        p[i] = (d if abs(d) >= t else zero) * w
+    for i in range(j, nb):
         d = _f32(m[i]) - _f32(base[i])
-        p[i - a] = (d if abs(d) > t else zero) * w
+        p[i] = (d if abs(d) > t else zero) * w
 
 
 @njit(nogil=True, cache=True)
@@ -107,8 +114,9 @@ def ties_merge(base, ms, w, mode, t, j, normalize, scale, out):
     for a in range(0, size, BLOCK):
         b = min(size, a + BLOCK)
         nb = b - a
+        bb = base[a:b]
         for i in range(n):
-            _kept_into(ms[i], base, a, b, mode[i], t[i], j[i], w[i], p[i])
+            _kept_into(ms[i][a:b], bb, mode[i], t[i], j[i] - a, w[i], p[i])
         p0 = p[0]
         for e in range(nb):
             tot[e] = p0[e]
@@ -134,8 +142,9 @@ def ties_merge(base, ms, w, mode, t, j, normalize, scale, out):
             for e in range(nb):
                 d = den[e]
                 o[e] = o[e] / (one if d == zero else d)
+        ob = out[a:b]
         for e in range(nb):
-            out[a + e] = _fma(o[e], scale, _f32(base[a + e]))
+            ob[e] = _fma(o[e], scale, _f32(bb[e]))
 
 
 @intrinsic
@@ -172,24 +181,74 @@ def fma_like_torch() -> bool:
     return bool(np.array_equal(got.view(np.int32), want.view(np.int32)))
 
 
+@njit(inline="always")
+def _keys_into(m, base, lo, hi, keys, inside):
+    """One block: keys[e] = the key of |m - base|, inside[e] = whether it lies in [lo, hi];
+    (how many keys are above hi, how many elements of m and base are not finite)."""
+    above = 0
+    bad = 0
+    for e in range(m.size):
+        k = _key(m[e], base[e])
+        keys[e] = k
+        above += k > hi
+        inside[e] = (k >= lo) & (k <= hi)
+        bad += _bad(m[e]) + _bad(base[e])
+    return above, bad
+
+
 @njit(nogil=True, cache=True)
 def window_count(m, base, lo, hi, found):
-    """For the keys of |m - base| (float32 bits as int32: they order as the magnitudes
-    do): how many are above `hi`, how many lie in [lo, hi] (written in index order to the
-    front of `found`, at least as long as m), and how many elements of m and base are not
-    finite. m and base are float32, or stored bfloat16 as uint16 (converted here, as
-    torch converts them: the bits shifted up); only those are checked."""
+    """For the keys of |m - base| (`_key`): how many are above `hi`, how many lie in
+    [lo, hi] (written in index order to the front of `found`, at least as long as m),
+    and how many elements of m and base are not finite. m and base are float32, or
+    stored bfloat16 as uint16 (converted here, as torch converts them: the bits shifted
+    up); only those are checked.
+
+    In blocks: one loop computes the keys and marks the ones inside (a loop LLVM
+    vectorises), then the marks are read eight at a time as one 64-bit word, and only
+    the eights holding a key inside are compacted (one key in tens lies inside)."""
+    keys = np.empty(BLOCK, np.int32)
+    inside = np.zeros(BLOCK, np.uint8)
+    eights = inside.view(np.uint64)
     above = 0
     c = 0
     bad = 0
-    for i in range(m.size):
-        x, b = m[i], base[i]
-        key = np.float32(abs(_f32(x) - _f32(b))).view(np.int32)
-        above += key > hi
-        found[c] = key  # kept only if inside: no branch
-        c += (key >= lo) & (key <= hi)
-        bad += _bad(x) + _bad(b)
+    for a in range(0, m.size, BLOCK):
+        b = min(m.size, a + BLOCK)
+        nb = b - a
+        n_above, n_bad = _keys_into(m[a:b], base[a:b], lo, hi, keys, inside)
+        above += n_above
+        bad += n_bad
+        inside[nb:] = 0
+        for g in range((nb + 7) >> 3):
+            if eights[g]:
+                for e in range(8 * g, min(8 * g + 8, nb)):
+                    found[c] = keys[e]  # kept only if inside: no branch
+                    c += inside[e]
     return above, c, bad
 
 
-__all__ = ["BLOCK", "fma_like_torch", "keep_mode", "ties_merge", "window_count"]
+@njit(nogil=True, cache=True)
+def sample_keys(m, base, starts, size, out):
+    """The keys of |m - base| (as `window_count` computes them) over the blocks
+    [starts[j], starts[j] + size) of whole tensors m and base, into out (int32), block
+    after block. Nothing is checked: the window pass that follows checks every element."""
+    for j in range(starts.size):
+        a = starts[j]
+        for t in range(size):
+            out[j * size + t] = _key(m[a + t], base[a + t])
+
+
+@njit(nogil=True, cache=True)
+def nth_key(m, base, key, n):
+    """The index of the n-th (from 1) element whose key of |m - base| equals `key`, or -1
+    where fewer do: the scan stops there."""
+    for i in range(m.size):
+        if _key(m[i], base[i]) == key:
+            n -= 1
+            if n == 0:
+                return i
+    return -1
+
+
+__all__ = ["BLOCK", "fma_like_torch", "keep_mode", "nth_key", "sample_keys", "ties_merge", "window_count"]
