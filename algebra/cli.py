@@ -84,9 +84,14 @@ def entry() -> int:
     (`gc.freeze`). Everything alg writes is closed by then and atexit handlers still run;
     what it saves is the interpreter's final collections over every object of torch and
     transformers, about a second of CPU time after a run that imported them. Not for
-    `main` called in process (tests, embedding), whose objects live on."""
+    `main` called in process (tests, embedding), whose objects live on. Before anything
+    loads torch, OpenMP's workers are told to sleep between parallel regions
+    (`runconfig.quiet_openmp`)."""
     import gc
 
+    from .runconfig import quiet_openmp
+
+    quiet_openmp()
     code = main()
     gc.freeze()
     return code

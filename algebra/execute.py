@@ -198,10 +198,19 @@ class _Prefetcher:
                 leaf.source.prefetch(leaf.name)
 
 
-def _release(step: Step) -> None:
+def _inputs(step: Step) -> dict[tuple[int, str], Leaf]:
+    """The stored tensors a step reads, by (source, name)."""
     exprs = [step.out.expr] if step.out else step.gram.exprs()
-    for e in exprs:
-        for leaf in leaves(e):
+    return {(id(leaf.source), leaf.name): leaf for e in exprs for leaf in leaves(e)}
+
+
+def _release(step: Step, nxt: Step | None) -> None:
+    """Drop the pages of the tensors `step` read from this process's mapping, except
+    those the next step reads too (a reduction's inputs, read again by the write step
+    after it): mapped again, they would fault in page by page a second time."""
+    keep = _inputs(nxt) if nxt is not None else {}
+    for key, leaf in _inputs(step).items():
+        if key not in keep:
             leaf.source.release(leaf.name)
 
 
@@ -252,7 +261,7 @@ def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Ev
         finally:
             ev.pool.trim()
             ev.host.trim()
-        _release(step)
+        _release(step, tp.steps[i + 1] if i + 1 < len(tp.steps) else None)
 
 
 def _write_step(ev: Evaluator, step: Step, options: Options, write, on_host: bool,

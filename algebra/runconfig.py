@@ -17,6 +17,15 @@ machine, one per core as torch would), decided once per process; an OMP_NUM_THRE
 the caller set is kept as is. "Now" is the machine's CPU time over a tenth of a second
 (`busy_cores`, from /proc/stat): the one-minute load average, used where there is no
 /proc/stat, lags, and right after another job it left an idle machine at one thread.
+
+Waiting threads. GNU OpenMP (torch's CPU thread pool) keeps its workers spinning for a
+while after each parallel region. alg's CPU runs alternate torch's regions with work on
+other threads (TIES's compiled kernels on Python threads, `ops.sparse.split_map`;
+tokenizing and Python between batches when scoring), which those spinning workers take
+cores from: a TIES merge of 1.1B parameters on two threads burned 26 s of CPU for 20 s of
+wall time, and 19 s for 17-19 s with the workers sleeping at once. So the `alg` process
+sets OMP_WAIT_POLICY=PASSIVE before torch loads (`quiet_openmp`), unless the caller set
+it; a process embedding alg keeps its own.
 """
 
 from __future__ import annotations
@@ -111,6 +120,15 @@ def busy_cores(interval: float = BUSY_SAMPLE_S) -> float | None:
     if total <= 0:
         return None
     return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
+
+
+def quiet_openmp() -> None:
+    """OpenMP's workers sleep as soon as a parallel region ends (see "Waiting threads"
+    above), unless the caller chose a wait policy: for the `alg` process, before torch
+    loads (OpenMP reads it once, then)."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def auto_threads() -> int:
