@@ -222,3 +222,26 @@ def test_window_kernel_counts_nonfinite_bf16():
     m[[3, 50]] = torch.tensor([float("inf"), float("nan")], dtype=torch.bfloat16).view(torch.uint16).numpy()
     base[99] = torch.tensor([float("-inf")], dtype=torch.bfloat16).view(torch.uint16).numpy()[0]
     assert kernels.window_count(m, base, 0, 1, np.empty(100, np.int32))[2] == 3
+
+
+def test_kernels_compile_uncached_where_numba_has_no_cache_directory():
+    """Where numba finds no writable place for its cache (a read-only installation with no
+    writable home), importing the kernels raised numba's RuntimeError: they now compile
+    uncached, and one warning says so and how to give them a cache."""
+    import subprocess
+    import sys
+
+    probe = """
+import numba.core.caching as caching
+caching.CacheImpl._locator_classes = []  # as numba finds it: no locator can write
+import numpy as np
+from algebra.ops import kernels
+m = np.arange(100, dtype=np.float32)
+print(kernels.window_count(m, np.zeros(100, np.float32), 0, 2**31 - 1, np.empty(100, np.int32))[:2],
+      len(kernels._UNCACHED))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["(0,", "100)", "5"]
+    assert r.stderr.count("alg: warning: numba finds no writable directory for its cache") == 1, r.stderr
+    assert "NUMBA_CACHE_DIR" in r.stderr and "Traceback" not in r.stderr

@@ -14,7 +14,9 @@ and per step, each with its parameters fixed (loops LLVM vectorises), over tempo
 that stay in the processor's cache; across blocks nothing is held. Kernels let go of the
 GIL, so `ops.sparse.split_map` runs them on the run's threads. They are compiled on first
 use and cached on disk beside this module (numba's `cache=True`; a user-wide cache where
-that is not writable): about 3 s once per installation.
+that is not writable): about 3 s once per installation. Where numba finds neither (a
+read-only installation, no writable home, no NUMBA_CACHE_DIR), they are compiled in
+each process instead, with one warning saying so (`_kernel`).
 
 This module imports numba; import it only where a kernel runs.
 """
@@ -26,6 +28,30 @@ import functools
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload
+
+
+def _kernel(fn):
+    """`fn` compiled (numba, the GIL let go), cached on disk where numba finds a writable
+    place; else uncached, and a warning, once per process, on stderr (numba's own error
+    was a traceback at import)."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError as e:
+        if "no locator available" not in str(e):
+            raise
+    if not _UNCACHED:
+        import sys
+
+        from ..errors import Diagnostic
+
+        print(Diagnostic("numba finds no writable directory for its cache, so TIES's compiled kernels are "
+                         "compiled again in every process (about 3 s); set NUMBA_CACHE_DIR to a writable "
+                         "directory").format(), file=sys.stderr)
+    _UNCACHED.append(fn.__name__)
+    return njit(nogil=True)(fn)
+
+
+_UNCACHED: list[str] = []  # kernels compiled without a disk cache (see `_kernel`)
 
 BLOCK = 4096  # elements per block: the temporaries of 4 models fit a 128 KiB L2 share
 
@@ -94,7 +120,7 @@ def _kept_into(m, base, mode, t, j, w, p):  # m, base: float32, or bfloat16 bits
         p[i] = (d if abs(d) > t else zero) * w
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def ties_merge(base, ms, w, mode, t, j, normalize, scale, out):
     """base + scale * the TIES-merged task vector of models `ms` (a tuple of arrays of one
     type) over `base`, into `out` (float32): per model i, p_i = w_i * (d_i if kept else 0),
@@ -159,7 +185,7 @@ def _fma(typingctx, x, y, z):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def _fma_into(x, y, z, out):
     for i in range(x.size):
         out[i] = _fma(x[i], y, z[i])
@@ -196,7 +222,7 @@ def _keys_into(m, base, lo, hi, keys, inside):
     return above, bad
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def window_count(m, base, lo, hi, found):
     """For the keys of |m - base| (`_key`): how many are above `hi`, how many lie in
     [lo, hi] (written in index order to the front of `found`, at least as long as m),
@@ -228,7 +254,7 @@ def window_count(m, base, lo, hi, found):
     return above, c, bad
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def sample_keys(m, base, starts, size, out):
     """The keys of |m - base| (as `window_count` computes them) over the blocks
     [starts[j], starts[j] + size) of whole tensors m and base, into out (int32), block
@@ -239,7 +265,7 @@ def sample_keys(m, base, starts, size, out):
             out[j * size + t] = _key(m[a + t], base[a + t])
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def nth_key(m, base, key, n):
     """The index of the n-th (from 1) element whose key of |m - base| equals `key`, or -1
     where fewer do: the scan stops there."""
