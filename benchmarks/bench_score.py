@@ -15,6 +15,10 @@ rewards under
   baseline   benchmarks/baseline_score.py: both models loaded once, each term scored
              separately, batch by batch (16 pairs), in a child process
 
+  imports   a python process that imports what both need before scoring anything
+             (torch, transformers' tokenizer and Llama classes) and exits: the floor
+             under both wall times
+
 Each round runs both, alternating which goes first, and records the one-minute load
 average before each. --threads N gives both the same thread count (alg's --threads, the
 loop's torch.set_num_threads); without it each uses its own default (alg: auto, the loop:
@@ -26,7 +30,8 @@ machine.
 Both run with Python's bytecode cache, as installed packages do (pip compiles them):
 alg's package is compiled first and PYTHONDONTWRITEBYTECODE is dropped from the children's
 environment (a source tree run without it recompiles alg's modules in every process).
-Both must agree on the accuracy. Prints a table (medians over rounds) and writes JSON to
+Both must agree on the accuracy. Prints a table (medians over rounds), the ratio of the
+wall times and that of the times above the import floor, and writes JSON to
 WORKDIR/results.json.
 """
 
@@ -111,6 +116,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(algebra.__file__).parent)], check=True)
     alg = [sys.executable, "-m", "algebra", "run", "bench.alg", "--device", "cpu", "--force"]
     loop = [sys.executable, str(HERE / "baseline_score.py"), str(work)]
+    imports = [sys.executable, "-c", "import torch\nfrom transformers import AutoTokenizer, "
+               "AutoModelForSequenceClassification, LlamaForSequenceClassification"]
     if args.threads:
         alg += ["--threads", str(args.threads)]
         loop.append(str(args.threads))
@@ -135,6 +142,7 @@ def main() -> None:
         order = (run_alg, run_loop) if k % 2 == 0 else (run_loop, run_alg)
         for f in order:
             f()
+        got["imports_s"], got["imports_cpu_s"], _ = timed(imports, work, env)
         got["first"] = "alg" if k % 2 == 0 else "loop"
         got["speedup"] = got["baseline_s"] / got["alg_cold_s"]
         rounds.append(got)
@@ -142,21 +150,26 @@ def main() -> None:
               f"(load {got['load_alg']:.1f}), loop {got['baseline_s']:.2f} s, CPU {got['baseline_cpu_s']:.2f} s "
               f"(load {got['load_loop']:.1f}): {got['speedup']:.2f}x", flush=True)
     med = {key: statistics.median(r[key] for r in rounds)
-           for key in ("alg_cold_s", "alg_warm_s", "baseline_s", "alg_cold_cpu_s", "alg_warm_cpu_s", "baseline_cpu_s")}
+           for key in ("alg_cold_s", "alg_warm_s", "baseline_s", "alg_cold_cpu_s", "alg_warm_cpu_s", "baseline_cpu_s",
+                       "imports_s", "imports_cpu_s")}
+    above = statistics.median((r["baseline_s"] - r["imports_s"]) / (r["alg_cold_s"] - r["imports_s"]) for r in rounds)
     res = {"pairs": n, "hidden": args.hidden, "layers": args.layers, "threads": args.threads, "rounds": rounds,
-           "median": med, "speedup_of_medians": med["baseline_s"] / med["alg_cold_s"]}
+           "median": med, "speedup_of_medians": med["baseline_s"] / med["alg_cold_s"],
+           "speedup_above_imports": above}
     (work / "results.json").write_text(json.dumps(res, indent=2))
     alg_threads = args.threads or "auto"
     print(f"{n} pairs, two reward models (hidden {args.hidden}, {args.layers} layers), three terms; "
           f"medians of {args.rounds} round(s); alg threads {alg_threads}, loop threads {rounds[0]['loop_threads']}")
     print(f"{'':28}{'wall s':>8}{'pairs/s':>10}{'CPU s':>8}")
     for label, key in (("alg run (empty cache)", "alg_cold"), ("alg run (cache filled)", "alg_warm"),
-                       ("transformers loop", "baseline")):
-        print(f"{label:28}{med[key + '_s']:8.2f}{n / med[key + '_s']:10.1f}{med[key + '_cpu_s']:8.2f}")
+                       ("transformers loop", "baseline"), ("imports only (both)", "imports")):
+        rate = f"{n / med[key + '_s']:10.1f}" if key != "imports" else f"{'-':>10}"
+        print(f"{label:28}{med[key + '_s']:8.2f}{rate}{med[key + '_cpu_s']:8.2f}")
     per = ", ".join(f"{r['speedup']:.2f}x" for r in rounds)
     loads = ", ".join(f"{r['load_alg']:.1f}/{r['load_loop']:.1f}" for r in rounds)
     print(f"alg / loop pairs per second: {res['speedup_of_medians']:.2f}x (per round: {per}); "
           f"by CPU time {med['baseline_cpu_s'] / med['alg_cold_cpu_s']:.2f}x")
+    print(f"above the import floor (each round's wall time less its imports): {above:.2f}x")
     print(f"load average (1 min) before each, alg/loop: {loads}")
     print(f"accuracy: alg {rounds[0]['accuracy_alg']:.4f}, loop {rounds[0]['accuracy_baseline']:.4f}")
     for r in rounds:
