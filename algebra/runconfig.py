@@ -25,7 +25,8 @@ tokenizing and Python between batches when scoring), which those spinning worker
 cores from: a TIES merge of 1.1B parameters on two threads burned 26 s of CPU for 20 s of
 wall time, and 19 s for 17-19 s with the workers sleeping at once. So the `alg` process
 sets OMP_WAIT_POLICY=PASSIVE before torch loads (`quiet_openmp`), unless the caller set
-it; a process embedding alg keeps its own.
+it; a process embedding alg keeps its own, and so do the workers of a Ray cluster alg did
+not start (those of `--ray local` inherit it).
 """
 
 from __future__ import annotations
