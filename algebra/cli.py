@@ -85,7 +85,7 @@ def entry() -> int:
     what it saves is the interpreter's final collections over every object of torch and
     transformers, about a second of CPU time after a run that imported them. Not for
     `main` called in process (tests, embedding), whose objects live on. Before anything
-    loads torch, OpenMP's workers are told to sleep between parallel regions
+    loads torch, OpenMP's workers are told to spin only briefly between parallel regions
     (`runconfig.quiet_openmp`)."""
     import gc
 

@@ -18,15 +18,18 @@ the caller set is kept as is. "Now" is the machine's CPU time over a tenth of a 
 (`busy_cores`, from /proc/stat): the one-minute load average, used where there is no
 /proc/stat, lags, and right after another job it left an idle machine at one thread.
 
-Waiting threads. GNU OpenMP (torch's CPU thread pool) keeps its workers spinning for a
-while after each parallel region. alg's CPU runs alternate torch's regions with work on
-other threads (TIES's compiled kernels on Python threads, `ops.sparse.split_map`;
-tokenizing and Python between batches when scoring), which those spinning workers take
-cores from: a TIES merge of 1.1B parameters on two threads burned 26 s of CPU for 20 s of
-wall time, and 19 s for 17-19 s with the workers sleeping at once. So the `alg` process
-sets OMP_WAIT_POLICY=PASSIVE before torch loads (`quiet_openmp`), unless the caller set
-it; a process embedding alg keeps its own, and so do the workers of a Ray cluster alg did
-not start (those of `--ray local` inherit it).
+Waiting threads. GNU OpenMP (torch's CPU thread pool) keeps its workers spinning after
+each parallel region, 300,000 turns by default. alg's CPU runs alternate torch's regions
+with work on other threads (TIES's compiled kernels on Python threads,
+`ops.sparse.split_map`), which those spinning workers take cores from: a TIES merge of
+1.1B parameters on two threads burned 27-30 s of CPU for 22-25 s of wall time. Workers
+that sleep at once (OMP_WAIT_POLICY=PASSIVE) gave that back (19-21 s of CPU) but made
+SmolLM2's batched generation 2-21% slower (four runs), where torch's small operations
+follow each other closely; a short spin, GOMP_SPINCOUNT=10000, did both (TIES 20-22 s of
+CPU; generation 6.05 s twice against the default's 6.21 and 6.74). So the `alg` process sets GOMP_SPINCOUNT=10000 before torch
+loads (`quiet_openmp`), unless the caller set it or a wait policy; a process embedding
+alg keeps its own, and so do the workers of a Ray cluster alg did not start (those of
+`--ray local` inherit it).
 """
 
 from __future__ import annotations
@@ -123,13 +126,17 @@ def busy_cores(interval: float = BUSY_SAMPLE_S) -> float | None:
     return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
 
 
+OPENMP_SPIN = 10000  # GOMP_SPINCOUNT for the alg process (see "Waiting threads")
+
+
 def quiet_openmp() -> None:
-    """OpenMP's workers sleep as soon as a parallel region ends (see "Waiting threads"
-    above), unless the caller chose a wait policy: for the `alg` process, before torch
-    loads (OpenMP reads it once, then)."""
+    """OpenMP's workers spin briefly after a parallel region, then sleep (see "Waiting
+    threads" above), unless the caller chose a spin count or a wait policy: for the `alg`
+    process, before torch loads (OpenMP reads them once, then)."""
     import os
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(OPENMP_SPIN))
 
 
 def auto_threads() -> int:

@@ -167,20 +167,19 @@ def test_usage_errors_of_the_real_entry_point(ws):
     assert "'tpu' is not a device" in r.stderr and r.stderr.startswith("usage: alg run ")
 
 
-@pytest.mark.parametrize("caller", [None, "ACTIVE"])
-def test_alg_process_lets_openmp_workers_sleep_before_torch_loads(caller):
-    """The `alg` process sets OMP_WAIT_POLICY=PASSIVE before torch is imported (OpenMP
-    reads it once, when it loads), unless the caller set a policy."""
+@pytest.mark.parametrize(("caller", "spin"), [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                             ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")])
+def test_alg_process_shortens_openmp_spinning_before_torch_loads(caller, spin):
+    """The `alg` process sets GOMP_SPINCOUNT before torch is imported (OpenMP reads it
+    once, when it loads), unless the caller set it or a wait policy."""
     import os
 
     probe = ("import os, sys\nfrom algebra import cli\n"
-             "cli.main = lambda: print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules) or 0\n"
+             "cli.main = lambda: print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules) or 0\n"
              "sys.exit(cli.entry())")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if caller:
-        env["OMP_WAIT_POLICY"] = caller
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
-    assert (r.returncode, r.stdout.split()) == (0, [caller or "PASSIVE", "False"]), r.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**env, **caller})
+    assert (r.returncode, r.stdout.split()) == (0, [spin, "False"]), r.stderr
 
 
 def test_set_value_taken_as_a_string_is_blamed_on_set(ws):
