@@ -191,11 +191,8 @@ class _Prefetcher:
     def ahead(self, i: int) -> None:
         if i + 1 >= len(self.steps):
             return
-        nxt = self.steps[i + 1]
-        exprs = [nxt.out.expr] if nxt.out else nxt.gram.exprs()
-        for e in exprs:
-            for leaf in leaves(e):
-                leaf.source.prefetch(leaf.name)
+        for leaf in _inputs(self.steps[i + 1]).values():
+            leaf.source.prefetch(leaf.name)
 
 
 def _inputs(step: Step) -> dict[tuple[int, str], Leaf]:

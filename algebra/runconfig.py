@@ -26,10 +26,10 @@ with work on other threads (TIES's compiled kernels on Python threads,
 that sleep at once (OMP_WAIT_POLICY=PASSIVE) gave that back (19-21 s of CPU) but made
 SmolLM2's batched generation 2-21% slower (four runs), where torch's small operations
 follow each other closely; a short spin, GOMP_SPINCOUNT=10000, did both (TIES 20-22 s of
-CPU; generation 6.05 s twice against the default's 6.21 and 6.74). So the `alg` process sets GOMP_SPINCOUNT=10000 before torch
-loads (`quiet_openmp`), unless the caller set it or a wait policy; a process embedding
-alg keeps its own, and so do the workers of a Ray cluster alg did not start (those of
-`--ray local` inherit it).
+CPU; generation 6.05 s twice against the default's 6.21 and 6.74). So the `alg` process
+sets GOMP_SPINCOUNT (`OPENMP_SPIN`) before torch loads (`quiet_openmp`), unless the
+caller set it or a wait policy; a process embedding alg keeps its own, and so do the
+workers of a Ray cluster alg did not start (those of `--ray local` inherit it).
 """
 
 from __future__ import annotations
