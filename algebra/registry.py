@@ -21,8 +21,10 @@ from typing import Any
 from . import builtins as core
 from . import layer_builtins, ops, vocab
 from .family import Family, Primitive, _pop, _push, in_use
-from .methods import geometric, sparse
+from .methods import fusion, geometric, ram, sparse
+from .ops import fusion as ops_fusion
 from .ops import geometric as ops_geometric
+from .ops import ram as ops_ram
 from .ops import sparse as ops_sparse
 from .reward import builtins as reward
 from .signature import Builtin, make_builtin
@@ -33,9 +35,13 @@ FAMILIES: tuple[Family, ...] = (
     vocab.family,
     sparse.family,
     geometric.family,
+    ram.family,
+    fusion.family,
     reward.family,
     ops.family,
     ops_geometric.family,
+    ops_ram.family,
+    ops_fusion.family,
     ops_sparse.family,
 )
 

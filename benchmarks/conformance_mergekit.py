@@ -254,6 +254,38 @@ merge_method: slerp
 base_model: base
 parameters: {t: [0, 0.3, 1]}
 """,
+    # sa, sb, sc: fine-tunes that update part of each tensor and leave the rest as the
+    # base has it (what RAM tells apart); a, b: fine-tunes that update every entry
+    "ram": """
+models: [{model: sa}, {model: sb}, {model: sc}]
+merge_method: ram
+base_model: base
+""",
+    "ram epsilon, dense fine-tunes": """
+models: [{model: a}, {model: b}]
+merge_method: ram
+base_model: base
+parameters: {epsilon: 0.01}
+""",
+    "ramplus_tl": """
+models: [{model: sa}, {model: sb}, {model: sc}]
+merge_method: ramplus_tl
+base_model: base
+""",
+    "ramplus_tl r, alpha, epsilon per tensor": """
+models: [{model: sa}, {model: sb}]
+merge_method: ramplus_tl
+base_model: base
+parameters:
+  r: 0.5
+  alpha: 1.5
+  epsilon: [{filter: mlp, value: 0.01}, {value: 1e-5}]
+""",
+    "arcee_fusion, sparse fine-tune": """
+models: [{model: base}, {model: sb}]
+merge_method: arcee_fusion
+base_model: base
+""",
     "passthrough slices, scale": """
 slices:
   - sources: [{model: base, layer_range: [0, 24]}]
@@ -286,7 +318,6 @@ DEPARTURES = {
     "della_linear density 0.5": RANDOM,
     "della density 1": "alg's della refuses density + epsilon > 1",
     "model_stock filter_wise": "model_stock's cosine where two task vectors' norms multiply to < 1e-6",
-    "arcee_fusion.yml": "arcee_fusion is not supported",
 }
 
 
@@ -363,6 +394,27 @@ def perturb_norms(family: dict[str, Path], names: tuple[str, ...]) -> None:
         save_file(state, f, metadata={"format": "pt"})
 
 
+def sparse_finetunes(family: dict[str, Path], names: tuple[str, ...]) -> None:
+    """Fine-tunes of the base that update a random 20-50% of each tensor's entries and
+    leave the others exactly as the base has them: family[name] for each name."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(family["base"] / "model.safetensors")
+    for i, n in enumerate(names):
+        folder = family["base"].parent / n
+        shutil.copytree(family["base"], folder, dirs_exist_ok=True)
+        g = torch.Generator().manual_seed(200 + i)
+        state = {}
+        for k, v in base.items():
+            upd = torch.rand(v.shape, generator=g) < 0.2 + 0.15 * i
+            state[k] = torch.where(upd, v + 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype), v)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        family[n] = folder
+
+
 def load_dir(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -395,6 +447,8 @@ def main() -> int:
     ap.add_argument("--mergekit-python", required=True, help="python of a venv with mergekit installed")
     ap.add_argument("--examples", type=Path, help="mergekit's examples/ folder (its *.yml are run)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the configs whose label contains TEXT (repeatable)")
     args = ap.parse_args()
 
     from algebra.cli import main as alg
@@ -406,12 +460,15 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     family = build_family(work / "models", hidden=16, layers=40, names=("base", "a", "b", "c"))
     perturb_norms(family, ("a", "b", "c"))
+    sparse_finetunes(family, ("sa", "sb", "sc"))
 
     configs: list[tuple[str, str]] = []
     if args.examples is not None:
         for f in sorted(args.examples.glob("*.yml")):
             configs.append((f.name, f.read_text()))
     configs += [(k, v) for k, v in PER_METHOD.items()]
+    if args.only:
+        configs = [(k, v) for k, v in configs if any(t in k for t in args.only)]
 
     jobs, prepared = [], {}
     for i, (label, text) in enumerate(configs):

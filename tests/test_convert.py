@@ -281,7 +281,7 @@ def test_method_table_matches_the_installed_mergekit():
     the registry of a real mergekit, when one is installed in a venv of its own."""
     import json
 
-    from algebra.convert.mergekit import METHODS, REQUIRED
+    from algebra.convert.mergekit import METHODS, REQUIRED, UNSUPPORTED_METHODS
 
     code = (
         "import json\nfrom mergekit.merge_methods.registry import registered_methods\n"
@@ -294,6 +294,8 @@ def test_method_table_matches_the_installed_mergekit():
     run = subprocess.run([str(MERGEKIT_PYTHON), "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     real = json.loads(run.stdout.strip().splitlines()[-1])
+    # every method of mergekit's is translated or refused by name
+    assert set(real) == set(METHODS) | set(UNSUPPORTED_METHODS)
     for name, m in METHODS.items():
         assert name in real, name
         ours = {p: [None if s.default is REQUIRED else s.default, s.shared] for p, s in m.params.items()}
@@ -506,12 +508,15 @@ _MK_DEFAULTS = {  # mergekit 0.1.5's defaults (merge_methods/registry.py and sig
     "nuslerp": {"nuslerp_flatten": True, "nuslerp_row_wise": False},
     "passthrough": {"scale": None},
     "slerp": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    "arcee_fusion": {},
 }
 _GTA = {"task_arithmetic": (None, False), "ties": ("magnitude", True), "dare_linear": ("random", False),
         "dare_ties": ("random", True), "breadcrumbs": ("outliers", False),
         "breadcrumbs_ties": ("outliers", True), "della": ("della", True), "della_linear": ("della", False)}
 _SHARED = {"normalize", "rescale", "lambda", "int8_mask", "t", "filter_wise", "nuslerp_flatten",
-           "nuslerp_row_wise", "select_topk"}
+           "nuslerp_row_wise", "select_topk", "r", "alpha"}
 
 
 def _mk_value(setting, name: str, t: float):
@@ -613,6 +618,16 @@ def _mk_tensor(cfg, slc, out_name: str, in_names: list[str], t: float, states) -
         out = sum(w * x[m] for w, m in zip(ws, models, strict=True))
         return out / sum(ws) if shared("normalize") else out
     others = [m for m in models if m != base_ref]
+    if method in ("ram", "ramplus_tl"):
+        from test_methods_ram import ref_ram
+
+        plus = (shared("r"), shared("alpha")) if method == "ramplus_tl" else None
+        one = ref_ram({"t": x32[base_ref]}, [{"t": x32[m]} for m in others], shared("epsilon"), plus)
+        return one["t"]
+    if method == "arcee_fusion":  # mergekit at dtype float32: the same entries taken
+        from test_methods_fusion import ref_arcee_fusion
+
+        return ref_arcee_fusion({"t": x32[base_ref]}, {"t": x32[others[0]]}, torch.float32)["t"].double()
     if method == "slerp":
         return _mk_slerp(shared("t"), x[base_ref], x[others[0]])
     if method == "nuslerp":

@@ -198,10 +198,10 @@ def grammar_recipes(draw) -> str:
 FUNCS = ["lerp", "merge", "slerp", "layers", "stack", "ramp", "where", "linear", "ties", "dare_ties",
          "dare_linear", "della", "breadcrumbs", "karcher", "nuslerp", "multislerp", "nearswap",
          "task_arithmetic", "sce", "liti", "ema", "range", "len", "str", "fold", "assert_close", "reward",
-         "layers", "info", "print", "save", "align", "task_vector", "anchor", "warp", "dogerm"]
+         "layers", "info", "print", "save", "align", "task_vector", "anchor", "warp", "dogerm", "ram", "ramplus_tl"]
 KWARGS = ["t", "seed", "max_iter", "tol", "base", "weights", "density", "shard_size", "dtype",
           "overwrite", "per", "tokenizer", "normalize", "scale", "epsilon", "gamma", "batch_size",
-          "max_length", "init", "rtol", "atol", "topk"]
+          "max_length", "init", "rtol", "atol", "topk", "r", "alpha"]
 ATOMS = ["a", "b", "m", "[a, b]", "[a, b, m]", "[]", "0", "1", "0.5", "-1", "2.5", "1e308", "1e999",
          "9" * 400, "1e-300", "9223372036854775808", '"models/base"', '"out/x"', '"self_attn"',
          '"1e999GB"', '"layer"', "true", "none", "ramp(0, 1)", "where(\"mlp\", 0.2, 0.8)",

@@ -60,6 +60,8 @@ METHODS = [
     "karcher([m1, m2])",
     "karcher([m1, m2], base=b)",
     "nearswap(b, m1, 0.001)",
+    "ram(b, [m1, m2])",
+    "ramplus_tl(b, [m1, m2])",
     "slerp(m1, m2, 0.3)",
     "slerp([m1, m2], base=b)",
     "ema([m2, m1], 0.5)",

@@ -385,6 +385,8 @@ METHODS_WITH_TOKENIZER = {
     "multislerp": "multislerp([{a}, {b}], [0.4, 0.6]{opt})",
     "karcher": "karcher([{a}, {b}]{opt})",
     "nearswap": "nearswap({a}, {b}, 0.01{opt})",
+    "ram": "ram({a}, [{b}, {b2}]{opt})",
+    "ramplus_tl": "ramplus_tl({a}, [{b}, {b2}]{opt})",
     "merge": "merge({a}, {b}, 0.3{opt})",
     "linear": "linear([{a}, {b}], [1, 2]{opt})",
     "task_arithmetic": "task_arithmetic({a}, [{b}, {b2}], 0.5{opt})",

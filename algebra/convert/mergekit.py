@@ -137,11 +137,15 @@ METHODS: dict[str, Method] = {
     "nearswap": Method("nearswap", "pair", {"t": MkParam(REQUIRED, True, "t")}),
     "slerp": Method("slerp", "pair", {"t": MkParam(REQUIRED, True, "t")}),
     "passthrough": Method("passthrough", "passthrough", {"scale": MkParam(None, False)}),
+    "arcee_fusion": Method("arcee_fusion", "pair", {}),
+    "ram": Method("ram", "required", {"epsilon": MkParam(1e-5, True, "epsilon")}),
+    "ramplus_tl": Method("ramplus_tl", "required", {"r": MkParam(0.1, True, "r"),
+                                                    "alpha": MkParam(0.2, True, "alpha"),
+                                                    "epsilon": MkParam(1e-5, True, "epsilon")}),
 }
 ALL_PARAMS = sorted({p for m in METHODS.values() for p in m.params} | {"embed_slerp"})
-UNSUPPORTED_METHODS = {
-    "arcee_fusion": "arcee_fusion (importance scores from KL divergence) is not supported by alg",
-}
+# mergekit methods alg has no function for, and why (none at present)
+UNSUPPORTED_METHODS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -784,6 +788,12 @@ class _Converter:
             for pname in ("max_iter", "tol"):
                 self.number_param(method, pname, slc, gparams, tag, kw)
             pos = [ms]
+        elif mname == "arcee_fusion":
+            pos = [base.expr, others[0].expr]
+        elif mname in ("ram", "ramplus_tl"):
+            for pname in method.params:
+                self.number_param(method, pname, slc, gparams, tag, kw)
+            pos = [base.expr, ms]
         elif mname == "nuslerp":
             if len(others) != 2:
                 raise slc.node.error(f"nuslerp merges exactly two models (plus an optional "

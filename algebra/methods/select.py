@@ -45,10 +45,12 @@ class OfNonzero:
 
 @dataclass(eq=False)
 class Select(Reduction):
-    """For each score of one tensor (`("abs", i)`: |d_i|; `("var", -1)`: the population
-    variance of the d_i across models) and each of its ranks k (1 <= k < N, or an
-    `OfNonzero`), the (t, J) of the top k (see `ops.sparse.top_mask`). Its value is the
-    flat tuple t, J, t, J, ... in that order."""
+    """For each score of one tensor (`("abs", i)`: |d_i|; `("pos", i)`, `("neg", i)`:
+    max(d_i, 0) and max(-d_i, 0), whose top ranks are d_i's largest and smallest values;
+    `("var", -1)`: the population variance of the d_i across models) and each of its
+    ranks k (1 <= k <= N, or an `OfNonzero`), the (t, J) of the top k (see
+    `ops.sparse.top_mask`): t is the k-th largest score (k = N: the smallest). Its value
+    is the flat tuple t, J, t, J, ... in that order."""
 
     deltas: tuple[TExpr, ...]
     scores: tuple[tuple[str, int], ...]
@@ -86,6 +88,8 @@ class Select(Reduction):
 
     def describe(self) -> str:
         n = sum(len(r) for r in self.ranks)
+        if not self._var and not any(kind == "abs" for kind, _ in self.scores):
+            return f"{self.label}: {n} exact order statistic(s) of the positive and negative parts"
         what = "variance" if self._var else "magnitude"
         return f"{self.label}: {n} exact top-k {what} threshold(s) by radix select"
 
@@ -125,7 +129,8 @@ def _keys(sel: Select, ev: Any, e0: int, e1: int, itype: torch.dtype):
     base = None
     for i, d_expr in enumerate(sel.deltas):
         mine = [s for s, (kind, j) in enumerate(sel.scores) if kind == "abs" and j == i]
-        if not mine:
+        sides = [(s, kind) for s, (kind, j) in enumerate(sel.scores) if kind in ("pos", "neg") and j == i]
+        if not mine and not sides:
             continue
         if shared is not None:  # d_i = m_i - base, the base read once for all of them
             base = ev.eval(shared[0], e0, e1) if base is None else base
@@ -134,6 +139,14 @@ def _keys(sel: Select, ev: Any, e0: int, e1: int, itype: torch.dtype):
             pool.give(x)
         else:
             d = ev.eval(d_expr, e0, e1)
+        for s, kind in sides:  # max(d, 0) or max(-d, 0), made +0.0 where -0.0 (abs)
+            part = pool.take(e1 - e0, d.dtype)
+            torch.clamp(d, **({"min": 0.0} if kind == "pos" else {"max": 0.0}), out=part).abs_()
+            yield s, part.view(itype)
+            pool.give(part)
+        if not mine:
+            pool.give(d)
+            continue
         if pool.owns(d):
             mag = d.abs_()
         else:  # a view of an input: never written
@@ -248,7 +261,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                 if k <= 0:
                     r.result = KEEP_NONE
                     continue
-                if k >= n:
+                if k > n:
                     r.result = KEEP_ALL
                     continue
                 r.rank = k
@@ -397,7 +410,7 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
         k = r.k
         if isinstance(k, OfNonzero):
             k = int((n - zeros) * k.frac)
-        if k <= 0 or k >= n:
+        if k <= 0 or k > n:
             r.result = KEEP_NONE if k <= 0 else KEEP_ALL
             continue
         need = k - above  # how many of the window's keys, from the top, are kept
@@ -641,7 +654,7 @@ def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ft
             k = r.k
             if isinstance(k, OfNonzero):
                 k = int(int((key != 0).sum()) * k.frac)
-            if k <= 0 or k >= n:
+            if k <= 0 or k > n:
                 r.result = KEEP_NONE if k <= 0 else KEEP_ALL
                 continue
             t = _kth_largest(key, k, ev.pool)

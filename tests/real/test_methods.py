@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_methods_fusion import ref_arcee_fusion
 from test_methods_geometric import (
     close64,
     ref_karcher,
@@ -16,6 +17,7 @@ from test_methods_geometric import (
     ref_nearswap,
     ref_nuslerp,
 )
+from test_methods_ram import ref_ram
 from test_methods_sparse import crumbs, dare, della_sp, sce_reference, top, tv_reference
 from test_numeric import ref_ema, ref_lerp, ref_slerp, ref_warp
 
@@ -86,6 +88,11 @@ CASES = {
     "karcher": ("karcher([m1, m2], [1, 2], base=b)",
                 lambda f: ref_karcher([f["ft1"], f["ft2"]], [1, 2], base=f["base"])),
     "nearswap": ("nearswap(b, m1, 0.0005)", lambda f: ref_nearswap(f["base"], f["ft1"], 0.0005)),
+    # layer 25 is ft1's alone, 28 ft2's, 26 both's: RAM's unique and shared entries
+    "ram": ("ram(b, [m1, m2])", lambda f: ref_ram(f["base"], [f["ft1"], f["ft2"]], 1e-5)),
+    "ramplus_tl": ("ramplus_tl(b, [m1, m2], r=0.5, alpha=2)",
+                   lambda f: ref_ram(f["base"], [f["ft1"], f["ft2"]], 1e-5, (0.5, 2.0))),
+    "arcee_fusion": ("arcee_fusion(b, m1)", lambda f: ref_arcee_fusion(f["base"], f["ft1"])),
 }
 
 
