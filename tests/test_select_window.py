@@ -353,3 +353,19 @@ def test_compiled_window_refuses_a_nonfinite_bf16_input_positioned(family_bf16, 
                                        f"it holds {kind}"):
         api.execute(plan_tensors(model, options), options)
     assert stored and all(stored) and seen_bad[-1] == 1  # the kernel found it
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 16])
+def test_nth_true_finds_the_jth_true_across_blocks(monkeypatch, block):
+    """The tie cut of a one-chunk selection: the j-th True of a mask, found block by
+    block, equals torch's nonzero()[j - 1] for every j, at block edges and past them."""
+    from algebra.methods import select
+
+    monkeypatch.setattr(select, "NTH_BLOCK", block)
+    g = torch.Generator().manual_seed(block)
+    for n in (1, 63, 64, 65, 1000):
+        for p in (0.05, 0.5, 1.0):
+            mask = torch.rand(n, generator=g) < p
+            where = mask.nonzero().flatten().tolist()
+            for j in range(1, len(where) + 1):
+                assert select._nth_true(mask, j) == where[j - 1], (n, p, j)

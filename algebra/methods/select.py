@@ -630,24 +630,44 @@ def _collect(sel: Select, ev: Any, spans, live: list[_Rank], itype, ftype, low_b
         pool.give(idx)
 
 
-def _kth_largest(key: torch.Tensor, k: int, pool) -> torch.Tensor:
-    """The k-th largest of a flat tensor of keys, as a 0-d tensor; on the CPU by numpy's
-    introselect on a pool copy (torch's kthvalue took 13-18 ns an element against about
-    1, measured on 2^18-2^22 keys)."""
+def _kth_largest(key: torch.Tensor, ks: list[int], pool) -> list[torch.Tensor]:
+    """The k-th largest of a flat tensor of keys for each k of `ks`, as 0-d tensors; on
+    the CPU by one numpy introselect for all of them on a pool copy (torch's kthvalue took
+    13-18 ns an element against about 1, measured on 2^18-2^22 keys)."""
     n = key.numel()
     if key.device.type != "cpu":
-        return key.kthvalue(n - k + 1).values
+        return [key.kthvalue(n - k + 1).values for k in ks]
     buf = pool.take(n, key.dtype)
     a = buf.copy_(key).numpy()
-    a.partition(n - k)
-    t = key.new_full((), int(a[n - k]))
+    a.partition(sorted({n - k for k in ks}))
+    ts = [key.new_full((), int(a[n - k])) for k in ks]
     pool.give(buf)
-    return t
+    return ts
+
+
+NTH_BLOCK = 1 << 16
+
+
+def _nth_true(mask: torch.Tensor, j: int) -> int:
+    """The index of the j-th True (1-based) of a flat bool tensor that holds at least j:
+    counted per block of NTH_BLOCK, then looked up inside the one block holding it, so
+    that no index array as long as the tensor is made (all its keys may be equal)."""
+    n = mask.numel()
+    whole = n // NTH_BLOCK * NTH_BLOCK
+    per = mask[:whole].view(-1, NTH_BLOCK).sum(1, dtype=torch.int64).tolist() if whole else []
+    per.append(int(mask[whole:].sum()))
+    for b, c in enumerate(per):
+        if j <= c:
+            lo = b * NTH_BLOCK
+            return lo + int(mask[lo:lo + NTH_BLOCK].nonzero()[j - 1])
+        j -= c
+    raise AssertionError("fewer True entries than asked for")
 
 
 def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ftype) -> tuple[float, ...]:
     """The same (t, J) as the radix select, for a tensor that fits in one chunk."""
     for s, key in _keys(sel, ev, 0, n, itype):
+        todo = []
         for r in ranks:
             if r.score != s:
                 continue
@@ -657,10 +677,13 @@ def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ft
             if k <= 0 or k > n:
                 r.result = KEEP_NONE if k <= 0 else KEEP_ALL
                 continue
-            t = _kth_largest(key, k, ev.pool)
-            equal = (key == t).nonzero().flatten()
+            todo.append((r, k))
+        if not todo:
+            continue
+        for (r, k), t in zip(todo, _kth_largest(key, [k for _, k in todo], ev.pool), strict=True):
+            eq = key == t
             keep_equal = k - int((key > t).sum())
-            cut = n if keep_equal == len(equal) else int(equal[keep_equal - 1]) + 1
+            cut = n if keep_equal == int(eq.sum()) else _nth_true(eq, keep_equal) + 1
             r.result = (float(t.view(ftype).item()), float(cut))
     return tuple(x for r in ranks for x in r.result)
 
