@@ -36,6 +36,9 @@ MERGES = {
     "ties": "ties(b, [m1, m2], [1, 0.7], 0.5)",
     "dare_ties": "dare_ties(b, [m1, m2], 1, 0.5, seed=4)",
     "della": "della(b, [m1, m2], [1, 0.8], 0.5, epsilon=0.2, seed=11)",
+    "ram": "ram(b, [m1, m2])",
+    "ramplus_tl": "ramplus_tl(b, [m1, m2], r=0.5, alpha=2)",  # per-tensor counts
+    "arcee_fusion": "arcee_fusion(b, m1)",  # per-tensor quartiles
 }
 HEAD = ('b = load("models/base")\nm1 = load("models/math")\nm2 = load("models/rl1")\n'
         'm3 = load("models/rl2")\n')
@@ -103,9 +106,9 @@ def test_merges_on_ray_equal_local_byte_for_byte(cluster, mws, monkeypatch):  # 
     ray_lines = [line for line in log if " on Ray: " in line]
     assert len(ray_lines) == len(MERGES), log
     by_merge = dict(zip(MERGES, ray_lines, strict=True))
-    for n in ("lerp", "dare_ties", "della"):  # elementwise, or row by row (DELLA's ranks)
+    for n in ("lerp", "dare_ties", "della", "ram"):  # elementwise, or row by row (DELLA's ranks)
         assert "reduction task" not in by_merge[n], by_merge[n]
-    for n in ("slerp", "ties"):  # per-layer angles; TIES thresholds
+    for n in ("slerp", "ties", "ramplus_tl", "arcee_fusion"):  # per-layer angles; per-tensor thresholds
         assert "reduction task" in by_merge[n], by_merge[n]
     for n in MERGES:
         on_ray = files(mws / "out" / n)
