@@ -11,10 +11,10 @@ thousand), and a bf16 Llama sequence-classification reward model with its tokeni
 (algebra/tiny.py), then:
 
 Checks (a failed check makes the exit status 1):
-  merges     lerp, linear, task_arithmetic, ties, dare_ties and della of the three
-             checkpoints, computed in float32 and saved as float32 (so that no rounding
-             to bf16 hides a difference), once on the CPU and once on the GPU: every output
-             tensor must be bit-identical. For ties, dare_ties and della the script also
+  merges     lerp, linear, task_arithmetic, ties, dare_ties, della and ramplus_tl of the
+             three checkpoints, computed in float32 and saved as float32 (so that no
+             rounding to bf16 hides a difference), once on the CPU and once on the GPU:
+             every output tensor must be bit-identical. For the last four the script also
              counts the entries left at the base value on one device and not on the other
              (which entries were selected/drawn).
   draws      DARE/DELLA's generator (algebra.ops.sparse.draws, counter-based and computed
@@ -83,6 +83,7 @@ MERGES = {  # name -> (expression, what is compared beyond the bytes)
     "ties": ("ties(base, [a, b], [0.6, 0.4], 0.5)", "selection"),
     "dare_ties": ("dare_ties(base, [a, b], [0.6, 0.4], 0.5, seed=7)", "draws"),
     "della": ("della(base, [a, b], [0.6, 0.4], 0.5, epsilon=0.1, seed=7)", "draws"),
+    "ramplus_tl": ("ramplus_tl(base, [a, b])", "selection"),
 }
 WEIGHTS, DENSITY = (0.6, 0.4), 0.5
 PREFIX = 'base = load("base")\na = load("ft1")\nb = load("ft2")\n'
