@@ -79,6 +79,7 @@ CASES = [
     ("ram(base, {ms}, epsilon=0.01)", None, 0.01),
     ("ramplus_tl(base, {ms})", (0.1, 0.2), 1e-5),
     ("ramplus_tl(base, {ms}, r=0.5, alpha=2, epsilon=0.002)", (0.5, 2.0), 0.002),
+    ("ramplus_tl(base, {ms}, r=-0.5, alpha=1)", (-0.5, 1.0), 1e-5),
 ]
 
 

@@ -105,10 +105,11 @@ class RamLambda(Sym):
 # ---- builtins --------------------------------------------------------------------------------
 
 
-def _non_negative(call: Call, value: Any, param: str) -> Any:
-    """A number >= 0 as a float; a per-layer value unchanged (checked when lowered)."""
+def _non_negative(call: Call, value: Any, param: str, check: bool = True) -> Any:
+    """A number (>= 0 when `check`) as a float; a per-layer value unchanged (checked when
+    lowered)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if not value >= 0:
+        if check and not value >= 0:
             raise call.error(AlgTypeError, f"{call.name}(): {param} must be at least 0, got {value:g}", param)
         return float(value)
     return value
@@ -140,12 +141,13 @@ def _ram(call: Call, base: Model, ms: Any, epsilon: Any, tokenizer: Any = None) 
     f"epsilon: Param = {EPSILON}, {TOKENIZER_PARAM})",
     "RAM+, tensor-local (mergekit's ramplus_tl): as ram, but model i's unique entries are "
     "scaled by 1 + r·clamp(shared_i / unique_i, 0, alpha), shared_i and unique_i counting "
-    "model i's updated entries of the tensor that others updated too, or none did. "
+    "model i's updated entries of the tensor that others updated too, or none did (r < 0 "
+    "shrinks them; alpha and epsilon are at least 0). "
     + _RULE.format(unique=" (scaled)"),
 )
 def _ramplus_tl(call: Call, base: Model, ms: Any, r: Any, alpha: Any, epsilon: Any, tokenizer: Any = None) -> Model:
     base, models = _models(call, base, ms, tokenizer)
-    params = tuple(_non_negative(call, v, p) for v, p in ((r, "r"), (alpha, "alpha"), (epsilon, "epsilon")))
+    params = tuple(_non_negative(call, v, p, p != "r") for v, p in ((r, "r"), (alpha, "alpha"), (epsilon, "epsilon")))
     return derived(Node("ramplus_tl", (base.node, *(m.node for m in models)), params, span=call.span), base)
 
 
@@ -154,7 +156,7 @@ def _ramplus_tl(call: Call, base: Model, ms: Any, r: Any, alpha: Any, epsilon: A
 
 def _number(low: Lowerer, node: Node, name: str, value: Any, param: str) -> float:
     x = float(low.param(value, node, name))
-    if not x >= 0:
+    if param != "r" and not x >= 0:
         raise AlgRuntimeError(f"{node.op}(): {param} must be at least 0, got {x:g} for '{name}'", node.span)
     return x
 
