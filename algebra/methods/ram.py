@@ -26,10 +26,10 @@ from .common import TOKENIZER_PARAM, model_list, same_as_base, with_tokenizer
 family = Family("ram")
 builtin = family.builtin
 
-# mergekit's defaults: an entry with |d_i| above EPSILON counts as updated; RAM+'s r, alpha
-EPSILON = 1e-5
-R = 0.1
-ALPHA = 0.2
+# mergekit's defaults: an entry with |d_i| above epsilon counts as updated; RAM+'s r, alpha
+DEFAULTS = {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
+PARAMS = {"ram": ("epsilon",), "ramplus_tl": ("r", "alpha", "epsilon")}  # each node's params, in order
+AT_LEAST_0 = ("alpha", "epsilon")  # r may be negative (it shrinks unique entries), as in mergekit
 
 
 @dataclass(eq=False)
@@ -105,14 +105,17 @@ class RamLambda(Sym):
 # ---- builtins --------------------------------------------------------------------------------
 
 
-def _non_negative(call: Call, value: Any, param: str, check: bool = True) -> Any:
-    """A number (>= 0 when `check`) as a float; a per-layer value unchanged (checked when
-    lowered)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if check and not value >= 0:
-            raise call.error(AlgTypeError, f"{call.name}(): {param} must be at least 0, got {value:g}", param)
-        return float(value)
-    return value
+def _params(call: Call, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The node's parameters (`PARAMS`): numbers as floats, checked against `AT_LEAST_0`;
+    per-layer values unchanged (checked when lowered)."""
+    out = []
+    for param, value in zip(PARAMS[call.name], values, strict=True):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if param in AT_LEAST_0 and not value >= 0:
+                raise call.error(AlgTypeError, f"{call.name}(): {param} must be at least 0, got {value:g}", param)
+            value = float(value)
+        out.append(value)
+    return tuple(out)
 
 
 def _models(call: Call, base: Model, ms: Any, tokenizer: Any) -> tuple[Model, tuple[Model, ...]]:
@@ -127,18 +130,18 @@ _RULE = ("Per element, with d_i = m_i - base: model i updated it iff |d_i| > eps
 
 
 @builtin(
-    f"ram(base: Checkpoint, ms: List[Checkpoint], epsilon: Param = {EPSILON}, {TOKENIZER_PARAM})",
+    f"ram(base: Checkpoint, ms: List[Checkpoint], epsilon: Param = {DEFAULTS['epsilon']}, {TOKENIZER_PARAM})",
     "RAM, Reinforced Agent Merging (mergekit's ram). " + _RULE.format(unique=""),
 )
 def _ram(call: Call, base: Model, ms: Any, epsilon: Any, tokenizer: Any = None) -> Model:
     base, models = _models(call, base, ms, tokenizer)
-    params = (_non_negative(call, epsilon, "epsilon"),)
-    return derived(Node("ram", (base.node, *(m.node for m in models)), params, span=call.span), base)
+    return derived(Node("ram", (base.node, *(m.node for m in models)), _params(call, (epsilon,)),
+                        span=call.span), base)
 
 
 @builtin(
-    f"ramplus_tl(base: Checkpoint, ms: List[Checkpoint], r: Param = {R}, alpha: Param = {ALPHA}, "
-    f"epsilon: Param = {EPSILON}, {TOKENIZER_PARAM})",
+    f"ramplus_tl(base: Checkpoint, ms: List[Checkpoint], r: Param = {DEFAULTS['r']}, "
+    f"alpha: Param = {DEFAULTS['alpha']}, epsilon: Param = {DEFAULTS['epsilon']}, {TOKENIZER_PARAM})",
     "RAM+, tensor-local (mergekit's ramplus_tl): as ram, but model i's unique entries are "
     "scaled by 1 + r·clamp(shared_i / unique_i, 0, alpha), shared_i and unique_i counting "
     "model i's updated entries of the tensor that others updated too, or none did (r < 0 "
@@ -147,28 +150,33 @@ def _ram(call: Call, base: Model, ms: Any, epsilon: Any, tokenizer: Any = None) 
 )
 def _ramplus_tl(call: Call, base: Model, ms: Any, r: Any, alpha: Any, epsilon: Any, tokenizer: Any = None) -> Model:
     base, models = _models(call, base, ms, tokenizer)
-    params = tuple(_non_negative(call, v, p, p != "r") for v, p in ((r, "r"), (alpha, "alpha"), (epsilon, "epsilon")))
-    return derived(Node("ramplus_tl", (base.node, *(m.node for m in models)), params, span=call.span), base)
+    return derived(Node("ramplus_tl", (base.node, *(m.node for m in models)), _params(call, (r, alpha, epsilon)),
+                        span=call.span), base)
 
 
 # ---- lowering and rendering ------------------------------------------------------------------------
 
 
-def _number(low: Lowerer, node: Node, name: str, value: Any, param: str) -> float:
-    x = float(low.param(value, node, name))
-    if param != "r" and not x >= 0:
-        raise AlgRuntimeError(f"{node.op}(): {param} must be at least 0, got {x:g} for '{name}'", node.span)
-    return x
+def _numbers(low: Lowerer, node: Node, name: str) -> dict[str, float]:
+    """The node's parameters as they apply to tensor `name`, checked against `AT_LEAST_0`
+    (a per-layer value is known only here)."""
+    out = {}
+    for param, value in zip(PARAMS[node.op], node.params, strict=True):
+        x = out[param] = float(low.param(value, node, name))
+        if param in AT_LEAST_0 and not x >= 0:
+            raise AlgRuntimeError(f"{node.op}(): {param} must be at least 0, got {x:g} for '{name}'", node.span)
+    return out
 
 
 @family.lowering("ram")
 @family.lowering("ramplus_tl")
 def _lower(low: Lowerer, node: Node, name: str) -> TExpr:
     base, *ms = (low.tensor(a, name) for a in node.args)
-    epsilon = _number(low, node, name, node.params[-1], "epsilon")
+    p = _numbers(low, node, name)
+    epsilon = p["epsilon"]
     lambdas: list[Any] = [1.0] * len(ms)
     if node.op == "ramplus_tl":
-        r, alpha = (_number(low, node, name, v, p) for v, p in zip(node.params[:2], ("r", "alpha"), strict=True))
+        r, alpha = p["r"], p["alpha"]
         red = low.reduction((id(node), name, "ram counts"),
                             lambda: RamCounts(base, tuple(ms), epsilon, f"ramplus_tl {name}"))
         lambdas = [RamLambda(red, i, r, alpha, epsilon) for i in range(len(ms))]
@@ -180,13 +188,11 @@ def _fmt(v: Any) -> str:
 
 
 def _describe(node: Node, a: list[str]) -> str:
-    names = ("r", "alpha", "epsilon") if node.op == "ramplus_tl" else ("epsilon",)
-    defaults = (R, ALPHA, EPSILON) if node.op == "ramplus_tl" else (EPSILON,)
-    kw = [f"{k}={_fmt(v)}" for k, v, d in zip(names, node.params, defaults, strict=True) if v != d]
+    kw = [f"{k}={_fmt(v)}" for k, v in zip(PARAMS[node.op], node.params, strict=True) if v != DEFAULTS[k]]
     return f"{node.op}({a[0]}, [{', '.join(a[1:])}]{''.join(', ' + x for x in kw)})"
 
 
 family.describes["ram"] = _describe
 family.describes["ramplus_tl"] = _describe
 
-__all__ = ["ALPHA", "EPSILON", "R", "RamCounts", "RamLambda"]
+__all__ = ["AT_LEAST_0", "DEFAULTS", "PARAMS", "RamCounts", "RamLambda"]
