@@ -369,3 +369,38 @@ def test_nth_true_finds_the_jth_true_across_blocks(monkeypatch, block):
             where = mask.nonzero().flatten().tolist()
             for j in range(1, len(where) + 1):
                 assert select._nth_true(mask, j) == where[j - 1], (n, p, j)
+
+
+@pytest.mark.parametrize("path", ["one chunk", "window", "radix"])
+def test_order_statistics_without_cuts_equal_the_thresholds_with_them(family_bf16, windowed, monkeypatch, path):
+    """`Select(cuts=False)` (arcee_fusion's quantiles) returns the same t of every score and
+    rank as the full selection, in one chunk, through the window and through the radix
+    passes, and looks for no tie cut (bf16 task vectors: the thresholds sit among ties)."""
+    from algebra.methods.select import _radix_select
+
+    if path == "radix":
+        monkeypatch.setattr(select, "SAMPLE_MIN", 1 << 40)
+    names = ("base", "math", "rl1")
+    models = api.check(api.parse(", ".join(f'load("{family_bf16[n]}")' for n in names).join("[]"))).result
+    low = Lowerer()
+    ev = new_evaluator(Options(device="cpu", compute_dtype="float32"))
+    name = max((k for k, s in models[0].type.tensors.items() if s.is_float), key=lambda k: models[0].type.tensors[k].numel)
+    n = models[0].type.tensors[name].numel
+    ds = tuple(lin([(1.0, low.tensor(m.node, name)), (-1.0, low.tensor(models[0].node, name))]) for m in models[1:])
+    scores = (("abs", 0), ("pos", 1), ("neg", 1))
+    ranks = ((1, n // 3, n // 2), (n // 4, n - 3), (2, n // 5))
+    chunk = n if path == "one chunk" else 500
+    calls = []  # chunk reads and tie-cut scans
+    for f in ("_keys", "_nth_true", "_cut_compiled"):
+        real = getattr(select, f)
+        monkeypatch.setattr(select, f, lambda *a, real=real: calls.append(1) or real(*a))
+    full = _radix_select(Select(ds, scores, ranks, name), ev, chunk)
+    assert any(0 < j < n for j in full[1::2])  # some ties at a threshold are cut
+    with_cuts = len(calls)
+    calls.clear()
+    only = Select(ds, scores, ranks, name, cuts=False)
+    got = _radix_select(only, ev, chunk)
+    assert got == full[::2] and len(got) == sum(map(len, ranks))
+    assert [got[only.index(s, i)] for s, rs in enumerate(ranks) for i in range(len(rs))] == list(full[::2])
+    assert len(calls) < with_cuts  # no tie cut is looked for
+    assert windowed["window"] == (2 if path == "window" else 0)

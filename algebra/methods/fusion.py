@@ -78,7 +78,7 @@ def _lower(low: Lowerer, node: Node, name: str) -> TExpr:
     neg = tuple(sorted({i + 1 for i in index}))
     imp = Map("fusion_importance", (a, b), (row,), a.spec)
     sel = low.reduction((id(node), name, "fusion"), lambda: Select(
-        (imp,), (("pos", 0), ("neg", 0)), (pos, neg), f"arcee_fusion {name}"))
+        (imp,), (("pos", 0), ("neg", 0)), (pos, neg), f"arcee_fusion {name}", cuts=False))
     qs = [Quantile(sel, sel.index(0, pos.index(n - i)), sel.index(1, neg.index(i + 1))) for i in index]
     return Map("fusion_merge", (a, b), (row, *qs), a.spec)
 

@@ -50,13 +50,15 @@ class Select(Reduction):
     `("var", -1)`: the population variance of the d_i across models) and each of its
     ranks k (1 <= k <= N, or an `OfNonzero`), the (t, J) of the top k (see
     `ops.sparse.top_mask`): t is the k-th largest score (k = N: the smallest). Its value
-    is the flat tuple t, J, t, J, ... in that order."""
+    is the flat tuple t, J, t, J, ... in that order; with `cuts=False` (order statistics
+    wanted, not masks) no tie cut is looked for, and the value is t, t, ... alone."""
 
     deltas: tuple[TExpr, ...]
     scores: tuple[tuple[str, int], ...]
     ranks: tuple[tuple[Any, ...], ...]
     label: str
     deps: tuple[Reduction, ...] = field(default=())
+    cuts: bool = True  # False: only each t is wanted (see above)
 
     def __post_init__(self) -> None:
         self.deps = self._find_deps()
@@ -68,8 +70,8 @@ class Select(Reduction):
         return [self.deltas[0]]
 
     def index(self, score: int, rank: int) -> int:
-        """Where the t of (score, rank) sits in the value (J follows it)."""
-        return 2 * (sum(len(r) for r in self.ranks[:score]) + rank)
+        """Where the t of (score, rank) sits in the value (J follows it, if cut)."""
+        return (2 if self.cuts else 1) * (sum(len(r) for r in self.ranks[:score]) + rank)
 
     @property
     def _var(self) -> bool:
@@ -98,6 +100,11 @@ class Select(Reduction):
 
     def __repr__(self) -> str:
         return f"Select({self.label})"
+
+
+def _value(sel: Select, ranks: list[_Rank]) -> tuple[float, ...]:
+    """The Select's value from its ranks' results (each a (t, J))."""
+    return tuple(x for r in ranks for x in (r.result if sel.cuts else r.result[:1]))
 
 
 @dataclass
@@ -208,7 +215,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
     if m:  # a window around each threshold from a sample, then one pass (or, if it missed, as below)
         _window_select(sel, ev, spans, ranks, itype, ftype, m, chunk)
         if all(r.result is not None for r in ranks):
-            return tuple(x for r in ranks for x in r.result)
+            return _value(sel, ranks)
     done_bits = 0
     for p, width in enumerate(widths):
         shift = bits - done_bits - width
@@ -236,7 +243,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                     inside = key[torch.eq(high, r.prefix, out=hit)]
                     digits = inside.bitwise_right_shift_(shift).bitwise_and_(nbins - 1)
                     del inside
-                    if not final or records.get(id(r), ()) is None:
+                    if not final or not sel.cuts or records.get(id(r), ()) is None:
                         _count_into(hists[id(r)], digits)
                         continue
                     # the last digit: also keep each chunk's (sparse) counts, so that the
@@ -279,7 +286,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
         if r.result is None:
             t = float(torch.tensor([r.prefix], dtype=itype).view(ftype).item())
             r.result = (t, float(n)) if r.rank == r.equal else (t, math.nan)
-            if r.rank != r.equal:
+            if r.rank != r.equal and sel.cuts:
                 cut.append(r)
     if cut:
         # the chunk holding the last tie kept: from the recorded counts when there are
@@ -315,7 +322,7 @@ def _radix_select(sel: Select, ev: Any, chunk: int) -> tuple[float, ...]:
                         r.result = (r.result[0], float(e0 + int(hits[need - 1]) + 1))
                     else:
                         seen[id(r)] += len(hits)
-    return tuple(x for r in ranks for x in r.result)
+    return _value(sel, ranks)
 
 
 # The windowed selection: sample size and width (see _window_select)
@@ -426,8 +433,8 @@ def _window_select(sel: Select, ev: Any, spans, ranks: list[_Rank], itype, ftype
         t = int(uniq[::-1][pos])
         keep_equal = need - (int(cum[pos - 1]) if pos else 0)
         tf = float(torch.tensor([t], dtype=itype).view(ftype).item())
-        if keep_equal == int(totals[pos]):
-            r.result = (tf, float(n))
+        if keep_equal == int(totals[pos]) or not sel.cuts:
+            r.result = (tf, float(n) if keep_equal == int(totals[pos]) else math.nan)
             continue
         for j, v, c in recs:  # the chunk holding the keep_equal-th key equal to t
             here = int(c[v == t].sum())
@@ -681,11 +688,14 @@ def _select_in_chunk(sel: Select, ev: Any, n: int, ranks: list[_Rank], itype, ft
         if not todo:
             continue
         for (r, k), t in zip(todo, _kth_largest(key, [k for _, k in todo], ev.pool), strict=True):
+            if not sel.cuts:
+                r.result = (float(t.view(ftype).item()), math.nan)
+                continue
             eq = key == t
             keep_equal = k - int((key > t).sum())
             cut = n if keep_equal == int(eq.sum()) else _nth_true(eq, keep_equal) + 1
             r.result = (float(t.view(ftype).item()), float(cut))
-    return tuple(x for r in ranks for x in r.result)
+    return _value(sel, ranks)
 
 
 @dataclass(eq=False)
