@@ -41,11 +41,14 @@ def _load(call: Call, path: str) -> Model:
 
 @builtin(
     'save(m: Checkpoint, path: String, dtype: String | None = none, '
-    'shard_size: Scalar | String = "5GB", overwrite: Bool = false)',
+    'shard_size: Scalar | String = "5GB", overwrite: Bool = false, chat_template: String | None = none)',
     "Write m as a Hugging Face folder: shards with an index, the primary input's config "
-    "(dtype updated), tokenizer and generation config, and a model card with the recipe.",
+    "(dtype updated), tokenizer and generation config, and a model card with the recipe. "
+    "chat_template: a template's Jinja text, a name (chatml, llama3), or \"auto\" (the one most "
+    "of m's inputs carry) for the output's tokenizer.",
 )
-def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, overwrite: bool) -> None:
+def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, overwrite: bool,
+          chat_template: str | None) -> None:
     code = None
     if dtype is not None:
         code = DTYPE_ALIASES.get(dtype.lower())
@@ -58,8 +61,27 @@ def _save(call: Call, m: Model, path: str, dtype: str | None, shard_size: Any, o
     except ValueError as e:
         raise call.error(AlgTypeError, str(e), "shard_size") from None
     check_model(m, call.checker, call.span)
-    call.checker.add_save(m, path, code, shard_bytes, overwrite, call)
+    template = None
+    if chat_template is not None:
+        template = _chat_template(call, m, chat_template)
+    call.checker.add_save(m, path, code, shard_bytes, overwrite, call, template)
     return None
+
+
+def _chat_template(call: Call, m: Model, value: str) -> str | None:
+    """The template text save() writes (`chat.choose`), with a positioned error or
+    warning."""
+    from . import chat
+
+    folders = chat.input_folders(m)
+    try:
+        text = chat.choose(value, folders)
+    except ValueError as e:
+        raise call.error(AlgTypeError, str(e), "chat_template") from None
+    if text is None:
+        call.checker.warning("chat_template=\"auto\": none of the inputs carries a chat template; "
+                             "the output's tokenizer files are written as they are", call.at("chat_template"))
+    return text
 
 
 @builtin(

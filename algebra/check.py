@@ -102,6 +102,7 @@ class SaveRequest:
     overwrite: bool
     span: Span
     guard: Any = None  # io.target.OverwriteGuard: re-checked right before replacing
+    chat_template: str | None = None  # the output tokenizer's template (chat.choose), or its own
 
 
 @dataclass
@@ -666,7 +667,8 @@ class Checker:
                     raise err.with_note(f"{owhat} writes it here", ospan)
         self._writes.extend((w, span, what) for w in dict.fromkeys(paths))
 
-    def add_save(self, m: Model, path: str, dtype: str | None, shard_bytes: int, overwrite: bool, call: Call) -> None:
+    def add_save(self, m: Model, path: str, dtype: str | None, shard_bytes: int, overwrite: bool, call: Call,
+                 chat_template: str | None = None) -> None:
         import os
 
         from .io import target as tio
@@ -712,7 +714,7 @@ class Checker:
             self.warning(f"only {human_bytes(free)} free where '{path}' is written; the save needs "
                          f"{human_bytes(need)}", at)
         self._save_paths[target] = self._save_paths[real] = call.span
-        request = SaveRequest(m, target, dtype, shard_bytes, force, call.span, guard)
+        request = SaveRequest(m, target, dtype, shard_bytes, force, call.span, guard, chat_template)
         self._sinks.append(Sink("save", call.span, request))
 
 

@@ -482,6 +482,10 @@ def _write_metadata(sp: SavePlan, folder: Path) -> None:
     for f in getattr(t.primary, "extra_files", []):
         if f.name not in skip:
             shutil.copy2(f, folder / f.name)
+    if sp.chat_template is not None:
+        from . import chat
+
+        chat.write(folder, sp.chat_template)
 
 
 def _may_replace(target: Path, sp: SavePlan) -> None:

@@ -230,9 +230,17 @@ class Result:
         return execute.materialize(tp, opts, dev)
 
     def save(self, path: str | Path, dtype: str | None = None, shard_size: str | int = "5GB",
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, chat_template: str | None = None) -> Path:
+        from . import chat
         from .io import target as tio
         from .types import DTYPE_ALIASES
+
+        template = None
+        if chat_template is not None:
+            try:
+                template = chat.choose(chat_template, chat.input_folders(self.model))
+            except ValueError as e:
+                raise AlgTypeError(str(e)) from None
 
         target = tio.target_path(str(path), Path.cwd())  # a bad path: an AlgIOError
         force = overwrite or self._interp.options.force
@@ -246,7 +254,7 @@ class Result:
             if reason is not None:
                 raise AlgIOError(f"refusing to replace '{path}': {reason}")
         req = SaveRequest(self.model, target, DTYPE_ALIASES[dtype.lower()] if dtype else None,
-                          parse_size(shard_size), force, None, guard)
+                          parse_size(shard_size), force, None, guard, template)
         sp = plan_save(req, self._interp.options)
         base_dir = self._interp.session.checker.base_dir
         from . import execute

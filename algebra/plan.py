@@ -106,6 +106,7 @@ class SavePlan:
     overwrite: bool = False
     notes: list[str] = field(default_factory=list)
     guard: Any = None  # io.target.OverwriteGuard: what overwrite may replace
+    chat_template: str | None = None  # written over the tokenizer's own (chat.write)
 
     @property
     def peak_bytes(self) -> int:
@@ -221,7 +222,7 @@ def plan_save(request, options: Options | RunConfig, lowerer: Lowerer | None = N
     shards = shard(tp.tensors, request.shard_bytes)
     config = output_config(model.type, tp.out_dtype)
     return SavePlan(tp, request.path, shards, config, request.span, request.overwrite,
-                    list(model.type.notes), getattr(request, "guard", None))
+                    list(model.type.notes), getattr(request, "guard", None), getattr(request, "chat_template", None))
 
 
 def shard(outs: list[OutTensor], shard_bytes: int) -> list[tuple[str, ShardLayout, list[str]]]:

@@ -11,6 +11,12 @@ the largest absolute difference between the two outputs and the share of entries
 that differ by more than 1e-6.
 
     python benchmarks/real_mergekit.py --mergekit-venv /some/venv [--methods ram,arcee_fusion]
+    python benchmarks/real_mergekit.py --mergekit-venv /some/venv --chat-templates
+
+With --chat-templates it instead merges base and ft1 linearly once per `chat_template`
+value (the names, "auto", a template's text), with each tool copying the tokenizer, loads
+both outputs' tokenizers in transformers and compares what they render for a few
+conversations.
 
 mergekit lives in a venv of its own: `python3 -m venv /some/venv && /some/venv/bin/pip
 install torch==2.13.0 mergekit`.
@@ -56,11 +62,52 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t, int(run.stdout.split()[-1]) / 1024
 
 
+TEMPLATES = ("chatml", "llama3", "auto", "'{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\\n{% endfor %}'")
+CONVERSATIONS = (
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " What is 2+2? "},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+)
+
+
+def chat_templates(args, real, work: Path) -> int:
+    """The output tokenizers' renderings, mergekit's against alg's, per chat_template."""
+    from transformers import AutoTokenizer
+
+    print("| chat_template | renderings equal | first difference (mergekit / alg) |")
+    print("|---|--:|---|")
+    for k, value in enumerate(TEMPLATES):
+        folder = work / f"chat{k}"
+        folder.mkdir(exist_ok=True)
+        cfg = folder / "config.yml"
+        cfg.write_text(f"merge_method: linear\nmodels:\n  - {{model: {real['base']}, parameters: {{weight: 0.5}}}}\n"
+                       f"  - {{model: {real['ft1']}, parameters: {{weight: 0.5}}}}\nchat_template: {value}\n")
+        recipe = folder / "merge.alg"
+        subprocess.run([sys.executable, "-m", "algebra", "convert", "mergekit", str(cfg), "-o", str(recipe)],
+                       check=True, cwd=ROOT)
+        subprocess.run([str(args.mergekit_venv / "bin" / "mergekit-yaml"), str(cfg), str(folder / "mergekit"),
+                        "--quiet"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "algebra", "run", str(recipe), "--force", "--set",
+                        f"out={folder / 'alg'}"], check=True, capture_output=True)
+        toks = [AutoTokenizer.from_pretrained(folder / side) for side in ("mergekit", "alg")]
+        same, first = 0, ""
+        renders = [(c, g) for c in CONVERSATIONS for g in (False, True)]
+        for conv, gen in renders:
+            a, b = (t.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen) for t in toks)
+            same += a == b
+            if a != b and not first:
+                at = next(i for i in range(min(len(a), len(b)) + 1) if a[i:i + 1] != b[i:i + 1])
+                first = f"at {at}: {a[at:at + 24]!r} / {b[at:at + 24]!r}"
+        print(f"| `{value}` | {same} of {len(renders)} | {first} |", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mergekit-venv", type=Path, required=True)
     ap.add_argument("--methods", default=",".join(CONFIGS), help="comma-separated (default: all)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    ap.add_argument("--chat-templates", action="store_true", help="compare chat_template handling instead")
     args = ap.parse_args()
 
     from conformance_mergekit import compare, load_dir
@@ -69,6 +116,8 @@ def main() -> int:
     real = build.ensure()
     work = args.work or Path(tempfile.mkdtemp(prefix="alg-real-mk-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.chat_templates:
+        return chat_templates(args, real, work)
     print("| method | mergekit | alg | max abs diff | entries differing (> 1e-06) |")
     print("|---|--:|--:|--:|--:|")
     for method in args.methods.split(","):

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import chat
 from ..errors import did_you_mean
 from ..source import Source
 from ._yaml import ConvertError, Y, documents
@@ -280,11 +281,6 @@ class _Converter:
                 "'modules' (a separate merge per module of a multimodal model) is not supported "
                 "by alg; convert one module's models/slices at a time"
             )
-        if "chat_template" in top:
-            raise top["chat_template"].error(
-                "chat_template is not supported: alg writes the primary input's tokenizer files "
-                "unchanged; remove the key and edit tokenizer_config.json after the merge"
-            )
         if "merge_method" not in top:
             raise doc.error("missing 'merge_method' (linear, ties, slerp, passthrough, ...)")
         method_y = top["merge_method"]
@@ -331,11 +327,10 @@ class _Converter:
         self.lines.append(f"{var} = {expr}")
         save: list[str] = []
         dtype = self.dtype(top)
+        template = self.chat_template(top)
         if last:
-            if dtype is None:
-                save.append(f"save({var}, out)")
-            else:
-                save.append(f"save({var}, out, dtype={_q(dtype)})")
+            extra = "".join(f", {k}={_q(v)}" for k, v in (("dtype", dtype), ("chat_template", template)) if v is not None)
+            save.append(f"save({var}, out{extra})")
         else:
             for k in ("name", "out_path"):
                 if k in top:
@@ -347,7 +342,25 @@ class _Converter:
             if dtype is not None:
                 save.append(_comment(f"mergekit stored this intermediate as {dtype}; alg keeps "
                                      "full precision"))
+            if template is not None:
+                save.append(_comment("mergekit gave this intermediate a chat template; a copy saved "
+                                     f"with save({var}, \"PATH\", chat_template=...) would have it"))
         return header, save
+
+    @staticmethod
+    def chat_template(top: dict[str, Y]) -> str | None:
+        """The config's chat_template (a name, "auto" or a template), checked as save()
+        checks it (chat.choose), or None."""
+        if "chat_template" not in top or top["chat_template"].is_null:
+            return None
+        value = top["chat_template"].string("chat_template")
+        if not value:
+            return None  # mergekit: an empty template sets none
+        try:
+            chat.choose(value, [])
+        except ValueError as e:
+            raise top["chat_template"].error(str(e)) from None
+        return value
 
     def dtype(self, top: dict[str, Y]) -> str | None:
         chosen = None

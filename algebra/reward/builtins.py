@@ -8,7 +8,6 @@ config and the tokenizer's files (never a weight); `responses`/`pairs` read thei
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import string
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..chat import folder_template
 from ..errors import AlgIOError, AlgTypeError, did_you_mean
 from ..family import Family
 from ..io.files import absolute, joined, resolved
@@ -160,24 +160,6 @@ def _tokenizer_dir(model: Model) -> Path | None:
     return folder
 
 
-def _chat_template(folder: Path | None) -> str | None:
-    if folder is None:
-        return None
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            ct = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, json.JSONDecodeError):
-            return None
-        if isinstance(ct, list):  # named templates: the default one
-            ct = next((t.get("template") for t in ct if t.get("name") == "default"), None)
-        return ct if isinstance(ct, str) else None
-    return None
-
-
 def _check_template(call: Call, template: str) -> None:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
@@ -248,7 +230,7 @@ def _reward(call: Call, m: Any, template: str | None, batch_size: float | None, 
         _check_template(call, template)
         kind, text = "format", template
     else:
-        chat = _chat_template(folder)
+        chat = folder_template(folder)
         kind, text = ("chat", chat) if chat else ("format", DEFAULT_TEMPLATE)
     special = (kind == "format") if add_special_tokens is None else bool(add_special_tokens)
     fmt = TextFormat(kind, text, special)
