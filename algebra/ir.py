@@ -13,6 +13,7 @@ stream fixed-size chunks. The kinds:
     Slice(expr, start, n)    elements [start, start+n) of an expression
     Cat(parts)               flat concatenation (e.g. merged vocabulary rows + the rest)
     Rows(runs, row_len)      rows gathered and averaged from other tensors' rows (align)
+    LowRank(b, a, rank, scale)  scale * (B @ A) of a low-rank pair (a LoRA adapter's)
 
 Each kind is one class holding all of its rules side by side; the planner and the
 executor call these rules instead of testing for kinds:
@@ -500,6 +501,70 @@ class Rows(TExpr):
 
     def __repr__(self) -> str:
         return f"rows({', '.join(map(repr, self.exprs()))}; {len(self.runs)} runs)"
+
+
+LOWRANK_BLOCK = 16  # rows of B @ A per matrix product (see LowRank)
+
+
+@dataclass(eq=False)
+class LowRank(TExpr):
+    """scale * (B @ A) as a flat [out, in] tensor, for B [out, rank] and A [rank, in] (a
+    LoRA adapter's lora_B and lora_A). The product is taken in blocks of LOWRANK_BLOCK
+    rows aligned to the tensor's first row (one batched product; the last block may be
+    shorter), so each element's value depends on its block alone, never on the chunks a
+    pass reads: a reduction's pass and the write pass see the same bits, whatever their
+    chunks. (With torch's CPU BLAS here, blocks of 16 rows give the bits of the whole
+    product, which is what peft's merge computes: tests/test_lora.py checks it; single
+    rows do not.) The scale multiplies the product before anything is added to it, as
+    peft does. Memory: A and B's rows are counted as one chunk, which holds while
+    rank * in fits a chunk (adapters' ranks are 4-256)."""
+
+    b: TExpr
+    a: TExpr
+    rank: int
+    scale: float
+    spec: TensorSpec
+    kind = "lowrank"
+
+    def children(self) -> list[TExpr]:
+        return [self.b, self.a]
+
+    def chunk_unit(self) -> int:
+        return LOWRANK_BLOCK * row_length(self.spec)
+
+    def buffers(self, cs: int) -> float:
+        # the result chunk; A and the rows of B beside it; the covering blocks when a
+        # reduction's chunk is not made of whole blocks
+        return 3.0
+
+    def eval(self, ev, e0, e1, guard=True):
+        torch = _torch()
+        n_in, R, k = row_length(self.spec), LOWRANK_BLOCK, self.rank
+        rows = self.numel // n_in
+        r0 = e0 // n_in // R * R
+        last = -(-e1 // n_in)  # one past the last row the range touches
+        r1 = min(rows, -(-last // R) * R)
+        a = self.a.eval(ev, 0, self.a.numel, guard)
+        b = self.b.eval(ev, r0 * k, r1 * k, guard)
+        aligned = (r0 * n_in, r1 * n_in) == (e0, e1)
+        res = ev.pool.take((r1 - r0) * n_in, ev.dtype)
+        whole = (r1 - r0) // R * R
+        a2 = a.view(k, n_in)
+        if whole:
+            torch.matmul(b[: whole * k].view(whole // R, R, k), a2, out=res[: whole * n_in].view(whole // R, R, n_in))
+        if whole < r1 - r0:  # the tensor's last, shorter block
+            torch.matmul(b[whole * k:].view(-1, k), a2, out=res[whole * n_in:].view(-1, n_in))
+        ev.pool.give(a)
+        ev.pool.give(b)
+        if aligned:
+            return res.mul_(self.scale)
+        out = ev.pool.take(e1 - e0, ev.dtype)
+        torch.mul(res[e0 - r0 * n_in : e1 - r0 * n_in], self.scale, out=out)
+        ev.pool.give(res)
+        return out
+
+    def __repr__(self) -> str:
+        return f"lowrank({self.b!r} @ {self.a!r}, rank {self.rank}, x{self.scale:g})"
 
 
 def _fc(c: Coef) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from . import builtins as core
 from . import layer_builtins, ops, vocab
 from .family import Family, Primitive, _pop, _push, in_use
-from .methods import fusion, geometric, ram, sparse
+from .methods import fusion, geometric, lora, ram, sparse
 from .ops import fusion as ops_fusion
 from .ops import geometric as ops_geometric
 from .ops import ram as ops_ram
@@ -37,6 +37,7 @@ FAMILIES: tuple[Family, ...] = (
     geometric.family,
     ram.family,
     fusion.family,
+    lora.family,
     reward.family,
     ops.family,
     ops_geometric.family,

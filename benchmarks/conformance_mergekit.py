@@ -286,6 +286,19 @@ models: [{model: base}, {model: sb}]
 merge_method: arcee_fusion
 base_model: base
 """,
+    "linear of LoRA-adapted models (MODEL+LORA)": """
+models:
+  - {model: base+lora1, parameters: {weight: 0.6}}
+  - {model: a+lora2, parameters: {weight: 0.4}}
+merge_method: linear
+""",
+    "ties over a LoRA-adapted model, base plain": """
+models:
+  - {model: base+lora1, parameters: {weight: 1.0, density: 0.5}}
+  - {model: b, parameters: {weight: 0.5, density: 0.5}}
+merge_method: ties
+base_model: base
+""",
     "passthrough slices, scale": """
 slices:
   - sources: [{model: base, layer_range: [0, 24]}]
@@ -337,13 +350,13 @@ def prepare(text: str, family: dict[str, Path]) -> str:
     doc = yaml.safe_load(text)
     refs = _refs(doc)
     base = doc.get("base_model")
-    names = {r: r for r in refs if r in family}
+    names = {r: r for r in refs if all(part in family for part in r.split("+"))}
     rest = [r for r in refs if r not in names and r != base]
     if base is not None and base not in names:
         names[base] = "base"
     for i, r in enumerate(rest):
         names[r] = "abc"[i % 3]
-    path = {r: str(family[n]) for r, n in names.items()}
+    path = {r: "+".join(str(family[part]) for part in n.split("+")) for r, n in names.items()}
 
     def swap(x):
         if isinstance(x, dict):
@@ -366,7 +379,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-opts = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False, random_seed=0)
+opts = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False, random_seed=0,
+                    lora_merge_cache=sys.argv[2])
 for job in json.load(open(sys.argv[1])):
     try:
         cfg = MergeConfiguration.model_validate(yaml.safe_load(open(job["config"])))
@@ -415,6 +429,27 @@ def sparse_finetunes(family: dict[str, Path], names: tuple[str, ...]) -> None:
         family[n] = folder
 
 
+def lora_adapters(family: dict[str, Path], on: dict[str, str]) -> None:
+    """PEFT LoRA adapters (rank 4 on the attention and MLP projections, lora_B set to
+    seeded values as training would leave it) saved by peft: family[name] for each name,
+    made on the model on[name]."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for i, (name, model) in enumerate(on.items()):
+        m = AutoModelForCausalLM.from_pretrained(family[model], dtype=torch.float32)
+        pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                                    target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+        g = torch.Generator().manual_seed(300 + i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(family["base"].parent / name)
+        family[name] = family["base"].parent / name
+
+
 def load_dir(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -461,6 +496,7 @@ def main() -> int:
     family = build_family(work / "models", hidden=16, layers=40, names=("base", "a", "b", "c"))
     perturb_norms(family, ("a", "b", "c"))
     sparse_finetunes(family, ("sa", "sb", "sc"))
+    lora_adapters(family, {"lora1": "base", "lora2": "a"})
 
     configs: list[tuple[str, str]] = []
     if args.examples is not None:
@@ -480,7 +516,8 @@ def main() -> int:
         jobs.append({"label": label, "config": str(folder / "config.yml"), "out": str(folder / "mergekit")})
     (work / "jobs.json").write_text(json.dumps(jobs))
     (work / "driver.py").write_text(MK_DRIVER)
-    run = subprocess.run([args.mergekit_python, str(work / "driver.py"), str(work / "jobs.json")],
+    run = subprocess.run([args.mergekit_python, str(work / "driver.py"), str(work / "jobs.json"),
+                          str(work / "lora-cache")],
                          capture_output=True, text=True)
     mk_status = {}
     for line in run.stdout.splitlines():

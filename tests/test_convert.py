@@ -335,7 +335,7 @@ def test_cli_subprocess_and_exit_statuses(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     assert run.returncode == 0, run.stderr
     assert run.stdout == _convert(cfg)
-    bad = HERE / "mergekit" / "errors" / "lora.yml"
+    bad = HERE / "mergekit" / "errors" / "lora_two.yml"
     run = subprocess.run([sys.executable, "-m", "algebra", "convert", "mergekit", str(bad)],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     assert run.returncode == 1 and run.stdout == ""
@@ -742,7 +742,12 @@ def _for_the_test(config: Path) -> tuple[str, list[dict]]:
     return yaml.safe_dump_all(docs, sort_keys=False), docs
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+# a MODEL+LORA reference needs a PEFT adapter: lora() is checked against peft in
+# tests/test_lora.py, and the converted configs against mergekit by conformance_mergekit.py
+RUNNABLE = [p for p in CONFIGS if "+" not in p.read_text()]
+
+
+@pytest.mark.parametrize("config", RUNNABLE, ids=[p.stem for p in RUNNABLE])
 def test_converted_recipes_run_and_equal_mergekit(config, deep_family, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file

@@ -385,11 +385,8 @@ class _Converter:
         if y.is_map:
             raise y.error("write the model reference as a string: org/name or a local path")
         ref = y.string("a model reference")
-        if "+" in ref:
-            raise y.error(
-                f"'{ref}' applies a LoRA adapter ('+'), which alg does not support: merge the "
-                "adapter into its base first (peft's merge_and_unload) and reference that folder"
-            )
+        if ref.count("+") > 1 or ref.startswith("+") or ref.endswith("+"):
+            raise y.error(f"'{ref}' is not a model reference: write MODEL or MODEL+LORA (one adapter)")
         if "@" in ref:
             raise y.error(
                 f"'{ref}' pins a revision ('@'); alg reads local folders only: download that "
@@ -403,6 +400,14 @@ class _Converter:
             return self.results[key]
         if key in self.models:
             return self.models[key]
+        if "+" in ref:  # mergekit's MODEL+LORA: the adapter merged into its model first
+            model, adapter = ref.split("+")
+            inner = self.model(model, node)
+            var = self.fresh(_ident(adapter))
+            self.models[key] = var
+            path = self.model_paths.get(adapter, adapter)
+            self.loads.append(f"{var} = lora({inner}, {_q(path)})" + (f"  # {role}" if role else ""))
+            return var
         var = self.fresh(_ident(ref))
         self.models[key] = var
         path = self.model_paths.get(ref, ref)
