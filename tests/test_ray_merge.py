@@ -4,8 +4,8 @@ Without a cluster (default tier): who writes the shards follows the option, and 
 under --ray without the ray package says how to install it and leaves nothing. On the
 local Ray cluster of 2 CPUs that tests/test_ray.py's `cluster` fixture starts
 (once for this module), so in the `slow` tier (`pytest -m slow tests/test_ray_merge.py`):
-lerp, SLERP with per-layer angles (a chain of Gram reductions), TIES, DARE-TIES and
-DELLA, saved in several shards by a local run and by a Ray run, compare byte for byte,
+lerp, SLERP with per-layer angles (a chain of Gram reductions), TIES, DARE-TIES,
+DELLA, RAM, RAM+, Arcee Fusion and a LoRA adapter merged in, saved in several shards by a local run and by a Ray run, compare byte for byte,
 every file of the folder (shards, index, config, tokenizer, card); the driver computes
 nothing (its executor is disabled during the Ray run); a task killed mid-shard is run
 again and the folder is still complete and identical; a task that keeps dying, or a task
@@ -39,6 +39,7 @@ MERGES = {
     "ram": "ram(b, [m1, m2])",
     "ramplus_tl": "ramplus_tl(b, [m1, m2], r=0.5, alpha=2)",  # per-tensor counts
     "arcee_fusion": "arcee_fusion(b, m1)",  # per-tensor quartiles
+    "lora": 'lora(b, "models/adapter")',  # a PEFT adapter (made by the test that runs it)
 }
 HEAD = ('b = load("models/base")\nm1 = load("models/math")\nm2 = load("models/rl1")\n'
         'm3 = load("models/rl2")\n')
@@ -89,8 +90,11 @@ def test_a_save_under_ray_without_the_package_says_how_to_install_it_and_leaves_
 
 @pytest.mark.slow
 def test_merges_on_ray_equal_local_byte_for_byte(cluster, mws, monkeypatch):  # noqa: F811
+    from test_lora import _adapter
+
     from algebra import execute
 
+    _adapter(mws / "models" / "base", mws / "models" / "adapter", 5, r=4, lora_alpha=8)
     run(mws, "off", recipe())
     local = {n: files(mws / "out" / n) for n in MERGES}
     for n, got in local.items():  # several shards, plus the rest of the folder
@@ -106,7 +110,7 @@ def test_merges_on_ray_equal_local_byte_for_byte(cluster, mws, monkeypatch):  # 
     ray_lines = [line for line in log if " on Ray: " in line]
     assert len(ray_lines) == len(MERGES), log
     by_merge = dict(zip(MERGES, ray_lines, strict=True))
-    for n in ("lerp", "dare_ties", "della", "ram"):  # elementwise, or row by row (DELLA's ranks)
+    for n in ("lerp", "dare_ties", "della", "ram", "lora"):  # elementwise, or row by row (DELLA's ranks)
         assert "reduction task" not in by_merge[n], by_merge[n]
     for n in ("slerp", "ties", "ramplus_tl", "arcee_fusion"):  # per-layer angles; per-tensor thresholds
         assert "reduction task" in by_merge[n], by_merge[n]
