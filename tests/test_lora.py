@@ -159,6 +159,13 @@ def _edited(adapter: Path, tmp_path: Path, cfg: dict | None = None, drop: str | 
     ({"cfg": {"peft_type": "IA3"}}, "lora(): '{ad}' is a IA3 adapter; lora() merges LoRA adapters"),
     ({"cfg": {"r": 8}}, "lora(): 'model.layers.0.mlp.down_proj' has rank 4 but adapter_config.json says 8"),
     ({"cfg": {"lora_alpha": "x"}}, "lora(): adapter_config.json's lora_alpha must be a positive number, not 'x'"),
+    ({"cfg": {"use_rslora": "yes"}}, "lora(): adapter_config.json's use_rslora must be true or false, not 'yes'"),
+    ({"cfg": {"alpha_pattern": {"q_proj": "x"}}},
+     "lora(): adapter_config.json's alpha_pattern['q_proj'] must be a positive number, not 'x'"),
+    ({"cfg": {"rank_pattern": {"(": 2}}}, "lora(): adapter_config.json's rank_pattern key '(' is not a regular "
+                                          "expression (missing ), unterminated subpattern at position 0)"),
+    ({"cfg": {"rank_pattern": [2]}}, "lora(): adapter_config.json's rank_pattern must map module names to "
+                                     "numbers, not [2]"),
     ({"drop": "layers.1.self_attn.v_proj.lora_B"},
      "lora(): module 'model.layers.1.self_attn.v_proj' has lora_A.weight but not lora_B.weight"),
 ])

@@ -85,12 +85,12 @@ def _read(call: Call, m: Model, cfg: dict, weights: Model, adapter: str) -> tupl
     for key, ok, what in REFUSED:
         if cfg.get(key, ok) != ok:
             raise bad(f"the adapter uses {what} ({key}: {cfg[key]!r}), which alg does not merge")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    for name, v in (("r", r), ("lora_alpha", alpha)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise bad(f"{CONFIG}'s {name} must be a positive number, not {v!r}")
-    rslora = bool(cfg.get("use_rslora", False))
-    rank_pattern, alpha_pattern = (cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern"))
+    r, alpha = _number(bad, "r", cfg.get("r"), whole=True), _number(bad, "lora_alpha", cfg.get("lora_alpha"))
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise bad(f"{CONFIG}'s use_rslora must be true or false, not {rslora!r}")
+    rank_pattern, alpha_pattern = (_pattern(bad, k, cfg.get(k), k == "rank_pattern")
+                                   for k in ("rank_pattern", "alpha_pattern"))
     tensors, table = weights.type.tensors, m.type.tensors
     halves: dict[str, dict[int, str]] = {}
     whole = []
@@ -115,6 +115,9 @@ def _read(call: Call, m: Model, cfg: dict, weights: Model, adapter: str) -> tupl
         if len(keys) != 2:
             raise bad(f"module '{module}' has {PAIR[0 if 0 in keys else 1][1:]} but not "
                       f"{PAIR[1 if 0 in keys else 0][1:]}")
+        if not (tensors[keys[0]].is_float and tensors[keys[1]].is_float):
+            raise bad(f"module '{module}': lora_A and lora_B must be floating-point tensors, not "
+                      f"{tensors[keys[0]].dtype} and {tensors[keys[1]].dtype}")
         a, b = tensors[keys[0]].shape, tensors[keys[1]].shape
         weight = module + ".weight"
         w = table.get(weight)
@@ -126,7 +129,7 @@ def _read(call: Call, m: Model, cfg: dict, weights: Model, adapter: str) -> tupl
         rank = a[0]
         want = rank_pattern.get(_pattern_key(rank_pattern, module), r)
         if want != rank:
-            raise bad(f"'{module}' has rank {rank} but {CONFIG} says {want}")
+            raise bad(f"'{module}' has rank {rank} but {CONFIG} says {want:g}")
         alpha_m = alpha_pattern.get(_pattern_key(alpha_pattern, module), alpha)
         s = alpha_m / (math.sqrt(rank) if rslora else rank)
         pairs.append((weight, keys[0], keys[1], rank, float(s)))
@@ -135,15 +138,35 @@ def _read(call: Call, m: Model, cfg: dict, weights: Model, adapter: str) -> tupl
     return tuple(sorted(pairs)), tuple(sorted(whole))
 
 
+def _number(bad, name: str, v: Any, whole: bool = False) -> float:
+    """A config number: positive (a whole number for a rank), finite, not a boolean."""
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+            or (whole and v != int(v))):
+        raise bad(f"{CONFIG}'s {name} must be a positive {'whole ' if whole else ''}number, not {v!r}")
+    return v
+
+
+def _pattern(bad, name: str, v: Any, whole: bool) -> dict[str, float]:
+    """rank_pattern / alpha_pattern: module-name regexes to numbers (absent: none)."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad(f"{CONFIG}'s {name} must map module names to numbers, not {v!r}")
+    for key, x in v.items():
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise bad(f"{CONFIG}'s {name} key {key!r} is not a regular expression ({e})") from None
+        _number(bad, f"{name}[{key!r}]", x, whole)
+    return v
+
+
 def _pattern_key(keys, module: str) -> str | None:
     """peft's choice among rank_pattern / alpha_pattern keys: the first whose regex
     matches the end of the module's dotted name."""
     for key in keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            continue
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
     return None
 
 
