@@ -128,6 +128,9 @@ def test_saved_merge_loads_in_transformers_with_peft_s_logits(family, adapters, 
 
     interp = quiet_interpreter(tmp_path)
     interp.eval(f'save(lora(load("{family["base"]}"), "{adapters["patterns"]}"), "out")')
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert 'patterns")`' in card and "lora(load(" in card  # the expression names the adapter folder
+    assert "| `adapter_model.safetensors` |" in card  # its weights are an input, hashed
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(base, adapters["patterns"])  # unmerged: the adapter's forward

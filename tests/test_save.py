@@ -152,6 +152,16 @@ def test_card_base_model_from_hub_named_folders_and_name_or_path(family, tmp_pat
     assert _front_matter((tmp_path / "out1" / "README.md").read_text())["base_model"] == "HuggingFaceTB/SmolLM2-135M"
 
 
+def test_card_names_a_lone_weight_file_s_folder_only_when_it_is_the_folder_s_one_file():
+    from algebra.io.card import hub_id
+
+    here = Path("/nowhere")
+    assert hub_id(here, "org/model/model.safetensors", None) == "org/model"
+    assert hub_id(here, "predibase/gsm8k/adapter_model.safetensors", None) == "predibase/gsm8k"  # lora()'s input
+    assert hub_id(here, "adapter/adapter_model.safetensors", None) is None  # a local folder, no org
+    assert hub_id(here, "weights/merged.safetensors", None) is None  # a file, not a repository
+
+
 @pytest.mark.parametrize("s, ok", [
     ("HuggingFaceTB/SmolLM2-135M-Instruct", True), ("org/name.v1", True), ("a/b", True),
     ("org/name/extra", False), ("/abs/path", False), ("org", False), ("org/-bad", False),

@@ -73,8 +73,12 @@ def hub_id(path: Path, name: str, config: dict | None) -> str | None:
     """The Hub id an input names: a folder given as `org/name` (org not a usual local
     folder name such as models/ or checkpoints/), a Hub cache snapshot
     (models--org--name/snapshots/...), else its config's `_name_or_path` when that is an id."""
-    folder = name[: -len("/model.safetensors")] if name.endswith("/model.safetensors") else name
-    if is_hub_id(folder) and folder.split("/")[0].lower() not in _LOCAL_FOLDERS:
+    # a lone weight file names its folder when it is the folder's one file (a model's, or
+    # a PEFT adapter's); any other .safetensors file names no Hub repository
+    folder = next((name[: -len(f)] for f in ("/model.safetensors", "/adapter_model.safetensors")
+                   if name.endswith(f)), name)
+    if (is_hub_id(folder) and not folder.endswith(".safetensors")
+            and folder.split("/")[0].lower() not in _LOCAL_FOLDERS):
         return folder
     for part in Path(os.path.abspath(path)).parts:
         m = _HUB_CACHE.fullmatch(part)

@@ -20,6 +20,7 @@ tokens) is refused by name at check time, from the header and the config alone.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 from ..errors import AlgIOError, AlgTypeError
 from ..family import Family
-from ..graph import Node
+from ..graph import Node, fmt_param
 from ..ir import LowRank
 from ..lower import Lowerer, TExpr, lin
 from ..rules import derived, scalar_param
@@ -69,7 +70,7 @@ def _lora(call: Call, m: Model, adapter: str, scale: Any) -> Model:
     cfg = read_json(folder / CONFIG, str(Path(adapter) / CONFIG), at, "adapter config")
     weights = call.checker.load(str(Path(adapter) / WEIGHTS), at)
     pairs, whole = _read(call, m, cfg, weights, adapter)
-    node = Node("lora", (m.node, weights.node), (scalar_param(scale), pairs, whole), span=call.span)
+    node = Node("lora", (m.node, weights.node), (scalar_param(scale), pairs, whole, adapter), span=call.span)
     return derived(node, m)
 
 
@@ -173,7 +174,7 @@ def _pattern_key(keys, module: str) -> str | None:
 @family.lowering("lora")
 def _lower(low: Lowerer, node: Node, name: str) -> TExpr:
     m, adapter = node.args
-    scale, pairs, whole = node.params
+    scale, pairs, whole, _ = node.params
     w = low.tensor(m, name)
     for weight, key in whole:
         if weight == name:
@@ -186,4 +187,5 @@ def _lower(low: Lowerer, node: Node, name: str) -> TExpr:
     return w
 
 
-family.describes["lora"] = lambda node, a: f"lora({a[0]}, {a[1]})"
+family.describes["lora"] = lambda node, a: f"lora({a[0]}, {json.dumps(node.params[3])}" + (
+    "" if node.params[0] == 1.0 else f", scale={fmt_param(node.params[0])}") + ")"
