@@ -200,6 +200,8 @@ def test_an_adapter_for_another_model_or_without_safetensors_is_refused(family, 
         interp.eval(f'lora(load("{family["base"]}"), "{pickled}")')
     with pytest.raises(AlgError, match="is not a PEFT adapter folder: it has no adapter_config.json"):
         interp.eval(f'lora(load("{family["base"]}"), "{tmp_path}")')
+    with pytest.raises(AlgError, match="is longer than the system allows"):  # a stat that raised
+        interp.eval(f'lora(load("{family["base"]}"), "{"x" * 5000}")')
 
 
 def test_any_range_of_the_product_has_the_bits_of_the_write_pass(family, adapters):

@@ -58,13 +58,21 @@ REFUSED = (
     "save_pretrained wrote (adapter_config.json, adapter_model.safetensors). Headers only.",
 )
 def _lora(call: Call, m: Model, adapter: str, scale: Any) -> Model:
-    from ..io.files import joined, read_json
+    from ..io.files import check_path_text, joined, read_json
 
     at = call.at("adapter")
     folder = joined(adapter, call.checker.base_dir)
-    if folder.is_dir() and not (folder / CONFIG).exists():
+    check_path_text(folder / CONFIG, str(Path(adapter) / CONFIG), at)  # a NUL byte, a name too long
+
+    def there(p: Path, test: str) -> bool:  # errors other than absence: said by the reads below
+        try:
+            return getattr(p, test)()
+        except OSError:
+            return False
+
+    if there(folder, "is_dir") and not there(folder / CONFIG, "exists"):
         raise call.error(AlgIOError, f"'{adapter}' is not a PEFT adapter folder: it has no {CONFIG}", "adapter")
-    if (folder / "adapter_model.bin").is_file() and not (folder / WEIGHTS).is_file():
+    if there(folder / "adapter_model.bin", "is_file") and not there(folder / WEIGHTS, "is_file"):
         raise call.error(AlgTypeError, f"'{adapter}' holds adapter_model.bin, a pickle, which alg does not "
                          f"load; save the adapter with safetensors (peft's default) to get {WEIGHTS}", "adapter")
     cfg = read_json(folder / CONFIG, str(Path(adapter) / CONFIG), at, "adapter config")
