@@ -159,7 +159,7 @@ def _edited(adapter: Path, tmp_path: Path, cfg: dict | None = None, drop: str | 
                                   "which alg does not merge"),
     ({"cfg": {"fan_in_fan_out": True}}, "lora(): the adapter uses a Conv1D layout (GPT-2's transposed weights) "
                                         "(fan_in_fan_out: True), which alg does not merge"),
-    ({"cfg": {"peft_type": "IA3"}}, "lora(): '{ad}' is a IA3 adapter; lora() merges LoRA adapters"),
+    ({"cfg": {"peft_type": "IA3"}}, "lora(): '{ad}' is an adapter of PEFT type 'IA3'; lora() merges LoRA adapters"),
     ({"cfg": {"r": 8}}, "lora(): 'model.layers.0.mlp.down_proj' has rank 4 but adapter_config.json says 8"),
     ({"cfg": {"lora_alpha": "x"}}, "lora(): adapter_config.json's lora_alpha must be a positive number, not 'x'"),
     ({"cfg": {"use_rslora": "yes"}}, "lora(): adapter_config.json's use_rslora must be true or false, not 'yes'"),

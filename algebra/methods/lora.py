@@ -90,7 +90,7 @@ def _read(call: Call, m: Model, cfg: dict, weights: Model, adapter: str) -> tupl
 
     kind = cfg.get("peft_type", "LORA")
     if kind != "LORA":
-        raise bad(f"'{adapter}' is a {kind} adapter; lora() merges LoRA adapters")
+        raise bad(f"'{adapter}' is an adapter of PEFT type {kind!r}; lora() merges LoRA adapters")
     for key, ok, what in REFUSED:
         if cfg.get(key, ok) != ok:
             raise bad(f"the adapter uses {what} ({key}: {cfg[key]!r}), which alg does not merge")
