@@ -246,6 +246,12 @@ def _run_steps(tp: TensorPlan, options: Options, write, span: Any, evaluator: Ev
                 _write_step(ev, step, options, write, on_host, bar)
                 ev.checked.clear()
                 bar.item_done()
+        except RuntimeError as exc:  # torch's own: a coefficient the compute dtype cannot hold
+            if "without overflow" not in str(exc):
+                raise
+            what = f"tensor '{step.out.name}' of the result" if step.kind == "write" else step.gram.describe()
+            raise AlgRuntimeError(f"{what}: a coefficient is beyond the range of {tp.compute_dtype}, so the "
+                                  "result overflows", span) from None
         except AlgRuntimeError as err:
             err.at(span)
             for node in tp.model.node.walk():

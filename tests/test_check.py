@@ -86,6 +86,15 @@ def test_use_adds_the_library_names():
         value("warp")  # not without `use`
 
 
+@pytest.mark.parametrize("name", ["warpp", "x" * 5000])
+def test_use_of_no_library_is_a_name_error_whatever_the_name(name):
+    """A name no file system could look up (5000 characters) is refused as an unknown
+    library, not looked for (the grammar allows only a name after `use`)."""
+    with pytest.raises(AlgError, match=f"no library '{name[:20]}") as info:
+        check(f"use {name}\n1")
+    assert info.value.span is not None
+
+
 def test_set_overrides_a_top_level_assignment(family, tmp_path):
     text = f'lam = 0.3\nm = merge(load("{family["rm"]}"), load("{family["math"]}"), lam)\nlam'
     ck, checked = check(text, tmp_path, overrides={"lam": 0.8})

@@ -65,6 +65,12 @@ def fuzz_ws(tmp_path_factory, family, rms) -> Path:
     (ws / "models" / "sft").symlink_to(family["base"])
     shutil.copytree(ROOT / "examples" / "data", ws / "data")
     (ws / "lib.alg").write_text("def twice(x) = 2 * x\n")
+    try:  # a PEFT adapter on the base, for lora()
+        from test_lora import _adapter
+
+        _adapter(family["base"], ws / "adapter", 9, r=2, lora_alpha=4)
+    except pytest.skip.Exception:  # no peft: lora() meets only missing folders
+        pass
     return ws
 
 
@@ -198,14 +204,16 @@ def grammar_recipes(draw) -> str:
 FUNCS = ["lerp", "merge", "slerp", "layers", "stack", "ramp", "where", "linear", "ties", "dare_ties",
          "dare_linear", "della", "breadcrumbs", "karcher", "nuslerp", "multislerp", "nearswap",
          "task_arithmetic", "sce", "liti", "ema", "range", "len", "str", "fold", "assert_close", "reward",
-         "layers", "info", "print", "save", "align", "task_vector", "anchor", "warp", "dogerm", "ram", "ramplus_tl"]
+         "layers", "info", "print", "save", "align", "task_vector", "anchor", "warp", "dogerm", "ram", "ramplus_tl",
+         "arcee_fusion", "lora"]
 KWARGS = ["t", "seed", "max_iter", "tol", "base", "weights", "density", "shard_size", "dtype",
           "overwrite", "per", "tokenizer", "normalize", "scale", "epsilon", "gamma", "batch_size",
-          "max_length", "init", "rtol", "atol", "topk", "r", "alpha"]
+          "max_length", "init", "rtol", "atol", "topk", "r", "alpha", "chat_template"]
 ATOMS = ["a", "b", "m", "[a, b]", "[a, b, m]", "[]", "0", "1", "0.5", "-1", "2.5", "1e308", "1e999",
          "9" * 400, "1e-300", "9223372036854775808", '"models/base"', '"out/x"', '"self_attn"',
          '"1e999GB"', '"layer"', "true", "none", "ramp(0, 1)", "where(\"mlp\", 0.2, 0.8)",
-         "range(3)", "range(100000)", "[0.5, 0.5]", "lambda x, y: x + y", "layers(a, 0, 1)"]
+         "range(3)", "range(100000)", "[0.5, 0.5]", "lambda x, y: x + y", "layers(a, 0, 1)",
+         '"adapter"', '"chatml"', '"auto"', '"{% for x in messages %}"', '"{{ bos_token }}"']
 
 
 @st.composite

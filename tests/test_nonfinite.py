@@ -141,3 +141,23 @@ def test_finite_inputs_are_untouched_by_the_check(family):
         if v.is_floating_point():
             ref = (v.double() * 0.25 + b[k].double() * 0.75).float()
             torch.testing.assert_close(out[k], ref, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("expr", ["karcher([a, b], 1e308)", "linear([a, b], 1e308)", "multislerp([a, b], 1e308)"])
+def test_weights_summing_past_the_largest_float_are_refused_at_check(family, expr):
+    with pytest.raises(AlgError) as info:
+        Interpreter(options=Options(device="cpu")).eval(expr, a=read_folder(family["base"]), b=read_folder(family["math"]))
+    assert info.value.message.endswith("the weights sum beyond the largest float (about 1.8e308), so they "
+                                       "cannot be normalised")
+    assert info.value.span.text() == "1e308"
+
+
+@pytest.mark.parametrize("expr", ["lerp(a, b, 1e308)", "task_arithmetic(a, [b, a], 1e308)",
+                                  "della(a, [b, b], 1e308, 0.5)"])
+def test_a_coefficient_beyond_float32_is_an_error_of_the_run_not_a_traceback(family, expr):
+    """torch refuses to convert 1e308 to float32 where it is an add's alpha: said as the
+    overflow it is, at the statement (an elementwise product gives inf, refused as such)."""
+    interp = Interpreter(options=Options(device="cpu"))
+    with pytest.raises(AlgError, match=r"tensor '.*' of the result: a coefficient is beyond the range of "
+                                       r"float32, so the result overflows"):
+        interp.eval(expr, a=read_folder(family["base"]), b=read_folder(family["math"])).state_dict()

@@ -3,6 +3,7 @@ and the tensor-table rules that decide which tensors a method combines."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import AlgTypeError
@@ -13,6 +14,19 @@ from ..values import Model
 
 # the `tokenizer=` option of merge, slerp and every merge method (see vocab.align_models)
 TOKENIZER_PARAM = "tokenizer: String | Checkpoint | None = none"
+
+
+def weight_sum(ws) -> float | None:
+    """The exact sum of finite weights (math.fsum), or None when it passes the largest
+    float (weights near 1e308), which no normalisation survives."""
+    try:
+        total = math.fsum(ws)
+    except OverflowError:
+        return None
+    return total if math.isfinite(total) else None
+
+
+OVERFLOW = "the weights sum beyond the largest float (about 1.8e308), so they cannot be normalised"
 
 
 def model_list(call: Call, ms: Any, param: str = "ms", at_least: int = 1) -> tuple[Model, ...]:

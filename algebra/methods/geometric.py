@@ -38,7 +38,15 @@ from ..ops.geometric import (
 from ..rules import derived, same_tables
 from ..signature import Call
 from ..values import Model
-from .common import TOKENIZER_PARAM, model_list, per_model, same_as_base, with_tokenizer
+from .common import (
+    OVERFLOW,
+    TOKENIZER_PARAM,
+    model_list,
+    per_model,
+    same_as_base,
+    weight_sum,
+    with_tokenizer,
+)
 
 family = Family("geometric")
 builtin = family.builtin
@@ -330,7 +338,9 @@ def _list_method(call: Call, ms: Any, base: Model | None, weights: Any, lo: floa
 
 def _weight_sum_nonzero(call: Call, ws: tuple[Any, ...], positive: bool) -> None:
     if all(isinstance(w, float) for w in ws):
-        total = math.fsum(ws)
+        total = weight_sum(ws)
+        if total is None:
+            raise call.error(AlgTypeError, f"{call.name}(): {OVERFLOW}", "weights")
         if total == 0 or (positive and total < 0):
             raise call.error(AlgTypeError, f"{call.name}(): the weights sum to {total:g}, so they cannot be "
                              "normalised; give weights with a nonzero sum", "weights")

@@ -42,7 +42,15 @@ from ..rules import derived, same_tables
 from ..schedule import Schedule, resolve
 from ..signature import Call
 from ..values import Model
-from .common import TOKENIZER_PARAM, model_list, per_model, same_as_base, with_tokenizer
+from .common import (
+    OVERFLOW,
+    TOKENIZER_PARAM,
+    model_list,
+    per_model,
+    same_as_base,
+    weight_sum,
+    with_tokenizer,
+)
 from .select import KEEP_ALL, KEEP_NONE, MaskedSquares, OfNonzero, Pick, SceWeight, Select
 
 family = Family("sparse")
@@ -160,7 +168,9 @@ def _linear(call: Call, ms: Any, weights: Any, normalize: bool, tokenizer: Any =
     _, ms = with_tokenizer(call, tokenizer, None, _models(call, ms))
     models = _models(call, ms)
     w = per_model(call, weights, len(models), "weights")
-    if normalize and all(isinstance(x, float) for x in w) and math.fsum(w) == 0:
+    if normalize and all(isinstance(x, float) for x in w) and weight_sum(w) is None:
+        raise call.error(AlgTypeError, f"{call.name}(): {OVERFLOW}", "weights")
+    if normalize and all(isinstance(x, float) for x in w) and weight_sum(w) == 0:
         raise call.error(AlgTypeError, f"{call.name}(): the weights sum to 0, so they cannot be "
                          "normalised; pass weights with a nonzero sum, or normalize=false", "weights")
     for m in models[1:]:
@@ -317,7 +327,9 @@ def _lower_linear(low: Lowerer, node: Node, name: str) -> TExpr:
     (p,) = node.params
     w = [low.param(x, node, name) for x in p.weights]
     if p.normalize:
-        total = math.fsum(w)
+        total = weight_sum(w)
+        if total is None:
+            raise AlgRuntimeError(f"linear(): for tensor '{name}', {OVERFLOW}", node.span)
         if total == 0:
             raise AlgRuntimeError(f"linear(): the weights of tensor '{name}' sum to 0, so they cannot "
                                   "be normalised", node.span)
