@@ -240,7 +240,7 @@ class Checker:
         if name in self._stdlib:
             return self._stdlib[name]
         path = stdlib_dir() / f"{name}.alg"
-        if name not in stdlib_names() or not path.is_file():  # a name first: no stat of any text
+        if name not in stdlib_names():  # a known name: no stat of an arbitrary text
             raise AlgNameError(f"no library '{name}'{did_you_mean(name, stdlib_names())}", span).with_note(
                 f"the standard libraries are: {', '.join(stdlib_names())}"
             )

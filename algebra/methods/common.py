@@ -29,6 +29,20 @@ def weight_sum(ws) -> float | None:
 OVERFLOW = "the weights sum beyond the largest float (about 1.8e308), so they cannot be normalised"
 
 
+def check_normalisable(call: Call, ws: tuple[Any, ...], advice: str, positive: bool = False) -> None:
+    """Refuse, at `weights`, plain-number weights whose sum cannot divide them: 0 (or,
+    with `positive`, below 0) or past the largest float. Schedules are checked per tensor
+    when lowered."""
+    if not all(isinstance(w, float) for w in ws):
+        return
+    total = weight_sum(ws)
+    if total is None:
+        raise call.error(AlgTypeError, f"{call.name}(): {OVERFLOW}", "weights")
+    if total == 0 or (positive and total < 0):
+        raise call.error(AlgTypeError, f"{call.name}(): the weights sum to {total:g}, so they cannot be "
+                         f"normalised; {advice}", "weights")
+
+
 def model_list(call: Call, ms: Any, param: str = "ms", at_least: int = 1) -> tuple[Model, ...]:
     """`ms` as a tuple of checkpoints, or a positioned error."""
     items = ms if isinstance(ms, tuple) else (ms,)

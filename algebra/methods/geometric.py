@@ -39,16 +39,16 @@ from ..rules import derived, same_tables
 from ..signature import Call
 from ..values import Model
 from .common import (
-    OVERFLOW,
     TOKENIZER_PARAM,
+    check_normalisable,
     model_list,
     per_model,
     same_as_base,
-    weight_sum,
     with_tokenizer,
 )
 
 family = Family("geometric")
+NONZERO = "give weights with a nonzero sum"
 builtin = family.builtin
 
 # ---- row-wise reductions and coefficients --------------------------------------------------
@@ -336,16 +336,6 @@ def _list_method(call: Call, ms: Any, base: Model | None, weights: Any, lo: floa
     return models, ws, args
 
 
-def _weight_sum_nonzero(call: Call, ws: tuple[Any, ...], positive: bool) -> None:
-    if all(isinstance(w, float) for w in ws):
-        total = weight_sum(ws)
-        if total is None:
-            raise call.error(AlgTypeError, f"{call.name}(): {OVERFLOW}", "weights")
-        if total == 0 or (positive and total < 0):
-            raise call.error(AlgTypeError, f"{call.name}(): the weights sum to {total:g}, so they cannot be "
-                             "normalised; give weights with a nonzero sum", "weights")
-
-
 @builtin(
     "multislerp(ms: List[Checkpoint], weights: Param | List[Param], base: Checkpoint | None = none, "
     "normalize: Bool = true, "
@@ -363,7 +353,7 @@ def _weight_sum_nonzero(call: Call, ws: tuple[Any, ...], positive: bool) -> None
 def _multislerp(call: Call, ms: Any, weights: Any, base: Model | None, normalize: bool, tokenizer: Any) -> Model:
     models, ws, args = _list_method(call, ms, base, weights, None, tokenizer)
     if normalize:
-        _weight_sum_nonzero(call, ws, positive=False)
+        check_normalisable(call, ws, NONZERO)
     node = Node("multislerp", args, (ws, bool(normalize), base is not None), span=call.span)
     return derived(node, base if base is not None else models[0])
 
@@ -400,7 +390,7 @@ def _karcher(call: Call, ms: Any, weights: Any, base: Model | None, max_iter: An
     models, ws, args = _list_method(call, ms, base, weights, 0.0, tokenizer)
     if ws is None:
         ws = (1.0,) * len(models)
-    _weight_sum_nonzero(call, ws, positive=True)
+    check_normalisable(call, ws, NONZERO, positive=True)
     if not float(max_iter).is_integer() or max_iter < 0:
         raise call.error(AlgTypeError, f"karcher(): max_iter must be a whole number >= 0, got {max_iter}",
                          "max_iter")

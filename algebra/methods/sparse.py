@@ -45,6 +45,7 @@ from ..values import Model
 from .common import (
     OVERFLOW,
     TOKENIZER_PARAM,
+    check_normalisable,
     model_list,
     per_model,
     same_as_base,
@@ -168,11 +169,8 @@ def _linear(call: Call, ms: Any, weights: Any, normalize: bool, tokenizer: Any =
     _, ms = with_tokenizer(call, tokenizer, None, _models(call, ms))
     models = _models(call, ms)
     w = per_model(call, weights, len(models), "weights")
-    if normalize and all(isinstance(x, float) for x in w) and weight_sum(w) is None:
-        raise call.error(AlgTypeError, f"{call.name}(): {OVERFLOW}", "weights")
-    if normalize and all(isinstance(x, float) for x in w) and weight_sum(w) == 0:
-        raise call.error(AlgTypeError, f"{call.name}(): the weights sum to 0, so they cannot be "
-                         "normalised; pass weights with a nonzero sum, or normalize=false", "weights")
+    if normalize:
+        check_normalisable(call, w, "pass weights with a nonzero sum, or normalize=false")
     for m in models[1:]:
         same_tables(models[0], m, f"{call.name}()", call.span, call.at("ms"), call.at("ms"))
     node = Node("linear", tuple(m.node for m in models), (TVParams(w, normalize=normalize),), span=call.span)
